@@ -1,0 +1,683 @@
+//! Settings: one typed struct deserialized with envy after the env file is loaded
+//! (ENV_FILE, else `.env`, else `.env.<env>` by APP_ENV), `${VAR}` expansion, and the
+//! start-up validation that keeps staging and production from running insecurely.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// The development signing key shipped in `.env.dev`. Public knowledge, so staging
+/// and production refuse to start with it.
+pub const DEV_JWT_PRIVATE_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIHIMUz8yDUrFpm+Ocp16MUk7hqttTC+7qo4AfnKyQunl\n-----END PRIVATE KEY-----";
+/// Development-only markers: values starting with these are refused outside development.
+pub const DEV_SECRET_MARKER: &str = "dev-";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    #[serde(alias = "dev")]
+    Development,
+    Staging,
+    #[serde(alias = "prod")]
+    Production,
+}
+
+impl Environment {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "development" | "dev" => Some(Self::Development),
+            "staging" | "stg" => Some(Self::Staging),
+            "production" | "prod" | "prd" => Some(Self::Production),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Development => "development",
+            Self::Staging => "staging",
+            Self::Production => "production",
+        }
+    }
+
+    /// Suffix of the env file: `.env.dev`, `.env.staging`, `.env.production`.
+    pub fn file_suffix(self) -> &'static str {
+        match self {
+            Self::Development => "dev",
+            Self::Staging => "staging",
+            Self::Production => "production",
+        }
+    }
+
+    /// Tag in API keys: `sbk_dev_`, `sbk_stg_`, `sbk_prd_`.
+    pub fn key_tag(self) -> &'static str {
+        match self {
+            Self::Development => "dev",
+            Self::Staging => "stg",
+            Self::Production => "prd",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SameSite {
+    #[serde(alias = "Lax")]
+    Lax,
+    #[serde(alias = "Strict")]
+    Strict,
+    #[serde(alias = "None")]
+    None,
+}
+
+impl SameSite {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lax => "Lax",
+            Self::Strict => "Strict",
+            Self::None => "None",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    #[serde(alias = "text")]
+    Plain,
+    Json,
+}
+
+fn default_env() -> Environment {
+    Environment::Development
+}
+fn default_host() -> String {
+    "0.0.0.0".into()
+}
+fn default_port() -> u16 {
+    8011
+}
+fn default_max_connections() -> u32 {
+    20
+}
+fn default_redis_prefix() -> String {
+    "us:".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_samesite() -> SameSite {
+    SameSite::Lax
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Pretty
+}
+fn default_login_attempts() -> u32 {
+    5
+}
+fn default_lockout() -> u64 {
+    900
+}
+fn default_password_min() -> usize {
+    12
+}
+fn default_access_ttl() -> u64 {
+    900
+}
+fn default_refresh_ttl() -> u64 {
+    30 * 24 * 3600
+}
+fn default_service_ttl() -> u64 {
+    300
+}
+fn default_issuer() -> String {
+    "stocksblitz-user-service".into()
+}
+fn default_audience() -> String {
+    "stocksblitz".into()
+}
+fn default_grace() -> u64 {
+    10
+}
+fn default_key_cache_ttl() -> u64 {
+    60
+}
+fn default_negative_cache_ttl() -> u64 {
+    5
+}
+fn default_usage_capacity() -> usize {
+    10_000
+}
+fn default_usage_flush_ms() -> u64 {
+    1000
+}
+
+/// Every setting the service reads. Field names are the lower-cased variable names
+/// (envy's mapping), so `USER_SERVICE_PORT` is `user_service_port`.
+#[derive(Clone, Deserialize)]
+pub struct Settings {
+    #[serde(default = "default_env")]
+    pub app_env: Environment,
+    #[serde(default = "default_host")]
+    pub user_service_host: String,
+    #[serde(default = "default_port")]
+    pub user_service_port: u16,
+
+    pub database_url: SecretString,
+    #[serde(default = "default_max_connections")]
+    pub database_max_connections: u32,
+    pub redis_url: SecretString,
+    /// Every Redis key and channel starts with this, so environments or tests can
+    /// share one Redis without seeing each other.
+    #[serde(default = "default_redis_prefix")]
+    pub redis_key_prefix: String,
+
+    pub ticker_service_url: Option<String>,
+    pub backend_service_url: Option<String>,
+    pub alert_service_url: Option<String>,
+    pub calendar_service_url: Option<String>,
+
+    #[serde(default)]
+    pub debug: bool,
+    #[serde(default = "default_true")]
+    pub session_cookie_secure: bool,
+    #[serde(default = "default_samesite")]
+    pub session_cookie_samesite: SameSite,
+    #[serde(default)]
+    pub cors_allowed_origins: String,
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    #[serde(default = "default_log_format")]
+    pub log_format: LogFormat,
+    pub sentry_dsn: Option<SecretString>,
+
+    #[serde(default = "default_login_attempts")]
+    pub login_max_attempts: u32,
+    #[serde(default = "default_lockout")]
+    pub login_lockout_seconds: u64,
+    /// Login attempts per client IP per minute; 0 turns the per-IP throttle off.
+    #[serde(default)]
+    pub login_ip_max_per_minute: u32,
+    #[serde(default = "default_password_min")]
+    pub password_min_length: usize,
+    /// Self sign-up; on in development unless set.
+    pub registration_enabled: Option<bool>,
+    /// Honour X-Forwarded-For for the client IP (only behind a trusted proxy).
+    #[serde(default)]
+    pub trust_forwarded_for: bool,
+
+    #[serde(default = "default_access_ttl")]
+    pub access_token_ttl_seconds: u64,
+    #[serde(default = "default_refresh_ttl")]
+    pub refresh_token_ttl_seconds: u64,
+    #[serde(default = "default_service_ttl")]
+    pub service_token_ttl_seconds: u64,
+    #[serde(default = "default_issuer")]
+    pub jwt_issuer: String,
+    #[serde(default = "default_audience")]
+    pub jwt_audience: String,
+    pub jwt_private_key: Option<SecretString>,
+    pub jwt_previous_public_keys: Option<String>,
+    pub credentials_encryption_keys: Option<SecretString>,
+    pub api_key_hash_secret: Option<SecretString>,
+    pub metrics_token: Option<SecretString>,
+
+    /// Concurrent argon2 computations; defaults to the number of cores.
+    pub argon2_max_concurrency: Option<usize>,
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_seconds: u64,
+    #[serde(default = "default_key_cache_ttl")]
+    pub api_key_cache_ttl_seconds: u64,
+    #[serde(default = "default_negative_cache_ttl")]
+    pub api_key_negative_cache_ttl_seconds: u64,
+    #[serde(default = "default_usage_capacity")]
+    pub usage_log_buffer_capacity: usize,
+    #[serde(default = "default_usage_flush_ms")]
+    pub usage_log_flush_interval_ms: u64,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Secrets are SecretString, whose Debug prints a redaction marker; the
+        // DATABASE_URL and REDIS_URL are masked because they may carry passwords.
+        f.debug_map()
+            .entries(self.effective())
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: line {line}: variable ${{{var}}} is not set")]
+    UnsetVariable {
+        file: String,
+        line: usize,
+        var: String,
+    },
+    #[error("{file}: line {line}: {message}")]
+    Syntax {
+        file: String,
+        line: usize,
+        message: String,
+    },
+    #[error("cannot read {file}: {message}")]
+    Read { file: String, message: String },
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+    #[error("{}", .0.iter().map(|p| format!("error: {p}")).collect::<Vec<_>>().join("\n"))]
+    Insecure(Vec<String>),
+}
+
+/// Which env file applies: ENV_FILE if set, else `.env` in `dir` if present, else
+/// `.env.<dev|staging|production>` by APP_ENV (development when unset).
+pub fn choose_env_file(vars: &HashMap<String, String>, dir: &Path) -> Option<PathBuf> {
+    if let Some(f) = vars.get("ENV_FILE").filter(|f| !f.is_empty()) {
+        let p = PathBuf::from(f);
+        return Some(if p.is_absolute() { p } else { dir.join(p) });
+    }
+    let dot_env = dir.join(".env");
+    if dot_env.is_file() {
+        return Some(dot_env);
+    }
+    let env = vars
+        .get("APP_ENV")
+        .and_then(|e| Environment::parse(e))
+        .unwrap_or(Environment::Development);
+    let p = dir.join(format!(".env.{}", env.file_suffix()));
+    p.is_file().then_some(p)
+}
+
+/// Parses `KEY=value` lines (`export ` allowed, `#` comments, single or double
+/// quotes, `\n` escapes inside double quotes) and expands `${VAR}` from `vars` and
+/// from keys earlier in the file. An unset variable is an error naming it.
+pub fn parse_env_file(
+    content: &str,
+    file: &str,
+    vars: &HashMap<String, String>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (idx, raw) in content.lines().enumerate() {
+        let line_no = idx + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(ConfigError::Syntax {
+                file: file.into(),
+                line: line_no,
+                message: "expected KEY=value".into(),
+            });
+        };
+        let key = key.trim();
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(ConfigError::Syntax {
+                file: file.into(),
+                line: line_no,
+                message: format!("invalid variable name {key:?}"),
+            });
+        }
+        let value = value.trim();
+        let (value, expand) =
+            if let Some(v) = value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+                (v.to_string(), false)
+            } else if let Some(v) = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                (v.replace("\\n", "\n").replace("\\\"", "\""), true)
+            } else {
+                // Unquoted: a ` #` starts a comment.
+                let v = value.split(" #").next().unwrap_or("").trim_end();
+                (v.to_string(), true)
+            };
+        let value = if expand {
+            expand_vars(&value, |name| {
+                vars.get(name).cloned().or_else(|| {
+                    out.iter()
+                        .rev()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.clone())
+                })
+            })
+            .map_err(|var| ConfigError::UnsetVariable {
+                file: file.into(),
+                line: line_no,
+                var,
+            })?
+        } else {
+            value
+        };
+        out.push((key.to_string(), value));
+    }
+    Ok(out)
+}
+
+/// Replaces every `${NAME}`; the first unset name is returned as the error.
+fn expand_vars(value: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let name = &after[..end];
+        match lookup(name) {
+            Some(v) => out.push_str(&v),
+            None => return Err(name.to_string()),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl Settings {
+    /// Loads from the process environment and the env file in the current directory.
+    pub fn load() -> Result<Self, ConfigError> {
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        let dir = std::env::current_dir().map_err(|e| ConfigError::Read {
+            file: ".".into(),
+            message: e.to_string(),
+        })?;
+        Self::load_from(&vars, &dir)
+    }
+
+    /// The whole loading rule, with the environment passed in so tests need not
+    /// touch the process environment.
+    pub fn load_from(vars: &HashMap<String, String>, dir: &Path) -> Result<Self, ConfigError> {
+        let mut merged: HashMap<String, String> = HashMap::new();
+        if let Some(path) = choose_env_file(vars, dir) {
+            let name = path.display().to_string();
+            let content = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
+                file: name.clone(),
+                message: e.to_string(),
+            })?;
+            for (k, v) in parse_env_file(&content, &name, vars)? {
+                merged.insert(k, v);
+            }
+        }
+        // Real process variables win over file values and are used as given.
+        for (k, v) in vars {
+            merged.insert(k.clone(), v.clone());
+        }
+        Self::from_vars(merged)
+    }
+
+    /// Deserializes from a variable map (no file, no expansion).
+    pub fn from_vars<I>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        // Empty values mean "unset" for optional settings (SENTRY_DSN= in a file).
+        let vars = vars.into_iter().filter(|(_, v)| !v.is_empty());
+        envy::from_iter::<_, Settings>(vars).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    pub fn registration_enabled(&self) -> bool {
+        self.registration_enabled
+            .unwrap_or(self.app_env == Environment::Development)
+    }
+
+    pub fn cors_origins(&self) -> Vec<String> {
+        self.cors_allowed_origins
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// Session cookie name: `__Host-` prefixed whenever the cookie is Secure.
+    pub fn session_cookie_name(&self) -> &'static str {
+        if self.session_cookie_secure {
+            "__Host-sb_session"
+        } else {
+            "sb_session"
+        }
+    }
+
+    /// Every problem with these settings, one line each. Empty means fine.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.login_max_attempts == 0 {
+            p.push("LOGIN_MAX_ATTEMPTS must be at least 1".into());
+        }
+        if self.password_min_length < 8 {
+            p.push("PASSWORD_MIN_LENGTH must be at least 8 (NIST SP 800-63B)".into());
+        }
+        if self.password_min_length > 64 {
+            p.push("PASSWORD_MIN_LENGTH must allow 64-character passwords".into());
+        }
+        if self.access_token_ttl_seconds == 0 || self.access_token_ttl_seconds > 3600 {
+            p.push("ACCESS_TOKEN_TTL_SECONDS must be between 1 and 3600".into());
+        }
+        if self.session_cookie_samesite == SameSite::None && !self.session_cookie_secure {
+            p.push("SESSION_COOKIE_SAMESITE=none requires SESSION_COOKIE_SECURE=true".into());
+        }
+        if self.app_env == Environment::Development {
+            return p;
+        }
+        let env = self.app_env.as_str();
+        if self.debug {
+            p.push(format!("DEBUG=true is not allowed in {env}"));
+        }
+        if !self.session_cookie_secure {
+            p.push(format!(
+                "SESSION_COOKIE_SECURE=false is not allowed in {env}"
+            ));
+        }
+        if self.cors_origins().iter().any(|o| o == "*") {
+            p.push(format!(
+                "CORS_ALLOWED_ORIGINS must not contain '*' in {env}"
+            ));
+        }
+        match &self.jwt_private_key {
+            None => p.push(format!("JWT_PRIVATE_KEY is required in {env}")),
+            Some(k) if k.expose_secret().trim() == DEV_JWT_PRIVATE_KEY => p.push(format!(
+                "JWT_PRIVATE_KEY is the development key, refused in {env}"
+            )),
+            Some(_) => {}
+        }
+        match &self.credentials_encryption_keys {
+            None => p.push(format!("CREDENTIALS_ENCRYPTION_KEYS is required in {env}")),
+            Some(k)
+                if k.expose_secret()
+                    .split(',')
+                    .any(|e| e.trim().starts_with(DEV_SECRET_MARKER)) =>
+            {
+                p.push(format!(
+                    "CREDENTIALS_ENCRYPTION_KEYS holds a development key, refused in {env}"
+                ))
+            }
+            Some(_) => {}
+        }
+        match &self.api_key_hash_secret {
+            None => p.push(format!("API_KEY_HASH_SECRET is required in {env}")),
+            Some(k) if k.expose_secret().starts_with(DEV_SECRET_MARKER) => p.push(format!(
+                "API_KEY_HASH_SECRET is the development secret, refused in {env}"
+            )),
+            Some(k) if k.expose_secret().len() < 32 => p.push(format!(
+                "API_KEY_HASH_SECRET must be at least 32 characters in {env}"
+            )),
+            Some(_) => {}
+        }
+        p
+    }
+
+    /// Fails with every problem listed when the settings are unsafe to run.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = self.problems();
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Insecure(p))
+        }
+    }
+
+    /// The effective settings as `KEY=value` pairs, every secret masked as `***`.
+    pub fn effective(&self) -> Vec<(&'static str, String)> {
+        fn opt(v: &Option<String>) -> String {
+            v.clone().unwrap_or_default()
+        }
+        fn secret(v: &Option<SecretString>) -> String {
+            if v.is_some() {
+                "***".into()
+            } else {
+                String::new()
+            }
+        }
+        vec![
+            ("APP_ENV", self.app_env.as_str().into()),
+            ("USER_SERVICE_HOST", self.user_service_host.clone()),
+            ("USER_SERVICE_PORT", self.user_service_port.to_string()),
+            ("DATABASE_URL", mask_url(self.database_url.expose_secret())),
+            (
+                "DATABASE_MAX_CONNECTIONS",
+                self.database_max_connections.to_string(),
+            ),
+            ("REDIS_URL", mask_url(self.redis_url.expose_secret())),
+            ("REDIS_KEY_PREFIX", self.redis_key_prefix.clone()),
+            ("TICKER_SERVICE_URL", opt(&self.ticker_service_url)),
+            ("BACKEND_SERVICE_URL", opt(&self.backend_service_url)),
+            ("ALERT_SERVICE_URL", opt(&self.alert_service_url)),
+            ("CALENDAR_SERVICE_URL", opt(&self.calendar_service_url)),
+            ("DEBUG", self.debug.to_string()),
+            (
+                "SESSION_COOKIE_SECURE",
+                self.session_cookie_secure.to_string(),
+            ),
+            (
+                "SESSION_COOKIE_SAMESITE",
+                self.session_cookie_samesite.as_str().to_ascii_lowercase(),
+            ),
+            ("CORS_ALLOWED_ORIGINS", self.cors_allowed_origins.clone()),
+            ("LOG_LEVEL", self.log_level.clone()),
+            (
+                "LOG_FORMAT",
+                format!("{:?}", self.log_format).to_ascii_lowercase(),
+            ),
+            ("SENTRY_DSN", secret(&self.sentry_dsn)),
+            ("LOGIN_MAX_ATTEMPTS", self.login_max_attempts.to_string()),
+            (
+                "LOGIN_LOCKOUT_SECONDS",
+                self.login_lockout_seconds.to_string(),
+            ),
+            (
+                "LOGIN_IP_MAX_PER_MINUTE",
+                self.login_ip_max_per_minute.to_string(),
+            ),
+            ("PASSWORD_MIN_LENGTH", self.password_min_length.to_string()),
+            (
+                "REGISTRATION_ENABLED",
+                self.registration_enabled().to_string(),
+            ),
+            ("TRUST_FORWARDED_FOR", self.trust_forwarded_for.to_string()),
+            (
+                "ACCESS_TOKEN_TTL_SECONDS",
+                self.access_token_ttl_seconds.to_string(),
+            ),
+            (
+                "REFRESH_TOKEN_TTL_SECONDS",
+                self.refresh_token_ttl_seconds.to_string(),
+            ),
+            (
+                "SERVICE_TOKEN_TTL_SECONDS",
+                self.service_token_ttl_seconds.to_string(),
+            ),
+            ("JWT_ISSUER", self.jwt_issuer.clone()),
+            ("JWT_AUDIENCE", self.jwt_audience.clone()),
+            ("JWT_PRIVATE_KEY", secret(&self.jwt_private_key)),
+            (
+                "JWT_PREVIOUS_PUBLIC_KEYS",
+                if self.jwt_previous_public_keys.is_some() {
+                    "(set)".into()
+                } else {
+                    String::new()
+                },
+            ),
+            (
+                "CREDENTIALS_ENCRYPTION_KEYS",
+                secret(&self.credentials_encryption_keys),
+            ),
+            ("API_KEY_HASH_SECRET", secret(&self.api_key_hash_secret)),
+            ("METRICS_TOKEN", secret(&self.metrics_token)),
+            (
+                "ARGON2_MAX_CONCURRENCY",
+                self.argon2_max_concurrency
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                "SHUTDOWN_GRACE_SECONDS",
+                self.shutdown_grace_seconds.to_string(),
+            ),
+            (
+                "API_KEY_CACHE_TTL_SECONDS",
+                self.api_key_cache_ttl_seconds.to_string(),
+            ),
+            (
+                "API_KEY_NEGATIVE_CACHE_TTL_SECONDS",
+                self.api_key_negative_cache_ttl_seconds.to_string(),
+            ),
+            (
+                "USAGE_LOG_BUFFER_CAPACITY",
+                self.usage_log_buffer_capacity.to_string(),
+            ),
+            (
+                "USAGE_LOG_FLUSH_INTERVAL_MS",
+                self.usage_log_flush_interval_ms.to_string(),
+            ),
+        ]
+    }
+}
+
+/// `scheme://user:password@host/db` → `scheme://user:***@host/db`.
+pub fn mask_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "***".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn expands_and_reports_unset_variable_by_name() {
+        let v = vars(&[("PW", "s3cret")]);
+        let parsed = parse_env_file("A=x${PW}y\nB=\"${A}-z\"\nC='${NOT}'", "f", &v).unwrap();
+        assert_eq!(parsed[0].1, "xs3crety");
+        assert_eq!(parsed[1].1, "xs3crety-z");
+        assert_eq!(parsed[2].1, "${NOT}");
+        let err = parse_env_file("# c\nDB=${MISSING_PW}", "f", &v).unwrap_err();
+        assert!(err.to_string().contains("MISSING_PW"), "{err}");
+    }
+
+    #[test]
+    fn mask_url_hides_password() {
+        assert_eq!(
+            mask_url("postgresql://u:pw@localhost:8003/db"),
+            "postgresql://u:***@localhost:8003/db"
+        );
+    }
+}

@@ -1,0 +1,64 @@
+//! tonic adapters: convert → call service → convert. Health and reflection need no
+//! token; every other method requires a service token with the method's scope.
+
+pub mod account;
+pub mod auth;
+pub mod status;
+pub mod user;
+
+use tonic::service::Routes;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::app::AppState;
+use crate::proto::account_service_server::AccountServiceServer;
+use crate::proto::auth_service_server::AuthServiceServer;
+use crate::proto::user_service_server::UserServiceServer;
+
+/// Fully-qualified names of our services, as health and reflection report them.
+pub const SERVICE_NAMES: [&str; 3] = [
+    "stocksblitz.user.v1.AuthService",
+    "stocksblitz.user.v1.UserService",
+    "stocksblitz.user.v1.AccountService",
+];
+
+/// gRPC health: the overall status ("") and one per service move together.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+}
+
+impl Health {
+    pub async fn set(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status("", status).await;
+        for name in SERVICE_NAMES {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+}
+
+/// Our three services plus health and reflection (v1 and v1alpha).
+pub fn routes(state: AppState) -> anyhow::Result<(Routes, Health)> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let routes = Routes::new(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AuthServiceServer::new(auth::AuthApi::new(state.clone())))
+        .add_service(UserServiceServer::new(user::UserApi::new(state.clone())))
+        .add_service(AccountServiceServer::new(account::AccountApi::new(state)));
+    Ok((routes, Health { reporter }))
+}

@@ -1,0 +1,166 @@
+//! One log line and one metrics sample per request, for the gateway and gRPC alike:
+//! request id, method and route (or RPC), status (grpc-status for gRPC, read from the
+//! trailers when the call completes), latency.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderValue, Response};
+use axum::middleware::Next;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+pub async fn observe(mut req: Request, next: Next) -> Response<Body> {
+    let start = Instant::now();
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128 && v.is_ascii())
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        req.headers_mut().insert(REQUEST_ID, v);
+    }
+    let is_grpc = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    // Bounded label set: the matched route template, the RPC path, or "unmatched".
+    let route = match req.extensions().get::<MatchedPath>() {
+        Some(m) if !is_grpc => m.as_str().to_owned(),
+        _ if is_grpc && (path.starts_with("/stocksblitz.") || path.starts_with("/grpc.")) => {
+            path.clone()
+        }
+        _ => "unmatched".to_owned(),
+    };
+
+    let mut res = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        res.headers_mut().insert(REQUEST_ID, v);
+    }
+    let header_grpc_status = res
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let record = Record {
+        start,
+        request_id,
+        method,
+        path,
+        route,
+        status: res.status().as_u16(),
+        is_grpc,
+        grpc_status: header_grpc_status,
+        done: false,
+    };
+    res.map(|body| {
+        Body::new(ObservedBody {
+            inner: body,
+            record,
+        })
+    })
+}
+
+struct Record {
+    start: Instant,
+    request_id: String,
+    method: String,
+    path: String,
+    route: String,
+    status: u16,
+    is_grpc: bool,
+    grpc_status: Option<String>,
+    done: bool,
+}
+
+impl Record {
+    fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let elapsed = self.start.elapsed();
+        let latency_ms = elapsed.as_secs_f64() * 1000.0;
+        if self.is_grpc {
+            // No grpc-status at all means the stream was cut short.
+            let grpc_status = self.grpc_status.as_deref().unwrap_or("cancelled");
+            tracing::info!(
+                request_id = %self.request_id,
+                rpc = %self.path,
+                status = self.status,
+                grpc_status,
+                latency_ms,
+                "grpc request"
+            );
+            metrics::counter!("grpc_requests_total", "rpc" => self.route.clone(), "code" => grpc_status.to_owned()).increment(1);
+            metrics::histogram!("grpc_request_duration_seconds", "rpc" => self.route.clone())
+                .record(elapsed.as_secs_f64());
+        } else {
+            tracing::info!(
+                request_id = %self.request_id,
+                method = %self.method,
+                path = %self.path,
+                status = self.status,
+                latency_ms,
+                "http request"
+            );
+            metrics::counter!("http_requests_total", "method" => self.method.clone(), "route" => self.route.clone(), "status" => self.status.to_string()).increment(1);
+            metrics::histogram!("http_request_duration_seconds", "method" => self.method.clone(), "route" => self.route.clone())
+                .record(elapsed.as_secs_f64());
+        }
+    }
+}
+
+/// Passes the body through and finishes the record when the body ends (or is
+/// dropped), so latency covers the whole response and gRPC trailers are seen.
+struct ObservedBody {
+    inner: Body,
+    record: Record,
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        self.record.finish();
+    }
+}
+
+impl HttpBody for ObservedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = frame.trailers_ref() {
+                    if let Some(s) = t.get("grpc-status").and_then(|v| v.to_str().ok()) {
+                        this.record.grpc_status = Some(s.to_owned());
+                    }
+                }
+            }
+            Poll::Ready(None) => this.record.finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,107 @@
+//! The `user-service` command: serve | migrate | check-config | admin …
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use user_service::app::App;
+use user_service::config::Settings;
+use user_service::{shutdown, store, telemetry};
+
+#[derive(Parser)]
+#[command(name = "user-service", version, about = "StocksBlitz identity service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gRPC and the JSON gateway on USER_SERVICE_HOST:USER_SERVICE_PORT (default).
+    Serve,
+    /// Apply migrations/ (idempotent).
+    Migrate,
+    /// Print the effective settings, secrets masked; exit 1 on a problem.
+    CheckConfig,
+    /// Operator tasks.
+    #[command(subcommand)]
+    Admin(user_service::admin::AdminCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::CheckConfig = command {
+        return check_config(&settings);
+    }
+    if let Err(e) = settings.validate() {
+        eprintln!("{e}");
+        return ExitCode::from(1);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match command {
+            Command::Serve => serve(settings).await,
+            Command::Migrate => migrate(settings).await,
+            Command::Admin(cmd) => user_service::admin::run(settings, cmd).await,
+            Command::CheckConfig => unreachable!("handled above"),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check_config(settings: &Settings) -> ExitCode {
+    for (k, v) in settings.effective() {
+        println!("{k}={v}");
+    }
+    let problems = settings.problems();
+    for p in &problems {
+        println!("error: {p}");
+    }
+    if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let _sentry = telemetry::init_sentry(&settings);
+    telemetry::init_tracing(&settings);
+    let app = App::build(settings).await?;
+    let stop = app.shutdown();
+    tokio::spawn(async move {
+        shutdown::os_signal().await;
+        stop.trigger();
+    });
+    app.run_until_stopped().await
+}
+
+async fn migrate(settings: Settings) -> anyhow::Result<()> {
+    telemetry::init_tracing(&settings);
+    let db = store::Db::connect_lazy(&settings)?;
+    db.migrate().await?;
+    println!("migrations applied");
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! The use cases both transports call. Every method takes the `Caller` (who is
+//! asking, already authenticated by the transport) and decides; errors are one
+//! `ServiceError`, mapped exhaustively to gRPC statuses and problem+json.
+
+pub mod audit;
+
+use std::net::IpAddr;
+
+use uuid::Uuid;
+
+/// One field-level validation failure.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    /// Login failed; deliberately says nothing about why.
+    #[error("invalid email or password")]
+    InvalidCredentials,
+    /// A missing, malformed, expired or revoked bearer token, cookie or API key.
+    #[error("invalid or missing credentials")]
+    InvalidToken,
+    #[error("invalid client credentials")]
+    InvalidClient,
+    #[error("{0}")]
+    Forbidden(String),
+    /// `what` names the kind of thing ("trading account"), never whether it exists.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("too many requests")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ServiceError {
+    pub fn validation(field: &str, code: &'static str, message: impl Into<String>) -> Self {
+        Self::Validation(vec![FieldError::new(field, code, message)])
+    }
+
+    pub fn internal(e: impl Into<anyhow::Error>) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
+impl From<crate::store::StoreError> for ServiceError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::Conflict(what) => ServiceError::Conflict(what),
+            crate::store::StoreError::NotFound(what) => ServiceError::NotFound(what),
+            crate::store::StoreError::Unavailable(msg) => ServiceError::Unavailable(msg),
+            crate::store::StoreError::Other(e) => ServiceError::Internal(e),
+        }
+    }
+}
+
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
+/// Where a request came from; recorded in audit rows and used by rate limits.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    pub ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+}
+
+/// An API key's grant when a user acts through a key rather than a session.
+#[derive(Debug, Clone)]
+pub struct KeyGrant {
+    pub key_id: Uuid,
+    pub scopes: Vec<String>,
+    /// Empty means every account the user can access.
+    pub trading_account_ids: Vec<Uuid>,
+}
+
+/// Who is asking, as established by a transport.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    User {
+        user_id: Uuid,
+        roles: Vec<String>,
+        /// Set when authenticated by an access token or session cookie.
+        session_id: Option<Uuid>,
+        /// Set when authenticated by an API key: limits what the caller may do.
+        key: Option<KeyGrant>,
+    },
+    ServiceClient {
+        client_id: String,
+        scopes: Vec<String>,
+    },
+}
+
+impl Caller {
+    pub fn user_id(&self) -> Option<Uuid> {
+        match self {
+            Caller::User { user_id, .. } => Some(*user_id),
+            Caller::ServiceClient { .. } => None,
+        }
+    }
+
+    pub fn has_role(&self, role: &str) -> bool {
+        matches!(self, Caller::User { roles, .. } if roles.iter().any(|r| r == role))
+    }
+
+    /// For audit rows: ("user", id), ("api_key", id) or ("service_client", id).
+    pub fn actor(&self) -> (&'static str, String) {
+        match self {
+            Caller::User { key: Some(k), .. } => ("api_key", k.key_id.to_string()),
+            Caller::User { user_id, .. } => ("user", user_id.to_string()),
+            Caller::ServiceClient { client_id, .. } => ("service_client", client_id.clone()),
+        }
+    }
+
+    /// An API-key caller may only use what its key's scopes allow; a session
+    /// caller is limited by its roles (checked by the policy engine).
+    pub fn key_allows_scope(&self, scope: &str) -> bool {
+        match self {
+            Caller::User { key: Some(k), .. } => k.scopes.iter().any(|s| s == scope),
+            Caller::User { key: None, .. } => true,
+            Caller::ServiceClient { scopes, .. } => scopes.iter().any(|s| s == scope),
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! The PostgreSQL pool and migrations.
+
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use super::StoreResult;
+use crate::config::Settings;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Clone)]
+pub struct Db {
+    pub pool: PgPool,
+}
+
+impl Db {
+    /// Connects lazily, so the service starts (and reports NOT_SERVING) while the
+    /// database is down, and recovers when it comes back.
+    pub fn connect_lazy(settings: &Settings) -> anyhow::Result<Self> {
+        let opts: PgConnectOptions = settings
+            .database_url
+            .expose_secret()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL URL"))?;
+        let opts = opts.application_name("user-service");
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.database_max_connections)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(3))
+            .idle_timeout(Duration::from_secs(300))
+            .connect_lazy_with(opts);
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// `select 1` within a second: the readiness signal for health checks.
+    pub async fn ping(&self) -> bool {
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                sqlx::query_scalar::<_, i32>("select 1").fetch_one(&self.pool)
+            )
+            .await,
+            Ok(Ok(1))
+        )
+    }
+
+    pub async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Postgres>> {
+        Ok(self.pool.begin().await?)
+    }
+}

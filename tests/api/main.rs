@@ -1,0 +1,7 @@
+//! The one integration-test binary: every test starts the whole service on port 0
+//! against a fresh migrated database and its own Redis key prefix.
+
+mod helpers;
+
+mod config;
+mod foundation;
