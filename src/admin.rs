@@ -8,12 +8,133 @@ use crate::config::Settings;
 pub enum AdminCommand {
     /// Re-encrypt every broker credential under the active key (safe to re-run).
     ReencryptCredentials,
+    /// Create a user (e.g. the first admin); prints the user as JSON. The password
+    /// is read from stdin, never from the command line.
+    CreateUser {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        full_name: String,
+        /// Repeatable; `user` when none is given.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Create a service client; prints {"client_id", "client_secret"} (the secret this once).
+    CreateServiceClient {
+        name: String,
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+    },
+    /// Issue a new secret for a service client; the old one stops working.
+    RotateServiceClientSecret { client_id: String },
 }
 
-pub async fn run(_settings: Settings, cmd: AdminCommand) -> anyhow::Result<()> {
+pub async fn run(settings: Settings, cmd: AdminCommand) -> anyhow::Result<()> {
     match cmd {
-        AdminCommand::ReencryptCredentials => {
-            anyhow::bail!("reencrypt-credentials is not available yet")
+        AdminCommand::ReencryptCredentials => reencrypt_credentials(&settings).await,
+        AdminCommand::CreateUser {
+            email,
+            full_name,
+            roles,
+            password_stdin,
+        } => create_user(&settings, &email, &full_name, &roles, password_stdin).await,
+        AdminCommand::CreateServiceClient { name, scopes } => {
+            let identity = identity(&settings)?;
+            let creds = identity
+                .create_service_client(None, &name, &scopes)
+                .await
+                .map_err(|e| anyhow::anyhow!("create-service-client: {}", describe(e)))?;
+            print_client(creds)
+        }
+        AdminCommand::RotateServiceClientSecret { client_id } => {
+            let identity = identity(&settings)?;
+            let creds = identity
+                .rotate_service_client_secret(None, &client_id)
+                .await
+                .map_err(|e| anyhow::anyhow!("rotate-service-client-secret: {}", describe(e)))?;
+            print_client(creds)
         }
     }
+}
+
+/// The identity service on its own (no listener), for operator commands.
+fn identity(settings: &Settings) -> anyhow::Result<crate::service::identity::Identity> {
+    let db = crate::store::Db::connect_lazy(settings)?;
+    let cache = crate::store::Cache::connect(settings)?;
+    let invalidation = crate::service::invalidation::Invalidation::new(cache.clone());
+    crate::service::identity::Identity::new(settings, db, cache, invalidation)
+}
+
+/// A service error as one line for the operator, field errors included.
+fn describe(e: crate::service::ServiceError) -> String {
+    match e {
+        crate::service::ServiceError::Validation(errs) => errs
+            .iter()
+            .map(|f| format!("{}: {}", f.field, f.message))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    }
+}
+
+fn print_client(creds: crate::service::auth::ClientCredentials) -> anyhow::Result<()> {
+    use secrecy::ExposeSecret;
+    println!(
+        "{}",
+        serde_json::json!({
+            "client_id": creds.client_id,
+            "client_secret": creds.client_secret.expose_secret(),
+        })
+    );
+    Ok(())
+}
+
+async fn create_user(
+    settings: &Settings,
+    email: &str,
+    full_name: &str,
+    roles: &[String],
+    password_stdin: bool,
+) -> anyhow::Result<()> {
+    if !password_stdin {
+        anyhow::bail!("pass --password-stdin and write the password to stdin (never on the command line)");
+    }
+    let mut password = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut password)?;
+    // One trailing newline is the terminal's, not the password's.
+    if password.ends_with('\n') {
+        password.pop();
+        if password.ends_with('\r') {
+            password.pop();
+        }
+    }
+    let identity = identity(settings)?;
+    let user = identity
+        .create_user_by_operator(email, full_name, password, roles)
+        .await
+        .map_err(|e| anyhow::anyhow!("create-user: {}", describe(e)))?;
+    println!("{}", serde_json::to_string(&user)?);
+    Ok(())
+}
+
+/// Prints `{active_key_id, candidates, reencrypted, already_current, failed}`;
+/// exits non-zero when any value could not be moved (it stays under its old key).
+async fn reencrypt_credentials(settings: &Settings) -> anyhow::Result<()> {
+    let spec = settings
+        .credentials_encryption_keys
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("CREDENTIALS_ENCRYPTION_KEYS is not set"))?;
+    let keys = crate::crypto::aead::KeyRing::parse(spec)?;
+    let db = crate::store::Db::connect_lazy(settings)?;
+    let summary = crate::service::accounts::reencrypt_credentials(&db, &keys)
+        .await
+        .map_err(|e| anyhow::anyhow!("reencrypt-credentials: {e}"))?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    db.pool.close().await;
+    if !summary.failed.is_empty() {
+        anyhow::bail!("{} account(s) could not be re-encrypted", summary.failed.len());
+    }
+    Ok(())
 }

@@ -29,6 +29,18 @@ pub struct AppInner {
     pub shutdown: Shutdown,
     /// Background tasks that must finish (flush) before the process exits.
     pub tasks: TaskTracker,
+    /// Users, sessions, tokens and service clients.
+    pub identity: crate::service::identity::Identity,
+    /// Roles and policies: CheckPermission and the scopes a user holds.
+    pub policy: crate::service::policy::PolicyEngine,
+    /// Trading accounts, memberships and broker credentials.
+    pub accounts: crate::service::accounts::AccountsService,
+    /// The audit trail, read by administrators.
+    pub audit_log: crate::service::audit_log::AuditLog,
+    /// Cross-replica cache invalidation: publish "key / user / account changed".
+    pub invalidation: crate::service::invalidation::Invalidation,
+    /// API keys and VerifyApiKey (cached, with the usage buffer).
+    pub api_keys: crate::service::api_keys::ApiKeyService,
 }
 
 impl Deref for AppState {
@@ -60,13 +72,57 @@ impl App {
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         let addr = listener.local_addr()?;
 
+        let key_ring = match &settings.credentials_encryption_keys {
+            Some(spec) => Some(Arc::new(crate::crypto::aead::KeyRing::parse(spec)?)),
+            None => None,
+        };
+
+        let invalidation = crate::service::invalidation::Invalidation::new(cache.clone());
+        let identity = crate::service::identity::Identity::new(
+            &settings,
+            db.clone(),
+            cache.clone(),
+            invalidation.clone(),
+        )?;
+        let policy = crate::service::policy::PolicyEngine::new(db.clone());
+        let accounts = crate::service::accounts::AccountsService::new(
+            db.clone(),
+            key_ring,
+            policy.clone(),
+            invalidation.clone(),
+        );
+        let audit_log = crate::service::audit_log::AuditLog::new(db.clone(), policy.clone());
+        let api_keys = crate::service::api_keys::ApiKeyService::new(
+            &settings,
+            db.clone(),
+            cache.clone(),
+            invalidation.clone(),
+            policy.clone(),
+            accounts.clone(),
+        );
         let state = AppState(Arc::new(AppInner {
             settings,
             db,
             cache,
             shutdown: Shutdown::new(),
             tasks: TaskTracker::new(),
+            identity,
+            policy,
+            accounts,
+            audit_log,
+            invalidation,
+            api_keys,
         }));
+        state
+            .invalidation
+            .start(state.shutdown.clone(), &state.tasks)
+            .await;
+        state.api_keys.usage_buffer().spawn_flusher(
+            state.db.clone(),
+            Duration::from_millis(state.settings.usage_log_flush_interval_ms),
+            state.shutdown.clone(),
+            &state.tasks,
+        );
 
         let (grpc_routes, health) = grpc::routes(state.clone())?;
         let router = grpc_routes

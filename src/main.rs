@@ -89,6 +89,16 @@ fn check_config(settings: &Settings) -> ExitCode {
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     let _sentry = telemetry::init_sentry(&settings);
     telemetry::init_tracing(&settings);
+    let result = run(settings).await;
+    // Logged through tracing (not only printed) so Sentry and the JSON log see why
+    // the service stopped; the Sentry guard flushes the event when it drops.
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "user-service stopped on an error");
+    }
+    result
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
     let app = App::build(settings).await?;
     let stop = app.shutdown();
     tokio::spawn(async move {

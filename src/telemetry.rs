@@ -77,6 +77,15 @@ pub fn metrics_handle() -> PrometheusHandle {
             let handle = recorder.handle();
             // Another recorder may exist in tests; the handle still renders ours.
             let _ = metrics::set_global_recorder(recorder);
+            // Histogram samples pile up until drained: drain them between scrapes too,
+            // so memory stays bounded when nobody scrapes.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                });
             handle
         })
         .clone()

@@ -1,10 +1,19 @@
-//! AccountService adapter.
+//! AccountService adapter: scope check, convert, call `AccountsService`, convert.
 
+use tonic::{Request, Response, Status};
+
+use super::convert_accounts::{
+    account_to_proto, credentials_to_proto, id, permission, request_meta,
+};
+use super::interceptor::require_scope;
 use crate::app::AppState;
 use crate::proto::account_service_server::AccountService;
+use crate::proto::{
+    CheckAccountAccessRequest, CheckAccountAccessResponse, GetBrokerCredentialsRequest,
+    GetBrokerCredentialsResponse, GetTradingAccountRequest, GetTradingAccountResponse,
+};
 
 pub struct AccountApi {
-    #[allow(dead_code)]
     state: AppState,
 }
 
@@ -15,4 +24,62 @@ impl AccountApi {
 }
 
 #[tonic::async_trait]
-impl AccountService for AccountApi {}
+impl AccountService for AccountApi {
+    async fn get_trading_account(
+        &self,
+        req: Request<GetTradingAccountRequest>,
+    ) -> Result<Response<GetTradingAccountResponse>, Status> {
+        let caller = require_scope(&req, "accounts:read")?;
+        let account_id = id(&req.get_ref().account_id, "trading account")?;
+        let account = self
+            .state
+            .accounts
+            .account_for_service(&caller, account_id)
+            .await?;
+        Ok(Response::new(GetTradingAccountResponse {
+            account: Some(account_to_proto(&account)),
+        }))
+    }
+
+    async fn check_account_access(
+        &self,
+        req: Request<CheckAccountAccessRequest>,
+    ) -> Result<Response<CheckAccountAccessResponse>, Status> {
+        let caller = require_scope(&req, "permissions:check")?;
+        let r = req.get_ref();
+        let permission = permission(&r.permission)?;
+        let parse = |raw: &str, field: &str| {
+            uuid::Uuid::parse_str(raw)
+                .map_err(|_| Status::invalid_argument(format!("{field}: must be a UUID")))
+        };
+        let user_id = parse(&r.user_id, "user_id")?;
+        let account_id = parse(&r.account_id, "account_id")?;
+        let (decision, access) = self
+            .state
+            .accounts
+            .check_access(&caller, user_id, account_id, permission)
+            .await?;
+        Ok(Response::new(CheckAccountAccessResponse {
+            allowed: decision.allowed,
+            access: access.map(|a| a.as_str().to_string()).unwrap_or_default(),
+            decided_by: decision.decided_by,
+        }))
+    }
+
+    async fn get_broker_credentials(
+        &self,
+        req: Request<GetBrokerCredentialsRequest>,
+    ) -> Result<Response<GetBrokerCredentialsResponse>, Status> {
+        let caller = require_scope(&req, "credentials:read")?;
+        let meta = request_meta(&req);
+        let account_id = id(&req.get_ref().account_id, "trading account")?;
+        let creds = self
+            .state
+            .accounts
+            .broker_credentials(&caller, &meta, account_id)
+            .await?;
+        Ok(Response::new(GetBrokerCredentialsResponse {
+            credentials: Some(credentials_to_proto(creds)),
+        }))
+    }
+}

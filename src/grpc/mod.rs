@@ -3,6 +3,8 @@
 
 pub mod account;
 pub mod auth;
+pub mod convert_accounts;
+pub mod interceptor;
 pub mod status;
 pub mod user;
 
@@ -57,8 +59,19 @@ pub fn routes(state: AppState) -> anyhow::Result<(Routes, Health)> {
     let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AuthServiceServer::new(auth::AuthApi::new(state.clone())))
-        .add_service(UserServiceServer::new(user::UserApi::new(state.clone())))
-        .add_service(AccountServiceServer::new(account::AccountApi::new(state)));
+        // Every method of our services needs a service token; health and
+        // reflection above need none.
+        .add_service(AuthServiceServer::with_interceptor(
+            auth::AuthApi::new(state.clone()),
+            interceptor::ServiceAuth(state.clone()),
+        ))
+        .add_service(UserServiceServer::with_interceptor(
+            user::UserApi::new(state.clone()),
+            interceptor::ServiceAuth(state.clone()),
+        ))
+        .add_service(AccountServiceServer::with_interceptor(
+            account::AccountApi::new(state.clone()),
+            interceptor::ServiceAuth(state),
+        ));
     Ok((routes, Health { reporter }))
 }

@@ -27,6 +27,10 @@ impl From<ServiceError> for Status {
                 tracing::warn!(%cause, "dependency unavailable");
                 Status::unavailable("a dependency is unavailable, retry later")
             }
+            ServiceError::Integrity(what) => {
+                tracing::error!(what, "integrity check failed");
+                Status::data_loss(format!("{what} failed an integrity check"))
+            }
             ServiceError::Internal(err) => {
                 tracing::error!(error = format!("{err:#}"), "internal error");
                 Status::internal("internal error")

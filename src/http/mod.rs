@@ -1,10 +1,17 @@
 //! The JSON gateway (axum): adapters only. Each handler parses wire input, calls a
 //! service with the `Caller`, and turns the result (or ServiceError) into JSON.
 
+pub mod accounts;
+pub mod admin_audit;
+pub mod api_keys;
+pub mod auth;
+pub mod auth_api;
 pub mod extract;
 pub mod health;
+pub mod metrics;
 pub mod observe;
 pub mod problem;
+pub mod users;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -25,6 +32,12 @@ pub fn routes(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health::health))
         .route("/health/live", get(health::live))
+        .route("/metrics", get(metrics::metrics))
+        .merge(auth_api::routes())
+        .merge(accounts::routes())
+        .merge(admin_audit::routes())
+        .merge(api_keys::routes())
+        .merge(users::routes())
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(cors)
         .with_state(state)

@@ -127,6 +127,14 @@ impl From<ServiceError> for Problem {
                     "a dependency is unavailable, retry later",
                 )
             }
+            ServiceError::Integrity(what) => {
+                tracing::error!(what, "integrity check failed");
+                Problem::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("{what} failed an integrity check"),
+                )
+            }
             ServiceError::Internal(err) => {
                 // The full chain goes to the log (and Sentry); the client learns nothing.
                 tracing::error!(error = format!("{err:#}"), "internal error");

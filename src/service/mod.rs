@@ -3,6 +3,16 @@
 //! `ServiceError`, mapped exhaustively to gRPC statuses and problem+json.
 
 pub mod audit;
+pub mod api_key_usage;
+pub mod api_keys;
+pub mod invalidation;
+pub mod auth;
+pub mod identity;
+pub mod users;
+pub mod accounts;
+pub mod audit_log;
+pub mod paging;
+pub mod policy;
 
 use std::net::IpAddr;
 
@@ -49,6 +59,10 @@ pub enum ServiceError {
     RateLimited { retry_after_secs: u64 },
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// Stored data failed an integrity check (e.g. a tampered ciphertext): fail
+    /// closed, and do not retry. The string names what, never the data.
+    #[error("integrity check failed: {0}")]
+    Integrity(&'static str),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }

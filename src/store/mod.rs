@@ -2,8 +2,16 @@
 //! or fred types: failures come out as `StoreError` with meaning attached.
 
 pub mod audit;
+pub mod api_keys;
+pub mod bus;
 pub mod db;
 pub mod redis;
+pub mod service_clients;
+pub mod sessions;
+pub mod users;
+pub mod accounts;
+pub mod audit_log;
+pub mod policies;
 
 pub use db::Db;
 pub use redis::Cache;

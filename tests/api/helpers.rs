@@ -229,3 +229,124 @@ pub const SERVICES: [&str; 3] = [
     "stocksblitz.user.v1.UserService",
     "stocksblitz.user.v1.AccountService",
 ];
+
+// ---- users, tokens and service clients (issue 3) ----
+
+/// A password the policy accepts (long, not guessable, no email in it).
+pub const STRONG_PASSWORD: &str = "violet-tunnel-orbit-97-marsh";
+
+/// Adds `authorization: Bearer <token>` to every gRPC call.
+#[derive(Clone)]
+pub struct BearerInterceptor(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for BearerInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub fn bearer_interceptor(token: &str) -> BearerInterceptor {
+    BearerInterceptor(format!("Bearer {token}").parse().expect("ascii token"))
+}
+
+pub type AuthedChannel = tonic::service::interceptor::InterceptedService<Channel, BearerInterceptor>;
+
+impl TestApp {
+    /// Registers a user (full name "Test User"); returns the user JSON.
+    pub async fn register(&self, email: &str, password: &str) -> serde_json::Value {
+        let res = self
+            .post_json(
+                "/v1/auth/register",
+                &serde_json::json!({"email": email, "password": password, "full_name": "Test User"}),
+            )
+            .await;
+        let status = res.status().as_u16();
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(status, 201, "register {email}: {body}");
+        body
+    }
+
+    /// Logs in; returns the access token. Uses a cookie-less client so the shared
+    /// client's cookie jar is left alone.
+    pub async fn login(&self, email: &str, password: &str) -> String {
+        let res = reqwest::Client::new()
+            .post(self.url("/v1/auth/login"))
+            .json(&serde_json::json!({"email": email, "password": password}))
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(status, 200, "login {email}: {body}");
+        body["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// A new user with a random email: (id, email, access token).
+    pub async fn user_with_token(&self) -> (uuid::Uuid, String, String) {
+        let email = format!("u{}@example.com", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let user = self.register(&email, STRONG_PASSWORD).await;
+        let id = user["id"].as_str().unwrap().parse().unwrap();
+        let token = self.login(&email, STRONG_PASSWORD).await;
+        (id, email, token)
+    }
+
+    /// Grants the admin role; tokens already issued see it on their next request.
+    pub async fn make_admin(&self, user_id: uuid::Uuid) {
+        sqlx::query(
+            "insert into user_roles (user_id, role_id) select $1, id from roles where name = 'admin'
+             on conflict do nothing",
+        )
+        .bind(user_id)
+        .execute(&self.db)
+        .await
+        .unwrap();
+        self.state
+            .identity
+            .forget_user_sessions(user_id)
+            .await
+            .unwrap();
+    }
+
+    /// Creates a service client with these scopes and returns (client_id, secret).
+    pub async fn service_client(&self, scopes: &[&str]) -> (String, String) {
+        use secrecy::ExposeSecret;
+        let client_id = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        let creds = self
+            .state
+            .identity
+            .create_service_client(None, &client_id, &scopes)
+            .await
+            .expect("service client created");
+        (creds.client_id, creds.client_secret.expose_secret().to_string())
+    }
+
+    /// A service token with these scopes, through POST /v1/auth/token.
+    pub async fn service_token(&self, scopes: &[&str]) -> String {
+        let (client_id, secret) = self.service_client(scopes).await;
+        let res = reqwest::Client::new()
+            .post(self.url("/v1/auth/token"))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id.as_str()),
+                ("client_secret", secret.as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(status, 200, "service token: {body}");
+        body["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// A gRPC channel that sends `authorization: Bearer <token>` on every call:
+    /// `AuthServiceClient::new(app.grpc_with_token(&t).await)`.
+    pub async fn grpc_with_token(&self, token: &str) -> AuthedChannel {
+        tonic::service::interceptor::InterceptedService::new(
+            self.channel().await,
+            bearer_interceptor(token),
+        )
+    }
+}

@@ -3,5 +3,9 @@
 
 mod helpers;
 
+mod api_keys;
+mod auth;
 mod config;
+mod deploy;
 mod foundation;
+mod observability;

@@ -1,0 +1,25 @@
+//! A user as the wire sees it (never the password hash).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+/// Roles a user may hold.
+pub const ROLES: [&str; 3] = ["admin", "user", "viewer"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct User {
+    pub id: Uuid,
+    pub email: String,
+    pub full_name: String,
+    pub roles: Vec<String>,
+    /// `active` or `disabled`.
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl User {
+    pub fn is_active(&self) -> bool {
+        self.status == "active"
+    }
+}

@@ -1,0 +1,385 @@
+//! /v1/trading-accounts* and /v1/users/me/accounts: translate, call
+//! `AccountsService`. Broker credentials only ever come in; reads show whether
+//! they are set, when, and a masked hint.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, put};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use uuid::Uuid;
+
+use super::auth::Authenticated;
+use super::extract::{Json, Meta, Path, Query};
+use super::AppState;
+use crate::domain::account::{
+    AccountAccess, AccountPatch, BrokerCredentials, Member, MemberRole, MemberTarget,
+    NewAccount, TradingAccount,
+};
+use crate::service::paging::Page;
+use crate::service::ServiceError;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/trading-accounts", get(list).post(create))
+        .route(
+            "/v1/trading-accounts/{id}",
+            get(show).patch(update).delete(remove),
+        )
+        .route(
+            "/v1/trading-accounts/{id}/credentials",
+            put(set_credentials).get(credentials_status),
+        )
+        .route(
+            "/v1/trading-accounts/{id}/members",
+            get(list_members).post(add_member),
+        )
+        .route(
+            "/v1/trading-accounts/{id}/members/{user_id}",
+            patch(change_member).delete(remove_member),
+        )
+        .route("/v1/users/me/accounts", get(my_accounts))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    broker: String,
+    broker_user_id: String,
+    #[serde(default)]
+    nickname: Option<String>,
+    #[serde(default)]
+    subscription_tier: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    #[serde(default)]
+    nickname: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    subscription_tier: Option<String>,
+    #[serde(default)]
+    subscription_status: Option<String>,
+    /// Absent: unchanged; `null`: cleared.
+    #[serde(default, deserialize_with = "present")]
+    subscription_expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+/// Tells a field sent as `null` (Some(None)) from one left out (None).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// The values are write-only: this type is never serialized or logged.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialsBody {
+    api_key: String,
+    api_secret: String,
+    #[serde(default)]
+    access_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMemberBody {
+    #[serde(default)]
+    user_id: Option<Uuid>,
+    #[serde(default)]
+    email: Option<String>,
+    role: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoleBody {
+    role: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+struct AccountBody {
+    id: Uuid,
+    broker: String,
+    broker_user_id: String,
+    nickname: String,
+    status: &'static str,
+    subscription_tier: &'static str,
+    subscription_status: &'static str,
+    subscription_expires_at: Option<DateTime<Utc>>,
+    has_credentials: bool,
+    credentials_updated_at: Option<DateTime<Utc>>,
+    credentials_hint: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+impl From<TradingAccount> for AccountBody {
+    fn from(a: TradingAccount) -> Self {
+        Self {
+            id: a.id,
+            broker: a.broker,
+            broker_user_id: a.broker_user_id,
+            nickname: a.nickname,
+            status: a.status.as_str(),
+            subscription_tier: a.subscription_tier.as_str(),
+            subscription_status: a.subscription_status.as_str(),
+            subscription_expires_at: a.subscription_expires_at,
+            has_credentials: a.has_credentials,
+            credentials_updated_at: a.credentials_updated_at,
+            credentials_hint: a.credentials_hint,
+            created_at: a.created_at,
+        }
+    }
+}
+
+/// The account shape plus the caller's access and what it permits.
+#[derive(Serialize)]
+struct AccessBody {
+    #[serde(flatten)]
+    account: AccountBody,
+    access: &'static str,
+    permissions: Vec<&'static str>,
+}
+
+impl From<AccountAccess> for AccessBody {
+    fn from(a: AccountAccess) -> Self {
+        Self {
+            permissions: a.permissions().iter().map(|p| p.as_str()).collect(),
+            access: a.access.as_str(),
+            account: a.account.into(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct CredentialsStatusBody {
+    has_credentials: bool,
+    credentials_updated_at: Option<DateTime<Utc>>,
+    credentials_hint: Option<String>,
+}
+
+#[derive(Serialize)]
+struct MemberBody {
+    user_id: Uuid,
+    email: String,
+    role: &'static str,
+    added_at: DateTime<Utc>,
+}
+
+impl From<Member> for MemberBody {
+    fn from(m: Member) -> Self {
+        Self {
+            user_id: m.user_id,
+            email: m.email,
+            role: m.role.as_str(),
+            added_at: m.added_at,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct PageBody<T> {
+    items: Vec<T>,
+    next_cursor: Option<String>,
+}
+
+impl<T> PageBody<T> {
+    fn from_page<U: Into<T>>(p: Page<U>) -> Self {
+        Self {
+            items: p.items.into_iter().map(Into::into).collect(),
+            next_cursor: p.next_cursor,
+        }
+    }
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Json(body): Json<CreateBody>,
+) -> Result<Response, ServiceError> {
+    let input = NewAccount::parse(
+        &body.broker,
+        &body.broker_user_id,
+        body.nickname.as_deref(),
+        body.subscription_tier.as_deref(),
+    )
+    .map_err(ServiceError::Validation)?;
+    let account = state.accounts.create(&caller, &meta, input).await?;
+    Ok((StatusCode::CREATED, axum::Json(AccountBody::from(account))).into_response())
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Query(q): Query<PageQuery>,
+) -> Result<axum::Json<PageBody<AccessBody>>, ServiceError> {
+    let page = state
+        .accounts
+        .list(&caller, &meta, q.limit, q.cursor.as_deref())
+        .await?;
+    Ok(axum::Json(PageBody::from_page(page)))
+}
+
+/// Same list as GET /v1/trading-accounts: owned and shared, each with access.
+async fn my_accounts(
+    state: State<AppState>,
+    caller: Authenticated,
+    meta: Meta,
+    q: Query<PageQuery>,
+) -> Result<axum::Json<PageBody<AccessBody>>, ServiceError> {
+    list(state, caller, meta, q).await
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Path(id): Path<Uuid>,
+) -> Result<axum::Json<AccessBody>, ServiceError> {
+    let a = state.accounts.get(&caller, &meta, id).await?;
+    Ok(axum::Json(a.into()))
+}
+
+async fn update(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Path(id): Path<Uuid>,
+    Json(body): Json<PatchBody>,
+) -> Result<axum::Json<AccountBody>, ServiceError> {
+    let patch = AccountPatch::parse(
+        body.nickname.as_deref(),
+        body.status.as_deref(),
+        body.subscription_tier.as_deref(),
+        body.subscription_status.as_deref(),
+        body.subscription_expires_at,
+    )
+    .map_err(ServiceError::Validation)?;
+    let a = state.accounts.update(&caller, &meta, id, patch).await?;
+    Ok(axum::Json(a.into()))
+}
+
+async fn remove(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Path(id): Path<Uuid>,
+) -> Result<StatusCode, ServiceError> {
+    state.accounts.delete(&caller, &meta, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_credentials(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Path(id): Path<Uuid>,
+    Json(body): Json<CredentialsBody>,
+) -> Result<StatusCode, ServiceError> {
+    let creds = BrokerCredentials::parse(
+        &body.api_key,
+        &body.api_secret,
+        body.access_token.as_deref(),
+    )
+    .map_err(ServiceError::Validation)?;
+    state
+        .accounts
+        .set_credentials(&caller, &meta, id, creds)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn credentials_status(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Path(id): Path<Uuid>,
+) -> Result<axum::Json<CredentialsStatusBody>, ServiceError> {
+    let a = state.accounts.credentials_status(&caller, &meta, id).await?;
+    Ok(axum::Json(CredentialsStatusBody {
+        has_credentials: a.has_credentials,
+        credentials_updated_at: a.credentials_updated_at,
+        credentials_hint: a.credentials_hint,
+    }))
+}
+
+async fn list_members(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Path(id): Path<Uuid>,
+    Query(q): Query<PageQuery>,
+) -> Result<axum::Json<PageBody<MemberBody>>, ServiceError> {
+    let page = state
+        .accounts
+        .list_members(&caller, &meta, id, q.limit, q.cursor.as_deref())
+        .await?;
+    Ok(axum::Json(PageBody::from_page(page)))
+}
+
+async fn add_member(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Path(id): Path<Uuid>,
+    Json(body): Json<AddMemberBody>,
+) -> Result<Response, ServiceError> {
+    let mut errors = Vec::new();
+    let target = MemberTarget::parse(body.user_id, body.email.as_deref())
+        .map_err(|e| errors.push(e))
+        .ok();
+    let role = MemberRole::parse(&body.role).map_err(|e| errors.push(e)).ok();
+    let (Some(target), Some(role)) = (target, role) else {
+        return Err(ServiceError::Validation(errors));
+    };
+    let m = state
+        .accounts
+        .add_member(&caller, &meta, id, target, role)
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(MemberBody::from(m))).into_response())
+}
+
+async fn change_member(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Path((id, user_id)): Path<(Uuid, Uuid)>,
+    Json(body): Json<RoleBody>,
+) -> Result<axum::Json<MemberBody>, ServiceError> {
+    let role = MemberRole::parse(&body.role).map_err(|e| ServiceError::Validation(vec![e]))?;
+    let m = state
+        .accounts
+        .change_member_role(&caller, &meta, id, user_id, role)
+        .await?;
+    Ok(axum::Json(m.into()))
+}
+
+async fn remove_member(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Path((id, user_id)): Path<(Uuid, Uuid)>,
+) -> Result<StatusCode, ServiceError> {
+    state
+        .accounts
+        .remove_member(&caller, &meta, id, user_id)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,91 @@
+//! GET /v1/admin/audit-logs: translate, call `AuditLog`.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::auth::Authenticated;
+use super::extract::{Meta, Query};
+use super::AppState;
+use crate::service::ServiceError;
+use crate::store::audit_log::{AuditFilter, AuditRow};
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/v1/admin/audit-logs", get(list))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    action: Option<String>,
+    actor_id: Option<String>,
+    target_id: Option<String>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+struct AuditItem {
+    id: i64,
+    occurred_at: DateTime<Utc>,
+    actor_type: String,
+    actor_id: Option<String>,
+    action: String,
+    target_type: Option<String>,
+    target_id: Option<String>,
+    outcome: String,
+    ip: Option<String>,
+    user_agent: Option<String>,
+    details: serde_json::Value,
+}
+
+impl From<AuditRow> for AuditItem {
+    fn from(r: AuditRow) -> Self {
+        Self {
+            id: r.id,
+            occurred_at: r.occurred_at,
+            actor_type: r.actor_type,
+            actor_id: r.actor_id,
+            action: r.action,
+            target_type: r.target_type,
+            target_id: r.target_id,
+            outcome: r.outcome,
+            ip: r.ip,
+            user_agent: r.user_agent,
+            details: r.details,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct PageBody {
+    items: Vec<AuditItem>,
+    next_cursor: Option<String>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Query(q): Query<AuditQuery>,
+) -> Result<axum::Json<PageBody>, ServiceError> {
+    let filter = AuditFilter {
+        action: q.action,
+        actor_id: q.actor_id,
+        target_id: q.target_id,
+        since: q.since,
+        until: q.until,
+    };
+    let page = state
+        .audit_log
+        .list(&caller, &meta, filter, q.limit, q.cursor.as_deref())
+        .await?;
+    Ok(axum::Json(PageBody {
+        items: page.items.into_iter().map(Into::into).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}

@@ -1,0 +1,219 @@
+//! /v1/api-keys*: translate, call `ApiKeyService`. The plaintext key appears in
+//! exactly one response, the 201 of create or rotate.
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::auth::Authenticated;
+use super::extract::{Json, Meta, Path, Query};
+use super::AppState;
+use crate::service::api_keys::{IssuedKey, KeyView, NewKey, Page, UsageItem};
+use crate::service::ServiceError;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/api-keys", post(create).get(list))
+        .route("/v1/api-keys/{id}", get(show).delete(revoke))
+        .route("/v1/api-keys/{id}/rotate", post(rotate))
+        .route("/v1/api-keys/{id}/usage", get(usage))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    scopes: Vec<String>,
+    #[serde(default)]
+    expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    allowed_ips: Option<Vec<String>>,
+    #[serde(default)]
+    trading_account_ids: Option<Vec<Uuid>>,
+    #[serde(default)]
+    rate_limit_per_minute: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+struct KeyBody {
+    id: Uuid,
+    name: String,
+    prefix: String,
+    scopes: Vec<String>,
+    allowed_ips: Vec<String>,
+    trading_account_ids: Vec<Uuid>,
+    rate_limit_per_minute: Option<i32>,
+    created_at: DateTime<Utc>,
+    last_used_at: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<KeyView> for KeyBody {
+    fn from(k: KeyView) -> Self {
+        Self {
+            id: k.id,
+            name: k.name,
+            prefix: k.prefix,
+            scopes: k.scopes,
+            allowed_ips: k.allowed_ips,
+            trading_account_ids: k.trading_account_ids,
+            rate_limit_per_minute: k.rate_limit_per_minute,
+            created_at: k.created_at,
+            last_used_at: k.last_used_at,
+            expires_at: k.expires_at,
+            revoked_at: k.revoked_at,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct IssuedBody {
+    id: Uuid,
+    name: String,
+    /// The plaintext key: shown this once.
+    key: String,
+    prefix: String,
+    scopes: Vec<String>,
+    allowed_ips: Vec<String>,
+    trading_account_ids: Vec<Uuid>,
+    rate_limit_per_minute: Option<i32>,
+    expires_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+}
+
+/// 201 with the key, never cached by anything in between.
+fn issued(k: IssuedKey) -> Response {
+    let v = k.view;
+    let body = IssuedBody {
+        id: v.id,
+        name: v.name,
+        key: k.secret.expose().to_string(),
+        prefix: v.prefix,
+        scopes: v.scopes,
+        allowed_ips: v.allowed_ips,
+        trading_account_ids: v.trading_account_ids,
+        rate_limit_per_minute: v.rate_limit_per_minute,
+        expires_at: v.expires_at,
+        created_at: v.created_at,
+    };
+    let mut res = (StatusCode::CREATED, axum::Json(body)).into_response();
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+#[derive(Serialize)]
+struct PageBody<T> {
+    items: Vec<T>,
+    next_cursor: Option<String>,
+}
+
+impl<S, T: From<S>> From<Page<S>> for PageBody<T> {
+    fn from(p: Page<S>) -> Self {
+        Self {
+            items: p.items.into_iter().map(T::from).collect(),
+            next_cursor: p.next_cursor,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct UsageBody {
+    used_at: DateTime<Utc>,
+    ip: Option<String>,
+    operation: String,
+    result: String,
+}
+
+impl From<UsageItem> for UsageBody {
+    fn from(u: UsageItem) -> Self {
+        Self {
+            used_at: u.used_at,
+            ip: u.ip,
+            operation: u.operation,
+            result: u.result,
+        }
+    }
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Json(body): Json<CreateBody>,
+) -> Result<Response, ServiceError> {
+    let input = NewKey {
+        name: body.name,
+        scopes: body.scopes,
+        expires_at: body.expires_at,
+        allowed_ips: body.allowed_ips.unwrap_or_default(),
+        trading_account_ids: body.trading_account_ids.unwrap_or_default(),
+        rate_limit_per_minute: body.rate_limit_per_minute,
+    };
+    Ok(issued(state.api_keys.create(&caller, &meta, input).await?))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Query(q): Query<PageQuery>,
+) -> Result<axum::Json<PageBody<KeyBody>>, ServiceError> {
+    let page = state
+        .api_keys
+        .list(&caller, q.limit, q.cursor.as_deref())
+        .await?;
+    Ok(axum::Json(page.into()))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Path(id): Path<Uuid>,
+) -> Result<axum::Json<KeyBody>, ServiceError> {
+    Ok(axum::Json(state.api_keys.get(&caller, id).await?.into()))
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Path(id): Path<Uuid>,
+) -> Result<StatusCode, ServiceError> {
+    state.api_keys.revoke(&caller, &meta, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn rotate(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Meta(meta): Meta,
+    Path(id): Path<Uuid>,
+) -> Result<Response, ServiceError> {
+    Ok(issued(state.api_keys.rotate(&caller, &meta, id).await?))
+}
+
+async fn usage(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Path(id): Path<Uuid>,
+    Query(q): Query<PageQuery>,
+) -> Result<axum::Json<PageBody<UsageBody>>, ServiceError> {
+    let page = state
+        .api_keys
+        .usage(&caller, id, q.limit, q.cursor.as_deref())
+        .await?;
+    Ok(axum::Json(page.into()))
+}

@@ -1,0 +1,634 @@
+//! Sign-up, login (enumeration-safe, with per-account lockout), refresh-token
+//! rotation with reuse detection, logout and service-client tokens.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use secrecy::{ExposeSecret, SecretString};
+use uuid::Uuid;
+
+use super::audit::{AuditEntry, Outcome};
+use super::identity::{sha256, Identity, SessionState};
+use super::{Caller, FieldError, RequestMeta, ServiceError, ServiceResult};
+use crate::crypto::jwt::TokenType;
+use crate::domain::email::Email;
+use crate::domain::password::Password;
+use crate::domain::user::User;
+use crate::store::{audit, service_clients, sessions, users};
+
+/// What a login or refresh hands out. Not Debug: it carries tokens.
+pub struct LoginTokens {
+    pub access_token: String,
+    pub refresh_token: String,
+    pub expires_in: u64,
+    pub user: User,
+    pub session_id: Uuid,
+}
+
+pub struct ServiceToken {
+    pub access_token: String,
+    pub expires_in: u64,
+    pub scope: String,
+}
+
+/// In-process attempt counters, used only while Redis is unreachable so the login
+/// limit never becomes unlimited (each replica then limits on its own).
+#[derive(Default)]
+pub struct LocalCounters {
+    inner: Mutex<HashMap<String, (i64, Instant, Duration)>>,
+}
+
+impl LocalCounters {
+    /// Same contract as `Cache::incr_window`: (count, milliseconds left).
+    pub fn incr_window(&self, key: &str, window: Duration) -> (i64, i64) {
+        let now = Instant::now();
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 100_000 {
+            map.retain(|_, (_, start, w)| now.duration_since(*start) < *w);
+        }
+        let e = map.entry(key.to_string()).or_insert((0, now, window));
+        if now.duration_since(e.1) >= e.2 {
+            *e = (0, now, window);
+        }
+        e.0 += 1;
+        let left = e.2.saturating_sub(now.duration_since(e.1));
+        (e.0, left.as_millis() as i64)
+    }
+
+    pub fn reset(&self, key: &str) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+}
+
+/// A new opaque refresh token: 256 random bits, base64url.
+fn new_refresh_token() -> String {
+    use base64::Engine as _;
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+fn password_error(e: crate::domain::password::PasswordError) -> ServiceError {
+    ServiceError::Validation(vec![FieldError::new("password", e.code, e.message)])
+}
+
+fn full_name_of(raw: &str) -> ServiceResult<String> {
+    let s = raw.trim();
+    let n = s.chars().count();
+    if n == 0 || n > 200 {
+        return Err(ServiceError::validation(
+            "full_name",
+            "invalid_length",
+            "full_name must be 1 to 200 characters",
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(ServiceError::validation(
+            "full_name",
+            "invalid",
+            "full_name must not contain control characters",
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// Who creates a user: the user signing up, or an operator at the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CreatedBy {
+    SignUp,
+    Operator,
+}
+
+pub struct RegisterInput {
+    pub email: String,
+    pub password: String,
+    pub full_name: String,
+}
+
+impl Identity {
+    pub(crate) fn parse_full_name(raw: &str) -> ServiceResult<String> {
+        full_name_of(raw)
+    }
+
+    pub(crate) fn parse_new_password(
+        &self,
+        raw: String,
+        email: &Email,
+        full_name: &str,
+    ) -> ServiceResult<Password> {
+        let inputs: Vec<&str> = full_name.split_whitespace().collect();
+        Password::new_for(raw, self.settings.password_min_length, email, &inputs)
+            .map_err(password_error)
+    }
+
+    /// Self sign-up: a new active user with role `user`.
+    #[tracing::instrument(skip_all)]
+    pub async fn register(&self, meta: &RequestMeta, input: RegisterInput) -> ServiceResult<User> {
+        if !self.settings.registration_enabled() {
+            return Err(ServiceError::Forbidden("self sign-up is disabled".into()));
+        }
+        let mut errors = Vec::new();
+        let email = Email::parse(&input.email)
+            .map_err(|m| errors.push(FieldError::new("email", "invalid", m)))
+            .ok();
+        let name = full_name_of(&input.full_name)
+            .map_err(|e| {
+                if let ServiceError::Validation(v) = e {
+                    errors.extend(v)
+                }
+            })
+            .ok();
+        let password = match &email {
+            Some(email) => self
+                .parse_new_password(input.password, email, name.as_deref().unwrap_or(""))
+                .map_err(|e| {
+                    if let ServiceError::Validation(v) = e {
+                        errors.extend(v)
+                    }
+                })
+                .ok(),
+            None => None,
+        };
+        let (Some(email), Some(name), Some(password)) = (email, name, password) else {
+            return Err(ServiceError::Validation(errors));
+        };
+        self.create_user(meta, CreatedBy::SignUp, &email, &name, password.into_secret(), &["user".into()])
+            .await
+    }
+
+    /// `admin create-user`: an operator creates a user (the first admin) under the
+    /// same email and password rules as sign-up.
+    #[tracing::instrument(skip_all)]
+    pub async fn create_user_by_operator(
+        &self,
+        email: &str,
+        full_name: &str,
+        password: String,
+        roles: &[String],
+    ) -> ServiceResult<User> {
+        let email = Email::parse(email).map_err(|m| ServiceError::validation("email", "invalid", m))?;
+        let name = full_name_of(full_name)?;
+        let password = self.parse_new_password(password, &email, &name)?;
+        let mut roles = if roles.is_empty() { vec!["user".to_string()] } else { roles.to_vec() };
+        roles.sort();
+        roles.dedup();
+        if let Some(bad) = roles.iter().find(|r| !crate::domain::user::ROLES.contains(&r.as_str())) {
+            return Err(ServiceError::validation("role", "unknown_role", format!("unknown role {bad}")));
+        }
+        self.create_user(&RequestMeta::default(), CreatedBy::Operator, &email, &name, password.into_secret(), &roles)
+            .await
+    }
+
+    /// Creates a user (sign-up or operator) with its audit row in one transaction.
+    pub(crate) async fn create_user(
+        &self,
+        meta: &RequestMeta,
+        by: CreatedBy,
+        email: &Email,
+        name: &str,
+        password: SecretString,
+        roles: &[String],
+    ) -> ServiceResult<User> {
+        let hash = self
+            .hasher
+            .hash(password)
+            .await
+            .map_err(ServiceError::internal)?;
+        let id = Uuid::now_v7();
+        let mut tx = self.db.begin().await?;
+        let user = users::insert(&mut tx, id, email.as_str(), name, &hash, roles)
+            .await?
+            .into_user();
+        let action = match by {
+            CreatedBy::SignUp => "auth.register",
+            CreatedBy::Operator => "user.created",
+        };
+        let entry = AuditEntry::new(action, Outcome::Success)
+            .target("user", id)
+            .meta(meta)
+            .details(serde_json::json!({ "roles": roles }));
+        let entry = match by {
+            CreatedBy::SignUp => entry.actor("user", id),
+            CreatedBy::Operator => entry.actor("system", "cli"),
+        };
+        audit::insert(&mut tx, &entry).await?;
+        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        Ok(user)
+    }
+
+    fn lockout_key(email: &str) -> String {
+        format!("login:fail:{email}")
+    }
+
+    /// Counts one attempt for `key` in `window`, through Redis (shared by every
+    /// replica and transport) or the in-process fallback when Redis is down.
+    pub(crate) async fn count_attempt(&self, key: &str, window: Duration) -> (i64, i64) {
+        match self.cache.incr_window(key, window).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "rate-limit counter unavailable, using in-process fallback");
+                self.lockout.incr_window(key, window)
+            }
+        }
+    }
+
+    pub(crate) async fn reset_attempts(&self, key: &str) {
+        let _ = self.cache.del(key).await;
+        self.lockout.reset(key);
+    }
+
+    async fn audit_alone(&self, entry: AuditEntry) {
+        let r = async {
+            let mut tx = self.db.begin().await?;
+            audit::insert(&mut tx, &entry).await?;
+            tx.commit().await?;
+            Ok::<_, crate::store::StoreError>(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, action = %entry.action, "audit write failed");
+        }
+    }
+
+    /// Login. Every failure — unknown email, wrong password, disabled or locked
+    /// account — is the same `InvalidCredentials` after the same argon2 work.
+    #[tracing::instrument(skip_all)]
+    pub async fn login(
+        &self,
+        meta: &RequestMeta,
+        email: &str,
+        password: String,
+    ) -> ServiceResult<LoginTokens> {
+        let password = Password::candidate(password).map_err(password_error)?.into_secret();
+        if self.settings.login_ip_max_per_minute > 0 {
+            if let Some(ip) = meta.ip {
+                let (n, ttl) = self
+                    .count_attempt(&format!("login:ip:{ip}"), Duration::from_secs(60))
+                    .await;
+                if n > i64::from(self.settings.login_ip_max_per_minute) {
+                    return Err(ServiceError::RateLimited {
+                        retry_after_secs: (ttl.max(0) as u64).div_ceil(1000),
+                    });
+                }
+            }
+        }
+        let Ok(email) = Email::parse(email) else {
+            let _ = self.hasher.verify(password, None).await;
+            return Err(ServiceError::InvalidCredentials);
+        };
+        // The attempt is counted before it is evaluated, atomically, so a parallel
+        // burst cannot evaluate more than the limit.
+        let key = Self::lockout_key(email.as_str());
+        let (n, _) = self
+            .count_attempt(&key, Duration::from_secs(self.settings.login_lockout_seconds))
+            .await;
+        let max = i64::from(self.settings.login_max_attempts);
+        let record = users::by_email(&self.db.pool, email.as_str()).await?;
+        let failed = |reason: &str, user: Option<Uuid>| {
+            let e = AuditEntry::new("auth.login.failed", Outcome::Failure)
+                .meta(meta)
+                .details(serde_json::json!({ "reason": reason }));
+            match user {
+                Some(id) => e.target("user", id),
+                None => e,
+            }
+        };
+        if n > max {
+            let _ = self.hasher.verify(password, None).await;
+            self.audit_alone(failed("locked", record.as_ref().map(|r| r.id)))
+                .await;
+            return Err(ServiceError::InvalidCredentials);
+        }
+        let hash = record.as_ref().and_then(|r| r.password_hash.clone());
+        let ok = self
+            .hasher
+            .verify(password, hash)
+            .await
+            .map_err(ServiceError::internal)?;
+        let record = match record {
+            Some(r) if ok && r.status == "active" => r,
+            other => {
+                let reason = match &other {
+                    None => "unknown_user",
+                    Some(_) if ok => "disabled",
+                    Some(_) => "wrong_password",
+                };
+                self.audit_alone(failed(reason, other.as_ref().map(|r| r.id)))
+                    .await;
+                if n == max {
+                    let mut e = AuditEntry::new("auth.lockout", Outcome::Denied)
+                        .meta(meta)
+                        .details(serde_json::json!({
+                            "attempts": n,
+                            "lockout_seconds": self.settings.login_lockout_seconds,
+                        }));
+                    if let Some(r) = &other {
+                        e = e.target("user", r.id);
+                    }
+                    self.audit_alone(e).await;
+                }
+                return Err(ServiceError::InvalidCredentials);
+            }
+        };
+        self.reset_attempts(&key).await;
+
+        let session_id = Uuid::now_v7();
+        let refresh = new_refresh_token();
+        let expires_at =
+            chrono::Utc::now() + chrono::Duration::seconds(self.settings.refresh_token_ttl_seconds as i64);
+        let mut tx = self.db.begin().await?;
+        sessions::create(
+            &mut tx,
+            session_id,
+            record.id,
+            expires_at,
+            meta.ip.map(|ip| ip.to_string()),
+            meta.user_agent.as_deref(),
+        )
+        .await?;
+        sessions::insert_refresh_token(&mut tx, session_id, &sha256(&refresh), expires_at).await?;
+        audit::insert(
+            &mut tx,
+            &AuditEntry::new("auth.login.succeeded", Outcome::Success)
+                .actor("user", record.id)
+                .target("session", session_id)
+                .meta(meta),
+        )
+        .await?;
+        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        let user = record.into_user();
+        self.cache_session(
+            session_id,
+            &SessionState::Live {
+                uid: user.id,
+                roles: user.roles.clone(),
+            },
+        )
+        .await;
+        self.tokens_for(user, session_id, refresh)
+    }
+
+    fn tokens_for(&self, user: User, session_id: Uuid, refresh: String) -> ServiceResult<LoginTokens> {
+        let ttl = self.settings.access_token_ttl_seconds;
+        let claims = self.jwt.claims(
+            TokenType::Access,
+            user.id.to_string(),
+            Duration::from_secs(ttl),
+            Some(session_id.to_string()),
+            None,
+        );
+        Ok(LoginTokens {
+            access_token: self.jwt.sign(&claims).map_err(ServiceError::internal)?,
+            refresh_token: refresh,
+            expires_in: ttl,
+            user,
+            session_id,
+        })
+    }
+
+    /// Rotates a refresh token. Presenting one already used is reuse: the whole
+    /// session ends, since either the client or a thief holds a stolen copy.
+    #[tracing::instrument(skip_all)]
+    pub async fn refresh(&self, meta: &RequestMeta, refresh_token: &str) -> ServiceResult<LoginTokens> {
+        if refresh_token.is_empty() || refresh_token.len() > 256 {
+            return Err(ServiceError::InvalidToken);
+        }
+        let mut tx = self.db.begin().await?;
+        let Some(row) = sessions::refresh_token_for_update(&mut tx, &sha256(refresh_token)).await?
+        else {
+            return Err(ServiceError::InvalidToken);
+        };
+        if row.used {
+            let ended = sessions::revoke(&mut tx, row.session_id, "refresh_reuse").await?;
+            audit::insert(
+                &mut tx,
+                &AuditEntry::new("auth.refresh.reused", Outcome::Denied)
+                    .actor("user", row.user_id)
+                    .target("session", row.session_id)
+                    .meta(meta)
+                    .details(serde_json::json!({ "session_ended": ended })),
+            )
+            .await?;
+            tx.commit().await.map_err(crate::store::StoreError::from)?;
+            self.cache_session(
+                row.session_id,
+                &SessionState::Revoked {
+                    reason: "refresh_reuse".into(),
+                },
+            )
+            .await;
+            return Err(ServiceError::InvalidToken);
+        }
+        if row.expired || !row.session_live {
+            return Err(ServiceError::InvalidToken);
+        }
+        let user = users::by_id(&mut tx, row.user_id)
+            .await?
+            .filter(|u| u.status == "active")
+            .ok_or(ServiceError::InvalidToken)?
+            .into_user();
+        sessions::mark_refresh_used(&mut tx, row.id).await?;
+        let refresh = new_refresh_token();
+        sessions::insert_refresh_token(&mut tx, row.session_id, &sha256(&refresh), row.session_expires_at)
+            .await?;
+        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        self.tokens_for(user, row.session_id, refresh)
+    }
+
+    /// Ends the caller's session at once (every replica sees the tombstone).
+    #[tracing::instrument(skip_all)]
+    pub async fn logout(&self, caller: &Caller, meta: &RequestMeta) -> ServiceResult<()> {
+        let Caller::User {
+            user_id,
+            session_id: Some(sid),
+            ..
+        } = caller
+        else {
+            return Ok(());
+        };
+        let mut tx = self.db.begin().await?;
+        if sessions::revoke(&mut tx, *sid, "logout").await? {
+            audit::insert(
+                &mut tx,
+                &AuditEntry::new("auth.logout", Outcome::Success)
+                    .actor("user", user_id)
+                    .target("session", sid)
+                    .meta(meta),
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        self.cache_session(
+            *sid,
+            &SessionState::Revoked {
+                reason: "logout".into(),
+            },
+        )
+        .await;
+        Ok(())
+    }
+
+    /// OAuth 2.0 client credentials: a short-lived service JWT with the client's
+    /// scopes. Unknown client, wrong secret or disabled client look the same.
+    #[tracing::instrument(skip_all)]
+    pub async fn issue_service_token(
+        &self,
+        client_id: &str,
+        client_secret: String,
+    ) -> ServiceResult<ServiceToken> {
+        if client_id.len() > 64 || client_secret.len() > 256 {
+            return Err(ServiceError::InvalidClient);
+        }
+        let client = service_clients::by_client_id(&self.db.pool, client_id).await?;
+        let hash = client
+            .as_ref()
+            .filter(|c| c.status == "active")
+            .and_then(|c| c.secret_hash.clone());
+        let ok = self
+            .hasher
+            .verify(SecretString::from(client_secret), hash)
+            .await
+            .map_err(ServiceError::internal)?;
+        let Some(client) = client.filter(|_| ok) else {
+            return Err(ServiceError::InvalidClient);
+        };
+        let ttl = self.settings.service_token_ttl_seconds;
+        let scope = client.scopes.join(" ");
+        let claims = self.jwt.claims(
+            TokenType::Service,
+            client.client_id,
+            Duration::from_secs(ttl),
+            None,
+            Some(scope.clone()),
+        );
+        Ok(ServiceToken {
+            access_token: self.jwt.sign(&claims).map_err(ServiceError::internal)?,
+            expires_in: ttl,
+            scope,
+        })
+    }
+
+    /// A random client secret (256 bits, base64url), shown once.
+    pub(crate) fn new_client_secret() -> SecretString {
+        SecretString::from(new_refresh_token())
+    }
+
+    pub(crate) async fn hash_secret(&self, secret: &SecretString) -> ServiceResult<String> {
+        self.hasher
+            .hash(SecretString::from(secret.expose_secret().to_string()))
+            .await
+            .map_err(ServiceError::internal)
+    }
+}
+
+/// Scopes only service clients hold (DESIGN.md section 2); with the API-key
+/// catalog they are what a service client may be given.
+pub const SERVICE_SCOPES: [&str; 5] = [
+    "auth:verify",
+    "users:read",
+    "permissions:check",
+    "accounts:read",
+    "credentials:read",
+];
+
+/// A service client's id and its secret, shown this once. Not Debug.
+pub struct ClientCredentials {
+    pub client_id: String,
+    pub client_secret: SecretString,
+}
+
+/// Operator commands have no caller: the actor is the system.
+fn by_or_system(entry: AuditEntry, actor: Option<&Caller>) -> AuditEntry {
+    match actor {
+        Some(c) => entry.by(c),
+        None => entry.actor("system", "cli"),
+    }
+}
+
+fn valid_client_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    (2..=64).contains(&id.len())
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+impl Identity {
+    /// A new service client with a fresh secret (operator CLI, tests).
+    #[tracing::instrument(skip_all, fields(client_id = %client_id))]
+    pub async fn create_service_client(
+        &self,
+        actor: Option<&Caller>,
+        client_id: &str,
+        scopes: &[String],
+    ) -> ServiceResult<ClientCredentials> {
+        if !valid_client_id(client_id) {
+            return Err(ServiceError::validation(
+                "client_id",
+                "invalid",
+                "client id must be 2-64 characters: a lowercase letter, then lowercase letters, digits, _ or -",
+            ));
+        }
+        let known = service_clients::known_scopes(&self.db.pool).await?;
+        if let Some(bad) = scopes
+            .iter()
+            .find(|s| !SERVICE_SCOPES.contains(&s.as_str()) && !known.contains(s))
+        {
+            return Err(ServiceError::validation(
+                "scopes",
+                "unknown_scope",
+                format!("unknown scope {bad}"),
+            ));
+        }
+        let secret = Self::new_client_secret();
+        let hash = self.hash_secret(&secret).await?;
+        let mut tx = self.db.begin().await?;
+        let id = service_clients::insert(&mut tx, client_id, client_id, scopes, &hash).await?;
+        audit::insert(
+            &mut tx,
+            &by_or_system(AuditEntry::new("service_client.created", Outcome::Success), actor)
+                .target("service_client", client_id)
+                .details(serde_json::json!({ "id": id, "scopes": scopes })),
+        )
+        .await?;
+        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        Ok(ClientCredentials {
+            client_id: client_id.to_string(),
+            client_secret: secret,
+        })
+    }
+
+    /// A new secret for a client; the old one stops working at once (tokens
+    /// already issued live out their short lifetime).
+    #[tracing::instrument(skip_all, fields(client_id = %client_id))]
+    pub async fn rotate_service_client_secret(
+        &self,
+        actor: Option<&Caller>,
+        client_id: &str,
+    ) -> ServiceResult<ClientCredentials> {
+        let secret = Self::new_client_secret();
+        let hash = self.hash_secret(&secret).await?;
+        let mut tx = self.db.begin().await?;
+        if !service_clients::set_secret(&mut tx, client_id, &hash).await? {
+            return Err(ServiceError::NotFound("service client"));
+        }
+        audit::insert(
+            &mut tx,
+            &by_or_system(
+                AuditEntry::new("service_client.secret.rotated", Outcome::Success),
+                actor,
+            )
+            .target("service_client", client_id),
+        )
+        .await?;
+        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        Ok(ClientCredentials {
+            client_id: client_id.to_string(),
+            client_secret: secret,
+        })
+    }
+}

@@ -1,0 +1,66 @@
+//! Service clients (internal callers); secrets only as argon2id hashes.
+
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::StoreResult;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ServiceClientRecord {
+    pub id: Uuid,
+    pub client_id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub secret_hash: Option<String>,
+    pub status: String,
+}
+
+pub async fn by_client_id(pool: &PgPool, client_id: &str) -> StoreResult<Option<ServiceClientRecord>> {
+    Ok(sqlx::query_as::<_, ServiceClientRecord>(
+        "select id, client_id, name, scopes, secret_hash, status from service_clients where client_id = $1",
+    )
+    .bind(client_id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+pub async fn insert(
+    conn: &mut PgConnection,
+    client_id: &str,
+    name: &str,
+    scopes: &[String],
+    secret_hash: &str,
+) -> StoreResult<Uuid> {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "insert into service_clients (id, client_id, name, scopes, secret_hash, secret_rotated_at)
+         values ($1, $2, $3, $4, $5, now())",
+    )
+    .bind(id)
+    .bind(client_id)
+    .bind(name)
+    .bind(scopes)
+    .bind(secret_hash)
+    .execute(conn)
+    .await?;
+    Ok(id)
+}
+
+/// Replaces the secret; returns false for an unknown client.
+pub async fn set_secret(conn: &mut PgConnection, client_id: &str, secret_hash: &str) -> StoreResult<bool> {
+    let n = sqlx::query(
+        "update service_clients set secret_hash = $2, secret_rotated_at = now(), updated_at = now()
+          where client_id = $1",
+    )
+    .bind(client_id)
+    .bind(secret_hash)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(n > 0)
+}
+
+/// Scopes a service client may be given: the catalog plus the service scopes.
+pub async fn known_scopes(pool: &PgPool) -> StoreResult<Vec<String>> {
+    Ok(sqlx::query_scalar::<_, String>("select name from scopes").fetch_all(pool).await?)
+}

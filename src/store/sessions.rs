@@ -1,0 +1,218 @@
+//! Login sessions and their rotating refresh tokens (only SHA-256 of a token is
+//! stored). The Redis session cache lives in `service::identity`; this is the
+//! durable truth it falls back to.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::StoreResult;
+
+/// What a request needs to know about its session, read in one query.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SessionAuth {
+    pub user_id: Uuid,
+    pub revoked_reason: Option<String>,
+    pub revoked: bool,
+    pub expired: bool,
+    pub user_status: String,
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SessionRow {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+/// A refresh token looked up by hash, with its session's state.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RefreshRow {
+    pub id: Uuid,
+    pub session_id: Uuid,
+    pub user_id: Uuid,
+    pub used: bool,
+    pub expired: bool,
+    pub session_live: bool,
+    pub session_expires_at: DateTime<Utc>,
+}
+
+pub async fn create(
+    conn: &mut PgConnection,
+    id: Uuid,
+    user_id: Uuid,
+    expires_at: DateTime<Utc>,
+    ip: Option<String>,
+    user_agent: Option<&str>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "insert into sessions (id, user_id, expires_at, ip, user_agent) values ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(user_id)
+    .bind(expires_at)
+    .bind(ip)
+    .bind(user_agent)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn insert_refresh_token(
+    conn: &mut PgConnection,
+    session_id: Uuid,
+    token_hash: &[u8],
+    expires_at: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "insert into refresh_tokens (id, session_id, token_hash, expires_at) values ($1, $2, $3, $4)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(session_id)
+    .bind(token_hash)
+    .bind(expires_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Locks the token row, so two concurrent refreshes with one token serialise and
+/// the second sees it used.
+pub async fn refresh_token_for_update(
+    conn: &mut PgConnection,
+    token_hash: &[u8],
+) -> StoreResult<Option<RefreshRow>> {
+    Ok(sqlx::query_as::<_, RefreshRow>(
+        "select t.id, t.session_id, s.user_id, t.used_at is not null as used,
+                t.expires_at <= now() as expired,
+                (s.revoked_at is null and s.expires_at > now()) as session_live,
+                s.expires_at as session_expires_at
+           from refresh_tokens t join sessions s on s.id = t.session_id
+          where t.token_hash = $1
+          for update of t",
+    )
+    .bind(token_hash)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Read-only lookup (the cookie authenticates requests without rotating).
+pub async fn refresh_token(pool: &PgPool, token_hash: &[u8]) -> StoreResult<Option<RefreshRow>> {
+    Ok(sqlx::query_as::<_, RefreshRow>(
+        "select t.id, t.session_id, s.user_id, t.used_at is not null as used,
+                t.expires_at <= now() as expired,
+                (s.revoked_at is null and s.expires_at > now()) as session_live,
+                s.expires_at as session_expires_at
+           from refresh_tokens t join sessions s on s.id = t.session_id
+          where t.token_hash = $1",
+    )
+    .bind(token_hash)
+    .fetch_optional(pool)
+    .await?)
+}
+
+pub async fn mark_refresh_used(conn: &mut PgConnection, id: Uuid) -> StoreResult<()> {
+    sqlx::query("update refresh_tokens set used_at = now() where id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The session's state, and marks it seen (called at most once per cache period).
+pub async fn auth_state(pool: &PgPool, id: Uuid) -> StoreResult<Option<SessionAuth>> {
+    Ok(sqlx::query_as::<_, SessionAuth>(
+        "with touched as (
+             update sessions set last_seen_at = now()
+              where id = $1 and revoked_at is null and expires_at > now()
+         )
+         select s.user_id, s.revoked_reason, s.revoked_at is not null as revoked,
+                s.expires_at <= now() as expired, u.status as user_status,
+                coalesce(array(select r.name from user_roles ur join roles r on r.id = ur.role_id
+                                where ur.user_id = u.id order by r.name), '{}') as roles
+           from sessions s join users u on u.id = s.user_id
+          where s.id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Ends one session; returns whether it was live.
+pub async fn revoke(conn: &mut PgConnection, id: Uuid, reason: &str) -> StoreResult<bool> {
+    let n = sqlx::query(
+        "update sessions set revoked_at = now(), revoked_reason = $2
+          where id = $1 and revoked_at is null",
+    )
+    .bind(id)
+    .bind(reason)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(n > 0)
+}
+
+/// Ends every live session of a user except `keep`; returns the ended ids.
+pub async fn revoke_all_for_user(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    keep: Option<Uuid>,
+    reason: &str,
+) -> StoreResult<Vec<Uuid>> {
+    Ok(sqlx::query_scalar::<_, Uuid>(
+        "update sessions set revoked_at = now(), revoked_reason = $3
+          where user_id = $1 and revoked_at is null and ($2::uuid is null or id <> $2)
+          returning id",
+    )
+    .bind(user_id)
+    .bind(keep)
+    .bind(reason)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Every live session id of a user (to drop their cache entries after a role change).
+pub async fn live_ids_for_user(pool: &PgPool, user_id: Uuid) -> StoreResult<Vec<Uuid>> {
+    Ok(sqlx::query_scalar::<_, Uuid>(
+        "select id from sessions where user_id = $1 and revoked_at is null and expires_at > now()",
+    )
+    .bind(user_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A user's live sessions, newest first.
+pub async fn list_live(pool: &PgPool, user_id: Uuid) -> StoreResult<Vec<SessionRow>> {
+    Ok(sqlx::query_as::<_, SessionRow>(
+        "select id, user_id, created_at, last_seen_at, expires_at, ip, user_agent
+           from sessions
+          where user_id = $1 and revoked_at is null and expires_at > now()
+          order by created_at desc, id desc",
+    )
+    .bind(user_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A live session of this user, locked (ending it).
+pub async fn live_of_user_for_update(
+    conn: &mut PgConnection,
+    id: Uuid,
+    user_id: Uuid,
+) -> StoreResult<bool> {
+    Ok(sqlx::query_scalar::<_, Uuid>(
+        "select id from sessions
+          where id = $1 and user_id = $2 and revoked_at is null and expires_at > now()
+          for update",
+    )
+    .bind(id)
+    .bind(user_id)
+    .fetch_optional(conn)
+    .await?
+    .is_some())
+}
