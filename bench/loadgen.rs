@@ -60,6 +60,30 @@ enum Mode {
         #[arg(long)]
         token: String,
     },
+    /// Creates API keys through POST /v1/api-keys (a user's access token) and
+    /// writes them, one per line, to `out`. Not a measurement.
+    SeedKeys {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        #[arg(long)]
+        out: String,
+    },
+    /// Renders the JSON lines of earlier runs as the markdown results table.
+    Report {
+        /// File of JSON lines printed by earlier runs.
+        #[arg(long)]
+        results: String,
+        /// Peak RSS of the service (VmHWM), KiB.
+        #[arg(long)]
+        rss_kib: u64,
+        /// Free-form lines (machine, settings) put above the table.
+        #[arg(long)]
+        note: Vec<String>,
+    },
     /// HTTP GET over keep-alive HTTP/1.1 connections, one per concurrent request.
     Http {
         #[arg(long)]
@@ -100,6 +124,20 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.mode {
+        Mode::SeedKeys {
+            url,
+            token,
+            count,
+            out,
+        } => return seed_keys(url, token, *count, cli.concurrency, out).await,
+        Mode::Report {
+            results,
+            rss_kib,
+            note,
+        } => return report(results, *rss_kib, note),
+        _ => {}
+    }
     let clock = Arc::new(Clock {
         measuring: AtomicBool::new(false),
         stop: AtomicBool::new(false),
@@ -221,6 +259,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }));
             }
         }
+        Mode::SeedKeys { .. } | Mode::Report { .. } => unreachable!("handled above"),
     }
 
     tokio::time::sleep(Duration::from_secs_f64(cli.warmup)).await;
@@ -284,4 +323,128 @@ async fn channels(addr: &str, m: usize) -> anyhow::Result<Vec<Channel>> {
         );
     }
     Ok(out)
+}
+
+/// One keep-alive HTTP/1.1 connection to `uri`'s host.
+async fn http1(
+    uri: &hyper::Uri,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>> {
+    let host = uri.host().unwrap_or("127.0.0.1");
+    let stream = tokio::net::TcpStream::connect((host, uri.port_u16().unwrap_or(80))).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn seed_keys(
+    base: &str,
+    token: &str,
+    count: usize,
+    concurrency: usize,
+    out: &str,
+) -> anyhow::Result<()> {
+    let uri: hyper::Uri = format!("{}/v1/api-keys", base.trim_end_matches('/')).parse()?;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.clamp(1, 32) {
+        let mut sender = http1(&uri).await?;
+        let (uri, token, next) = (uri.clone(), token.to_string(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let mut keys = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                sender.ready().await?;
+                let body = serde_json::json!({
+                    "name": format!("bench-{}", keys.len()),
+                    "scopes": ["orders:read", "market_data:read"],
+                });
+                let req = hyper::Request::post(uri.path())
+                    .header("host", uri.authority().map(|a| a.as_str()).unwrap_or("localhost"))
+                    .header("authorization", format!("Bearer {token}"))
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(Bytes::from(body.to_string())))?;
+                let res = sender.send_request(req).await?;
+                let status = res.status();
+                let bytes = res.into_body().collect().await?.to_bytes();
+                anyhow::ensure!(status.as_u16() == 201, "create key: {status} {bytes:?}");
+                let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+                keys.push(v["key"].as_str().unwrap_or_default().to_string());
+            }
+            anyhow::Ok(keys)
+        }));
+    }
+    let mut all = Vec::with_capacity(count);
+    for w in workers {
+        all.extend(w.await??);
+    }
+    std::fs::write(out, all.join("\n") + "\n")?;
+    eprintln!("seeded {} keys into {out}", all.len());
+    Ok(())
+}
+
+fn report(results: &str, rss_kib: u64, notes: &[String]) -> anyhow::Result<()> {
+    let runs: Vec<serde_json::Value> = std::fs::read_to_string(results)?
+        .lines()
+        .filter(|l| l.trim_start().starts_with('{'))
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let by = |name: &str| runs.iter().find(|r| r["name"] == name);
+    let rps = |name: &str| by(name).and_then(|r| r["rps"].as_f64()).unwrap_or(0.0);
+    let ratio = |a: &str, b: &str| {
+        let d = rps(b);
+        if d > 0.0 {
+            rps(a) / d
+        } else {
+            0.0
+        }
+    };
+    let mut md = String::new();
+    for n in notes {
+        md.push_str(&format!("{n}\n"));
+    }
+    md.push_str("\n| scenario | streams / conns | requests | errors | req/s | p50 µs | p99 µs | p99.9 µs | max µs |\n");
+    md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in &runs {
+        md.push_str(&format!(
+            "| {} | {} / {} | {} | {} | {:.0} | {} | {} | {} | {} |\n",
+            r["name"].as_str().unwrap_or("?"),
+            r["concurrency"],
+            r["connections"],
+            r["requests"],
+            r["errors"],
+            r["rps"].as_f64().unwrap_or(0.0),
+            r["p50_us"],
+            r["p99_us"],
+            r["p999_us"],
+            r["max_us"],
+        ));
+    }
+    let b_over_a = ratio("b_verify_warm", "a_grpc_health");
+    let e_over_d = ratio("e_users_me_api_key", "d_health_live");
+    let p99_b = by("b_verify_warm")
+        .and_then(|r| r["p99_us"].as_u64())
+        .unwrap_or(u64::MAX);
+    let rss_mib = rss_kib as f64 / 1024.0;
+    let mark = |ok: bool| if ok { "met" } else { "MISSED" };
+    md.push_str("\n| target | measured | |\n|---|---:|---|\n");
+    md.push_str(&format!(
+        "| (b)/(a) ≥ 0.8 | {b_over_a:.2} | {} |\n",
+        mark(b_over_a >= 0.8)
+    ));
+    md.push_str(&format!(
+        "| (e)/(d) ≥ 0.7 | {e_over_d:.2} | {} |\n",
+        mark(e_over_d >= 0.7)
+    ));
+    md.push_str(&format!(
+        "| p99 (b) at 64 streams < 2 ms | {:.2} ms | {} |\n",
+        p99_b as f64 / 1000.0,
+        mark(p99_b < 2000)
+    ));
+    md.push_str(&format!(
+        "| peak RSS < 150 MiB | {rss_mib:.1} MiB | {} |\n",
+        mark(rss_mib < 150.0)
+    ));
+    print!("{md}");
+    Ok(())
 }

@@ -99,7 +99,9 @@ async fn create_user(
     password_stdin: bool,
 ) -> anyhow::Result<()> {
     if !password_stdin {
-        anyhow::bail!("pass --password-stdin and write the password to stdin (never on the command line)");
+        anyhow::bail!(
+            "pass --password-stdin and write the password to stdin (never on the command line)"
+        );
     }
     let mut password = String::new();
     std::io::Read::read_to_string(&mut std::io::stdin(), &mut password)?;

@@ -84,7 +84,7 @@ impl App {
             cache.clone(),
             invalidation.clone(),
         )?;
-        let policy = crate::service::policy::PolicyEngine::new(db.clone());
+        let policy = crate::service::policy::PolicyEngine::new(db.clone(), &invalidation);
         let accounts = crate::service::accounts::AccountsService::new(
             db.clone(),
             key_ring,

@@ -89,7 +89,10 @@ fn pem_blocks(text: &str, label: &str) -> anyhow::Result<Vec<Vec<u8>>> {
         let stop = after
             .find(&end)
             .ok_or_else(|| anyhow::anyhow!("unterminated PEM block {label}"))?;
-        let b64: String = after[..stop].chars().filter(|c| !c.is_whitespace()).collect();
+        let b64: String = after[..stop]
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
         out.push(
             STANDARD
                 .decode(b64)
@@ -257,19 +260,37 @@ mod tests {
     #[test]
     fn round_trip_and_type_is_checked() {
         let k = keys();
-        let c = k.claims(TokenType::Access, "u".into(), Duration::from_secs(60), Some("s".into()), None);
+        let c = k.claims(
+            TokenType::Access,
+            "u".into(),
+            Duration::from_secs(60),
+            Some("s".into()),
+            None,
+        );
         let t = k.sign(&c).unwrap();
         assert_eq!(k.verify(&t, TokenType::Access).unwrap().sub, "u");
-        assert_eq!(k.verify(&t, TokenType::Service).unwrap_err(), JwtError::Invalid);
+        assert_eq!(
+            k.verify(&t, TokenType::Service).unwrap_err(),
+            JwtError::Invalid
+        );
         assert_eq!(k.jwks()["keys"][0]["kid"], k.kid());
     }
 
     #[test]
     fn expired_is_told_apart() {
         let k = keys();
-        let mut c = k.claims(TokenType::Access, "u".into(), Duration::from_secs(60), None, None);
+        let mut c = k.claims(
+            TokenType::Access,
+            "u".into(),
+            Duration::from_secs(60),
+            None,
+            None,
+        );
         c.exp = now_secs() - 120;
         let t = k.sign(&c).unwrap();
-        assert_eq!(k.verify(&t, TokenType::Access).unwrap_err(), JwtError::Expired);
+        assert_eq!(
+            k.verify(&t, TokenType::Access).unwrap_err(),
+            JwtError::Expired
+        );
     }
 }

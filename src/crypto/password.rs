@@ -74,7 +74,11 @@ impl PasswordHasher {
     /// Whether `password` matches `hash`; with no hash (unknown user, no password
     /// set) it verifies against the dummy hash and answers false.
     #[tracing::instrument(skip_all)]
-    pub async fn verify(&self, password: SecretString, hash: Option<String>) -> anyhow::Result<bool> {
+    pub async fn verify(
+        &self,
+        password: SecretString,
+        hash: Option<String>,
+    ) -> anyhow::Result<bool> {
         self.run(move || {
             let known = hash.is_some();
             let phc = hash.unwrap_or_else(|| dummy_hash().to_string());
@@ -98,10 +102,28 @@ mod tests {
     #[tokio::test]
     async fn hashes_with_owasp_parameters_and_verifies() {
         let h = PasswordHasher::new(Some(1));
-        let hash = h.hash(SecretString::from("correct horse battery")).await.unwrap();
-        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
-        assert!(h.verify(SecretString::from("correct horse battery"), Some(hash.clone())).await.unwrap());
-        assert!(!h.verify(SecretString::from("wrong"), Some(hash)).await.unwrap());
-        assert!(!h.verify(SecretString::from("anything"), None).await.unwrap());
+        let hash = h
+            .hash(SecretString::from("correct horse battery"))
+            .await
+            .unwrap();
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{hash}"
+        );
+        assert!(h
+            .verify(
+                SecretString::from("correct horse battery"),
+                Some(hash.clone())
+            )
+            .await
+            .unwrap());
+        assert!(!h
+            .verify(SecretString::from("wrong"), Some(hash))
+            .await
+            .unwrap());
+        assert!(!h
+            .verify(SecretString::from("anything"), None)
+            .await
+            .unwrap());
     }
 }

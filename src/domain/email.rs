@@ -61,13 +61,23 @@ mod tests {
         let e = Email::parse("  Alice@Example.COM ").unwrap();
         assert_eq!(e.as_str(), "alice@example.com");
         // Fullwidth letters (NFKC) fold to ASCII.
-        assert_eq!(Email::parse("ＢＯＢ@example.com").unwrap().as_str(), "bob@example.com");
+        assert_eq!(
+            Email::parse("ＢＯＢ@example.com").unwrap().as_str(),
+            "bob@example.com"
+        );
         assert_eq!(e.local_part(), "alice");
     }
 
     #[test]
     fn refuses_malformed() {
-        for bad in ["", "no-at", "@example.com", "a@b", "a b@example.com", "a@example..com"] {
+        for bad in [
+            "",
+            "no-at",
+            "@example.com",
+            "a@b",
+            "a b@example.com",
+            "a@example..com",
+        ] {
             assert!(Email::parse(bad).is_err(), "{bad}");
         }
     }

@@ -99,14 +99,22 @@ mod tests {
     #[test]
     fn policy_reasons() {
         let e = email();
-        let err = |p: &str| Password::new_for(p.into(), 12, &e, &[]).err().map(|e| e.code);
+        let err = |p: &str| {
+            Password::new_for(p.into(), 12, &e, &[])
+                .err()
+                .map(|e| e.code)
+        };
         assert_eq!(err("short"), Some("too_short"));
         assert_eq!(err("passwordpassword"), Some("too_weak"));
         assert_eq!(err("xX alice.smith 9q!vz Lm"), Some("contains_email"));
         assert_eq!(err(&"a".repeat(257)), Some("too_long"));
         assert_eq!(err("violet-tunnel-orbit-97-marsh"), None);
         // 64 characters (and no composition rule) is fine.
-        let long: String = "correct horse battery staple ".repeat(3).chars().take(64).collect();
+        let long: String = "correct horse battery staple "
+            .repeat(3)
+            .chars()
+            .take(64)
+            .collect();
         assert_eq!(err(&long), None);
     }
 }

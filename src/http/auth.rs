@@ -41,7 +41,7 @@ impl FromRequestParts<AppState> for Authenticated {
 
         if let Some(value) = parts.headers.get(AUTHORIZATION) {
             let token = bearer_token(value).ok_or(ServiceError::InvalidToken)?;
-            let grant = state.identity.verify_access_token(token).await?;
+            let grant = state.identity.verify_access_token(token).await??;
             return Ok(Authenticated(grant.caller()));
         }
         if let Some(cookie) = cookie_value(parts, state.settings.session_cookie_name()) {

@@ -1,6 +1,5 @@
 //! /v1/auth/* and the JWKS document: translate wire bodies, call `Identity`.
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -129,16 +128,14 @@ async fn refresh(
         cookie_value(&parts, state.settings.session_cookie_name())
             .ok_or(ServiceError::InvalidToken)?
     } else {
-        parse_json::<RefreshBody>(&bytes)?.refresh_token
+        serde_json::from_slice::<RefreshBody>(&bytes)
+            .map_err(|e| {
+                Problem::validation(vec![FieldError::new("body", "invalid", e.to_string())])
+            })?
+            .refresh_token
     };
     let tokens = state.identity.refresh(&meta, &token).await?;
     Ok(token_response(&state, tokens))
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, Problem> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        Problem::validation(vec![FieldError::new("body", "invalid", e.to_string())])
-    })
 }
 
 async fn logout(

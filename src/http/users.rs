@@ -44,7 +44,10 @@ async fn update_me(
     Json(body): Json<UpdateMe>,
 ) -> Result<axum::Json<User>, ServiceError> {
     Ok(axum::Json(
-        state.identity.update_me(&caller, &meta, body.full_name).await?,
+        state
+            .identity
+            .update_me(&caller, &meta, body.full_name)
+            .await?,
     ))
 }
 

@@ -157,8 +157,15 @@ impl Identity {
         let (Some(email), Some(name), Some(password)) = (email, name, password) else {
             return Err(ServiceError::Validation(errors));
         };
-        self.create_user(meta, CreatedBy::SignUp, &email, &name, password.into_secret(), &["user".into()])
-            .await
+        self.create_user(
+            meta,
+            CreatedBy::SignUp,
+            &email,
+            &name,
+            password.into_secret(),
+            &["user".into()],
+        )
+        .await
     }
 
     /// `admin create-user`: an operator creates a user (the first admin) under the
@@ -171,17 +178,36 @@ impl Identity {
         password: String,
         roles: &[String],
     ) -> ServiceResult<User> {
-        let email = Email::parse(email).map_err(|m| ServiceError::validation("email", "invalid", m))?;
+        let email =
+            Email::parse(email).map_err(|m| ServiceError::validation("email", "invalid", m))?;
         let name = full_name_of(full_name)?;
         let password = self.parse_new_password(password, &email, &name)?;
-        let mut roles = if roles.is_empty() { vec!["user".to_string()] } else { roles.to_vec() };
+        let mut roles = if roles.is_empty() {
+            vec!["user".to_string()]
+        } else {
+            roles.to_vec()
+        };
         roles.sort();
         roles.dedup();
-        if let Some(bad) = roles.iter().find(|r| !crate::domain::user::ROLES.contains(&r.as_str())) {
-            return Err(ServiceError::validation("role", "unknown_role", format!("unknown role {bad}")));
+        if let Some(bad) = roles
+            .iter()
+            .find(|r| !crate::domain::user::ROLES.contains(&r.as_str()))
+        {
+            return Err(ServiceError::validation(
+                "role",
+                "unknown_role",
+                format!("unknown role {bad}"),
+            ));
         }
-        self.create_user(&RequestMeta::default(), CreatedBy::Operator, &email, &name, password.into_secret(), &roles)
-            .await
+        self.create_user(
+            &RequestMeta::default(),
+            CreatedBy::Operator,
+            &email,
+            &name,
+            password.into_secret(),
+            &roles,
+        )
+        .await
     }
 
     /// Creates a user (sign-up or operator) with its audit row in one transaction.
@@ -264,7 +290,9 @@ impl Identity {
         email: &str,
         password: String,
     ) -> ServiceResult<LoginTokens> {
-        let password = Password::candidate(password).map_err(password_error)?.into_secret();
+        let password = Password::candidate(password)
+            .map_err(password_error)?
+            .into_secret();
         if self.settings.login_ip_max_per_minute > 0 {
             if let Some(ip) = meta.ip {
                 let (n, ttl) = self
@@ -285,7 +313,10 @@ impl Identity {
         // burst cannot evaluate more than the limit.
         let key = Self::lockout_key(email.as_str());
         let (n, _) = self
-            .count_attempt(&key, Duration::from_secs(self.settings.login_lockout_seconds))
+            .count_attempt(
+                &key,
+                Duration::from_secs(self.settings.login_lockout_seconds),
+            )
             .await;
         let max = i64::from(self.settings.login_max_attempts);
         let record = users::by_email(&self.db.pool, email.as_str()).await?;
@@ -339,8 +370,8 @@ impl Identity {
 
         let session_id = Uuid::now_v7();
         let refresh = new_refresh_token();
-        let expires_at =
-            chrono::Utc::now() + chrono::Duration::seconds(self.settings.refresh_token_ttl_seconds as i64);
+        let expires_at = chrono::Utc::now()
+            + chrono::Duration::seconds(self.settings.refresh_token_ttl_seconds as i64);
         let mut tx = self.db.begin().await?;
         sessions::create(
             &mut tx,
@@ -373,7 +404,12 @@ impl Identity {
         self.tokens_for(user, session_id, refresh)
     }
 
-    fn tokens_for(&self, user: User, session_id: Uuid, refresh: String) -> ServiceResult<LoginTokens> {
+    fn tokens_for(
+        &self,
+        user: User,
+        session_id: Uuid,
+        refresh: String,
+    ) -> ServiceResult<LoginTokens> {
         let ttl = self.settings.access_token_ttl_seconds;
         let claims = self.jwt.claims(
             TokenType::Access,
@@ -394,7 +430,11 @@ impl Identity {
     /// Rotates a refresh token. Presenting one already used is reuse: the whole
     /// session ends, since either the client or a thief holds a stolen copy.
     #[tracing::instrument(skip_all)]
-    pub async fn refresh(&self, meta: &RequestMeta, refresh_token: &str) -> ServiceResult<LoginTokens> {
+    pub async fn refresh(
+        &self,
+        meta: &RequestMeta,
+        refresh_token: &str,
+    ) -> ServiceResult<LoginTokens> {
         if refresh_token.is_empty() || refresh_token.len() > 256 {
             return Err(ServiceError::InvalidToken);
         }
@@ -434,8 +474,13 @@ impl Identity {
             .into_user();
         sessions::mark_refresh_used(&mut tx, row.id).await?;
         let refresh = new_refresh_token();
-        sessions::insert_refresh_token(&mut tx, row.session_id, &sha256(&refresh), row.session_expires_at)
-            .await?;
+        sessions::insert_refresh_token(
+            &mut tx,
+            row.session_id,
+            &sha256(&refresh),
+            row.session_expires_at,
+        )
+        .await?;
         tx.commit().await.map_err(crate::store::StoreError::from)?;
         self.tokens_for(user, row.session_id, refresh)
     }
@@ -590,9 +635,12 @@ impl Identity {
         let id = service_clients::insert(&mut tx, client_id, client_id, scopes, &hash).await?;
         audit::insert(
             &mut tx,
-            &by_or_system(AuditEntry::new("service_client.created", Outcome::Success), actor)
-                .target("service_client", client_id)
-                .details(serde_json::json!({ "id": id, "scopes": scopes })),
+            &by_or_system(
+                AuditEntry::new("service_client.created", Outcome::Success),
+                actor,
+            )
+            .target("service_client", client_id)
+            .details(serde_json::json!({ "id": id, "scopes": scopes })),
         )
         .await?;
         tx.commit().await.map_err(crate::store::StoreError::from)?;

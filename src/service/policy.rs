@@ -2,26 +2,78 @@
 //! policies, a service client's scopes; deny wins, default deny, and every answer
 //! names the rule that decided.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use uuid::Uuid;
 
+use super::invalidation::{Change, Invalidation};
 use super::{Caller, ServiceError, ServiceResult};
-use crate::domain::policy::{self, parse_action, Decision, Resource, Subject};
+use crate::domain::policy::{self, parse_action, Decision, Policy, Resource, Subject};
 use crate::store::{self, Db};
+
+/// Bounds staleness on a replica that missed an invalidation (Redis down); role
+/// and status changes publish `Change::User`, which drops the entry everywhere.
+const POLICY_CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// A user's policies; `None` for an unknown or disabled user.
+type UserPolicies = Option<Arc<Vec<Policy>>>;
 
 #[derive(Clone)]
 pub struct PolicyEngine {
     db: Db,
+    users: moka::future::Cache<Uuid, UserPolicies>,
+    /// Bumped by every invalidation; a load that overlaps one is not cached.
+    epoch: Arc<AtomicU64>,
 }
 
 impl PolicyEngine {
-    pub fn new(db: Db) -> Self {
-        Self { db }
+    pub fn new(db: Db, invalidation: &Invalidation) -> Self {
+        let users: moka::future::Cache<Uuid, UserPolicies> = moka::future::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(POLICY_CACHE_TTL)
+            .support_invalidation_closures()
+            .build();
+        let epoch = Arc::new(AtomicU64::new(0));
+        {
+            let (users, epoch) = (users.clone(), epoch.clone());
+            invalidation.on_change(move |change| {
+                epoch.fetch_add(1, Ordering::SeqCst);
+                match change {
+                    Change::User(id) => {
+                        // Fails only without invalidation closures, enabled above.
+                        let _ = users.invalidate_entries_if(move |k, _| *k == id);
+                    }
+                    Change::Everything => users.invalidate_all(),
+                    Change::ApiKey(_) | Change::Account(_) => {}
+                }
+            });
+        }
+        Self { db, users, epoch }
+    }
+
+    async fn user_policies(&self, user_id: Uuid) -> ServiceResult<UserPolicies> {
+        if let Some(hit) = self.users.get(&user_id).await {
+            metrics::counter!("policy_cache_total", "result" => "hit").increment(1);
+            return Ok(hit);
+        }
+        metrics::counter!("policy_cache_total", "result" => "miss").increment(1);
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let loaded = store::policies::for_user(&self.db.pool, user_id)
+            .await?
+            .map(Arc::new);
+        if self.epoch.load(Ordering::SeqCst) == epoch {
+            self.users.insert(user_id, loaded.clone()).await;
+        }
+        Ok(loaded)
     }
 
     /// The scopes a user's roles grant: allowed actions minus denied ones. Empty
     /// for an unknown or disabled user.
     pub async fn user_scopes(&self, user_id: Uuid) -> ServiceResult<Vec<String>> {
-        Ok(store::policies::for_user(&self.db.pool, user_id)
+        Ok(self
+            .user_policies(user_id)
             .await?
             .map(|ps| policy::granted_scopes(&ps))
             .unwrap_or_default())
@@ -74,7 +126,7 @@ impl PolicyEngine {
         resource: &Resource,
     ) -> ServiceResult<Decision> {
         match subject {
-            Subject::User(id) => Ok(match store::policies::for_user(&self.db.pool, *id).await? {
+            Subject::User(id) => Ok(match self.user_policies(*id).await? {
                 Some(policies) => policy::evaluate(&policies, action, resource),
                 None => Decision::default_deny(),
             }),

@@ -53,12 +53,15 @@ fn encode_cursor(t: DateTime<Utc>, id: Uuid) -> String {
 }
 
 fn decode_cursor(c: &str) -> ServiceResult<(DateTime<Utc>, Uuid)> {
-    let bad = || ServiceError::validation("cursor", "invalid", "cursor is not one this service issued");
+    let bad =
+        || ServiceError::validation("cursor", "invalid", "cursor is not one this service issued");
     let raw = URL_SAFE_NO_PAD.decode(c).map_err(|_| bad())?;
     let raw = String::from_utf8(raw).map_err(|_| bad())?;
     let (t, id) = raw.split_once('|').ok_or_else(bad)?;
     Ok((
-        DateTime::parse_from_rfc3339(t).map_err(|_| bad())?.with_timezone(&Utc),
+        DateTime::parse_from_rfc3339(t)
+            .map_err(|_| bad())?
+            .with_timezone(&Utc),
         id.parse().map_err(|_| bad())?,
     ))
 }
@@ -103,7 +106,8 @@ impl Identity {
 
     /// A user by id, for service clients holding `users:read`.
     pub async fn get_user(&self, caller: &Caller, id: Uuid) -> ServiceResult<User> {
-        if !matches!(caller, Caller::ServiceClient { .. }) || !caller.key_allows_scope("users:read") {
+        if !matches!(caller, Caller::ServiceClient { .. }) || !caller.key_allows_scope("users:read")
+        {
             return Err(ServiceError::Forbidden("scope users:read required".into()));
         }
         users::get(&self.db.pool, id)
@@ -159,13 +163,17 @@ impl Identity {
         let record = users::get(&self.db.pool, user_id)
             .await?
             .ok_or(ServiceError::InvalidToken)?;
-        let email = Email::parse(&record.email).map_err(|m| ServiceError::internal(anyhow::anyhow!(m)))?;
+        let email =
+            Email::parse(&record.email).map_err(|m| ServiceError::internal(anyhow::anyhow!(m)))?;
         let new = self.parse_new_password(new_password, &email, &record.full_name)?;
         // The current-password check counts against the same lockout as login, so
         // a stolen token cannot be used to guess the password.
         let key = format!("login:fail:{}", email.as_str());
         let (n, _) = self
-            .count_attempt(&key, std::time::Duration::from_secs(self.settings.login_lockout_seconds))
+            .count_attempt(
+                &key,
+                std::time::Duration::from_secs(self.settings.login_lockout_seconds),
+            )
             .await;
         let ok = n <= i64::from(self.settings.login_max_attempts)
             && self
@@ -189,7 +197,9 @@ impl Identity {
         let mut tx = self.db.begin().await?;
         users::lock(&mut tx, user_id).await?;
         users::set_password_hash(&mut tx, user_id, &hash).await?;
-        let ended = sessions::revoke_all_for_user(&mut tx, user_id, current_session, "password_changed").await?;
+        let ended =
+            sessions::revoke_all_for_user(&mut tx, user_id, current_session, "password_changed")
+                .await?;
         audit::insert(
             &mut tx,
             &AuditEntry::new("user.password.changed", Outcome::Success)
@@ -201,8 +211,13 @@ impl Identity {
         .await?;
         tx.commit().await.map_err(tx_err)?;
         for sid in ended {
-            self.cache_session(sid, &SessionState::Revoked { reason: "password_changed".into() })
-                .await;
+            self.cache_session(
+                sid,
+                &SessionState::Revoked {
+                    reason: "password_changed".into(),
+                },
+            )
+            .await;
         }
         self.invalidation.user_changed(user_id).await;
         Ok(())
@@ -230,7 +245,12 @@ impl Identity {
     }
 
     /// Ends one of the caller's own sessions; another user's is "not found".
-    pub async fn end_session(&self, caller: &Caller, meta: &RequestMeta, sid: Uuid) -> ServiceResult<()> {
+    pub async fn end_session(
+        &self,
+        caller: &Caller,
+        meta: &RequestMeta,
+        sid: Uuid,
+    ) -> ServiceResult<()> {
         let (user_id, _) = session_user(caller)?;
         let mut tx = self.db.begin().await?;
         if !sessions::live_of_user_for_update(&mut tx, sid, user_id).await? {
@@ -246,13 +266,22 @@ impl Identity {
         )
         .await?;
         tx.commit().await.map_err(tx_err)?;
-        self.cache_session(sid, &SessionState::Revoked { reason: "ended".into() })
-            .await;
+        self.cache_session(
+            sid,
+            &SessionState::Revoked {
+                reason: "ended".into(),
+            },
+        )
+        .await;
         Ok(())
     }
 
     /// Admin: users filtered by email substring and status, newest first.
-    pub async fn admin_list_users(&self, caller: &Caller, f: UserFilter) -> ServiceResult<Page<User>> {
+    pub async fn admin_list_users(
+        &self,
+        caller: &Caller,
+        f: UserFilter,
+    ) -> ServiceResult<Page<User>> {
         require_admin(caller)?;
         let limit = f.limit.unwrap_or(DEFAULT_LIMIT);
         if !(1..=MAX_LIMIT).contains(&limit) {
@@ -264,12 +293,17 @@ impl Identity {
         }
         if let Some(s) = f.status.as_deref() {
             if !["active", "disabled"].contains(&s) {
-                return Err(ServiceError::validation("status", "invalid", "status must be active or disabled"));
+                return Err(ServiceError::validation(
+                    "status",
+                    "invalid",
+                    "status must be active or disabled",
+                ));
             }
         }
         let after = f.cursor.as_deref().map(decode_cursor).transpose()?;
         let email = f.email.as_deref().map(str::trim).filter(|s| !s.is_empty());
-        let mut rows = users::list(&self.db.pool, email, f.status.as_deref(), after, limit + 1).await?;
+        let mut rows =
+            users::list(&self.db.pool, email, f.status.as_deref(), after, limit + 1).await?;
         let next_cursor = if rows.len() as i64 > limit {
             rows.truncate(limit as usize);
             rows.last().map(|u| encode_cursor(u.created_at, u.id))
@@ -295,7 +329,11 @@ impl Identity {
         let mut errors = Vec::new();
         if let Some(s) = change.status.as_deref() {
             if !["active", "disabled"].contains(&s) {
-                errors.push(FieldError::new("status", "invalid", "status must be active or disabled"));
+                errors.push(FieldError::new(
+                    "status",
+                    "invalid",
+                    "status must be active or disabled",
+                ));
             }
         }
         let roles = change.roles.map(|mut r| {
@@ -305,7 +343,11 @@ impl Identity {
         });
         if let Some(r) = &roles {
             if let Some(bad) = r.iter().find(|r| !ROLES.contains(&r.as_str())) {
-                errors.push(FieldError::new("roles", "unknown_role", format!("unknown role {bad}")));
+                errors.push(FieldError::new(
+                    "roles",
+                    "unknown_role",
+                    format!("unknown role {bad}"),
+                ));
             }
         }
         if !errors.is_empty() {
@@ -313,7 +355,9 @@ impl Identity {
         }
         if caller.user_id() == Some(id)
             && (change.status.as_deref() == Some("disabled")
-                || roles.as_ref().is_some_and(|r| !r.iter().any(|x| x == "admin")))
+                || roles
+                    .as_ref()
+                    .is_some_and(|r| !r.iter().any(|x| x == "admin")))
         {
             return Err(ServiceError::Forbidden(
                 "admins cannot disable themselves or drop their own admin role".into(),
@@ -327,11 +371,17 @@ impl Identity {
         let mut details = serde_json::Map::new();
         if let Some(s) = change.status.as_deref().filter(|s| *s != before.status) {
             users::set_status(&mut tx, id, s).await?;
-            details.insert("status".into(), serde_json::json!({ "from": before.status, "to": s }));
+            details.insert(
+                "status".into(),
+                serde_json::json!({ "from": before.status, "to": s }),
+            );
         }
         if let Some(r) = roles.as_ref().filter(|r| **r != before.roles) {
             users::set_roles(&mut tx, id, r).await?;
-            details.insert("roles".into(), serde_json::json!({ "from": before.roles, "to": r }));
+            details.insert(
+                "roles".into(),
+                serde_json::json!({ "from": before.roles, "to": r }),
+            );
         }
         let disabled = change.status.as_deref() == Some("disabled") && before.status != "disabled";
         let ended = if disabled {
@@ -358,8 +408,13 @@ impl Identity {
         tx.commit().await.map_err(tx_err)?;
 
         for sid in &ended {
-            self.cache_session(*sid, &SessionState::Revoked { reason: "user_disabled".into() })
-                .await;
+            self.cache_session(
+                *sid,
+                &SessionState::Revoked {
+                    reason: "user_disabled".into(),
+                },
+            )
+            .await;
         }
         if !details.is_empty() {
             // Cached session roles and other replicas' API-key caches.

@@ -15,7 +15,10 @@ pub struct ServiceClientRecord {
     pub status: String,
 }
 
-pub async fn by_client_id(pool: &PgPool, client_id: &str) -> StoreResult<Option<ServiceClientRecord>> {
+pub async fn by_client_id(
+    pool: &PgPool,
+    client_id: &str,
+) -> StoreResult<Option<ServiceClientRecord>> {
     Ok(sqlx::query_as::<_, ServiceClientRecord>(
         "select id, client_id, name, scopes, secret_hash, status from service_clients where client_id = $1",
     )
@@ -47,7 +50,11 @@ pub async fn insert(
 }
 
 /// Replaces the secret; returns false for an unknown client.
-pub async fn set_secret(conn: &mut PgConnection, client_id: &str, secret_hash: &str) -> StoreResult<bool> {
+pub async fn set_secret(
+    conn: &mut PgConnection,
+    client_id: &str,
+    secret_hash: &str,
+) -> StoreResult<bool> {
     let n = sqlx::query(
         "update service_clients set secret_hash = $2, secret_rotated_at = now(), updated_at = now()
           where client_id = $1",
@@ -62,5 +69,7 @@ pub async fn set_secret(conn: &mut PgConnection, client_id: &str, secret_hash: &
 
 /// Scopes a service client may be given: the catalog plus the service scopes.
 pub async fn known_scopes(pool: &PgPool) -> StoreResult<Vec<String>> {
-    Ok(sqlx::query_scalar::<_, String>("select name from scopes").fetch_all(pool).await?)
+    Ok(sqlx::query_scalar::<_, String>("select name from scopes")
+        .fetch_all(pool)
+        .await?)
 }

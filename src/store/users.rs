@@ -53,13 +53,15 @@ pub async fn insert(
         .execute(&mut *conn)
         .await?;
     set_roles(&mut *conn, id, roles).await?;
-    by_id(conn, id)
-        .await?
-        .ok_or(StoreError::NotFound("user"))
+    by_id(conn, id).await?.ok_or(StoreError::NotFound("user"))
 }
 
 /// Replaces the user's roles; unknown role names are ignored (the caller checks).
-pub async fn set_roles(conn: &mut PgConnection, user_id: Uuid, roles: &[String]) -> StoreResult<()> {
+pub async fn set_roles(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    roles: &[String],
+) -> StoreResult<()> {
     sqlx::query("delete from user_roles where user_id = $1")
         .bind(user_id)
         .execute(&mut *conn)
@@ -84,17 +86,21 @@ pub async fn by_email(pool: &PgPool, email: &str) -> StoreResult<Option<UserReco
 }
 
 pub async fn by_id(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<UserRecord>> {
-    Ok(sqlx::query_as::<_, UserRecord>(&format!("{SELECT} where u.id = $1"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+    Ok(
+        sqlx::query_as::<_, UserRecord>(&format!("{SELECT} where u.id = $1"))
+            .bind(id)
+            .fetch_optional(conn)
+            .await?,
+    )
 }
 
 pub async fn get(pool: &PgPool, id: Uuid) -> StoreResult<Option<UserRecord>> {
-    Ok(sqlx::query_as::<_, UserRecord>(&format!("{SELECT} where u.id = $1"))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?)
+    Ok(
+        sqlx::query_as::<_, UserRecord>(&format!("{SELECT} where u.id = $1"))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?,
+    )
 }
 
 /// Locks the row for the rest of the transaction (password change, admin edits).

@@ -15,7 +15,10 @@ use user_service::proto::{GetUserRequest, VerifyReason, VerifyTokenRequest};
 use crate::helpers::{assert_problem, test_vars, TestApp, STRONG_PASSWORD};
 
 fn email() -> String {
-    format!("u{}@example.com", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "u{}@example.com",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 async fn get_bearer(app: &TestApp, path: &str, token: &str) -> reqwest::Response {
@@ -87,14 +90,18 @@ async fn register_login_and_me() {
         .fetch_one(&app.db)
         .await
         .unwrap();
-    assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+    assert!(
+        hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{hash}"
+    );
     assert_eq!(audit_count(&app, "auth.register").await, 1);
     assert_eq!(audit_count(&app, "auth.login.succeeded").await, 1);
     // No secret in any audit row.
-    let rows: Vec<String> = sqlx::query_scalar("select details::text || coalesce(user_agent,'') from audit_logs")
-        .fetch_all(&app.db)
-        .await
-        .unwrap();
+    let rows: Vec<String> =
+        sqlx::query_scalar("select details::text || coalesce(user_agent,'') from audit_logs")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
     for r in rows {
         assert!(!r.contains(STRONG_PASSWORD) && !r.contains("argon2"), "{r}");
     }
@@ -121,7 +128,10 @@ async fn login_sets_the_session_cookie_which_authenticates() {
     let e = email();
     app.register(&e, STRONG_PASSWORD).await;
     let res = app
-        .post_json("/v1/auth/login", &json!({"email": e, "password": STRONG_PASSWORD}))
+        .post_json(
+            "/v1/auth/login",
+            &json!({"email": e, "password": STRONG_PASSWORD}),
+        )
         .await;
     assert_eq!(res.status(), 200);
     let cookie = res.headers()["set-cookie"].to_str().unwrap().to_string();
@@ -146,16 +156,27 @@ async fn login_sets_the_session_cookie_which_authenticates() {
     let res = login_raw(&secure, &e, STRONG_PASSWORD).await;
     let cookie = res.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(cookie.starts_with("__Host-sb_session="), "{cookie}");
-    assert!(cookie.contains("; Secure") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
 }
 
 #[tokio::test]
 async fn missing_or_bad_credentials_are_401_invalid_token() {
     let app = TestApp::spawn().await;
     let res = app.get("/v1/users/me").await;
-    assert_eq!(res.headers()["www-authenticate"], "Bearer error=\"invalid_token\"");
+    assert_eq!(
+        res.headers()["www-authenticate"],
+        "Bearer error=\"invalid_token\""
+    );
     assert_problem(res, 401, "invalid_token").await;
-    for auth in ["Bearer", "Bearer garbage", "Basic dXNlcjpwdw==", "Bearer a.b.c"] {
+    for auth in [
+        "Bearer",
+        "Bearer garbage",
+        "Basic dXNlcjpwdw==",
+        "Bearer a.b.c",
+    ] {
         let res = reqwest::Client::new()
             .get(app.url("/v1/users/me"))
             .header("authorization", auth)
@@ -189,11 +210,12 @@ async fn service_token_by_form_or_json_and_invalid_client() {
     assert_eq!(body["expires_in"], 300);
     assert_eq!(body["scope"], "auth:verify users:read");
     // The secret is stored only as an argon2id hash.
-    let hash: String = sqlx::query_scalar("select secret_hash from service_clients where client_id = $1")
-        .bind(&client_id)
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
+    let hash: String =
+        sqlx::query_scalar("select secret_hash from service_clients where client_id = $1")
+            .bind(&client_id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
     assert!(hash.starts_with("$argon2id$") && !hash.contains(&secret));
 
     for (id, s) in [
@@ -203,7 +225,11 @@ async fn service_token_by_form_or_json_and_invalid_client() {
     ] {
         let res = reqwest::Client::new()
             .post(app.url("/v1/auth/token"))
-            .form(&[("grant_type", "client_credentials"), ("client_id", id), ("client_secret", s)])
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", id),
+                ("client_secret", s),
+            ])
             .send()
             .await
             .unwrap();
@@ -211,7 +237,11 @@ async fn service_token_by_form_or_json_and_invalid_client() {
     }
     let res = reqwest::Client::new()
         .post(app.url("/v1/auth/token"))
-        .form(&[("grant_type", "password"), ("client_id", &client_id), ("client_secret", &secret)])
+        .form(&[
+            ("grant_type", "password"),
+            ("client_id", &client_id),
+            ("client_secret", &secret),
+        ])
         .send()
         .await
         .unwrap();
@@ -250,7 +280,13 @@ async fn grpc_requires_a_service_token_with_the_method_scope() {
     let mut client = UserServiceClient::new(app.grpc_with_token(&good).await);
     // Twice: the second call is served from the verified-token cache.
     for _ in 0..2 {
-        let user = client.get_user(req()).await.unwrap().into_inner().user.unwrap();
+        let user = client
+            .get_user(req())
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
         assert_eq!(user.id, user_id.to_string());
         assert_eq!(user.roles, vec!["user".to_string()]);
         assert_eq!(user.status, "active");
@@ -272,7 +308,9 @@ async fn token_is_refused_right_after_logout_on_rest_and_verify_token() {
     let mut grpc = AuthServiceClient::new(app.grpc_with_token(&svc).await);
 
     let ok = grpc
-        .verify_token(VerifyTokenRequest { token: access.clone() })
+        .verify_token(VerifyTokenRequest {
+            token: access.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -293,7 +331,9 @@ async fn token_is_refused_right_after_logout_on_rest_and_verify_token() {
     let res = get_bearer(&app, "/v1/users/me", &access).await;
     assert_problem(res, 401, "invalid_token").await;
     let after = grpc
-        .verify_token(VerifyTokenRequest { token: access.clone() })
+        .verify_token(VerifyTokenRequest {
+            token: access.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -303,7 +343,9 @@ async fn token_is_refused_right_after_logout_on_rest_and_verify_token() {
 
     // Garbage is an answer, not an RPC error.
     let garbage = grpc
-        .verify_token(VerifyTokenRequest { token: "nope".into() })
+        .verify_token(VerifyTokenRequest {
+            token: "nope".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -323,7 +365,10 @@ async fn logout_is_seen_by_another_replica_at_once() {
     );
     let second = TestApp::spawn_vars(vars).await;
     // The second replica has cached the session as live.
-    assert_eq!(get_bearer(&second, "/v1/users/me", &access).await.status(), 200);
+    assert_eq!(
+        get_bearer(&second, "/v1/users/me", &access).await.status(),
+        200
+    );
     let res = reqwest::Client::new()
         .post(first.url("/v1/auth/logout"))
         .bearer_auth(&access)
@@ -379,9 +424,17 @@ async fn tampered_tokens_are_refused() {
     // Control: our own re-signing of the untouched claims is accepted, so each
     // refusal below is about the one thing changed.
     let control = sign_ed(ed_header(&kid), &claims);
-    assert_eq!(get_bearer(&app, "/v1/users/me", &control).await.status(), 200);
+    assert_eq!(
+        get_bearer(&app, "/v1/users/me", &control).await.status(),
+        200
+    );
 
-    let jwks: Value = app.get("/.well-known/jwks.json").await.json().await.unwrap();
+    let jwks: Value = app
+        .get("/.well-known/jwks.json")
+        .await
+        .json()
+        .await
+        .unwrap();
     let x = jwks["keys"][0]["x"].as_str().unwrap().to_string();
     assert_eq!(jwks["keys"][0]["kid"], kid);
     assert_eq!(jwks["keys"][0]["alg"], "EdDSA");
@@ -396,7 +449,11 @@ async fn tampered_tokens_are_refused() {
         // alg none, no signature.
         (
             "alg none",
-            format!("{}.{}.", b64json(&json!({"alg": "none", "typ": "JWT", "kid": kid})), b64json(&claims)),
+            format!(
+                "{}.{}.",
+                b64json(&json!({"alg": "none", "typ": "JWT", "kid": kid})),
+                b64json(&claims)
+            ),
         ),
         // HS256 "signed" with the public key as the HMAC secret.
         ("hs256 with public key", {
@@ -406,7 +463,9 @@ async fn tampered_tokens_are_refused() {
             };
             let mut out = Vec::new();
             for secret in [x.as_bytes().to_vec(), URL_SAFE_NO_PAD.decode(&x).unwrap()] {
-                out.push(jsonwebtoken::encode(&h, &claims, &EncodingKey::from_secret(&secret)).unwrap());
+                out.push(
+                    jsonwebtoken::encode(&h, &claims, &EncodingKey::from_secret(&secret)).unwrap(),
+                );
             }
             out.join("|")
         }),
@@ -422,11 +481,26 @@ async fn tampered_tokens_are_refused() {
             h.x5u = Some("https://attacker.example/cert.pem".into());
             sign_ed(h, &claims)
         }),
-        ("expired", sign_ed(ed_header(&kid), &with("exp", json!(now - 120)))),
-        ("not yet valid", sign_ed(ed_header(&kid), &with("nbf", json!(now + 600)))),
-        ("wrong audience", sign_ed(ed_header(&kid), &with("aud", json!("someone-else")))),
-        ("wrong issuer", sign_ed(ed_header(&kid), &with("iss", json!("https://evil")))),
-        ("wrong type", sign_ed(ed_header(&kid), &with("token_type", json!("service")))),
+        (
+            "expired",
+            sign_ed(ed_header(&kid), &with("exp", json!(now - 120))),
+        ),
+        (
+            "not yet valid",
+            sign_ed(ed_header(&kid), &with("nbf", json!(now + 600))),
+        ),
+        (
+            "wrong audience",
+            sign_ed(ed_header(&kid), &with("aud", json!("someone-else"))),
+        ),
+        (
+            "wrong issuer",
+            sign_ed(ed_header(&kid), &with("iss", json!("https://evil"))),
+        ),
+        (
+            "wrong type",
+            sign_ed(ed_header(&kid), &with("token_type", json!("service"))),
+        ),
         ("no exp", {
             let mut c = claims.clone();
             c.as_object_mut().unwrap().remove("exp");
@@ -443,7 +517,12 @@ async fn tampered_tokens_are_refused() {
     let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
     cases.push((
         "foreign key with our kid",
-        jsonwebtoken::encode(&ed_header(&kid), &claims, &EncodingKey::from_ed_der(pkcs8.as_ref())).unwrap(),
+        jsonwebtoken::encode(
+            &ed_header(&kid),
+            &claims,
+            &EncodingKey::from_ed_der(pkcs8.as_ref()),
+        )
+        .unwrap(),
     ));
 
     let svc = app.service_token(&["auth:verify"]).await;
@@ -453,7 +532,9 @@ async fn tampered_tokens_are_refused() {
             let res = get_bearer(&app, "/v1/users/me", token).await;
             assert_eq!(res.status(), 401, "{name} accepted by the gateway");
             let v = grpc
-                .verify_token(VerifyTokenRequest { token: token.to_string() })
+                .verify_token(VerifyTokenRequest {
+                    token: token.to_string(),
+                })
                 .await
                 .unwrap()
                 .into_inner();
@@ -478,7 +559,9 @@ async fn jwks_publishes_the_previous_key_during_rotation() {
     let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
     let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
     use ring::signature::KeyPair as _;
-    let mut spki = vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+    let mut spki = vec![
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
     spki.extend_from_slice(pair.public_key().as_ref());
     let pem = format!(
         "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----",
@@ -493,9 +576,15 @@ async fn jwks_publishes_the_previous_key_during_rotation() {
     let jwks: Value = res.json().await.unwrap();
     let keys = jwks["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 2);
-    assert_eq!(keys[1]["x"], URL_SAFE_NO_PAD.encode(pair.public_key().as_ref()));
+    assert_eq!(
+        keys[1]["x"],
+        URL_SAFE_NO_PAD.encode(pair.public_key().as_ref())
+    );
     assert_ne!(keys[0]["kid"], keys[1]["kid"]);
-    assert!(keys.iter().all(|k| k.get("d").is_none()), "private material published");
+    assert!(
+        keys.iter().all(|k| k.get("d").is_none()),
+        "private material published"
+    );
 
     // A token signed by the previous key (e.g. before rotation) still verifies.
     let (_, _, access) = app.user_with_token().await;
@@ -508,4 +597,889 @@ async fn jwks_publishes_the_previous_key_during_rotation() {
     .unwrap();
     assert_eq!(get_bearer(&app, "/v1/users/me", &old).await.status(), 200);
     let _ = Duration::from_secs(0);
+}
+
+// ---- password policy and email normalisation ----
+
+#[tokio::test]
+async fn password_policy_refusals_say_why() {
+    let app = TestApp::spawn().await;
+    let e = "carol.jones@example.com";
+    let cases = [
+        ("short-Pw1", "too_short"),
+        ("password1234", "too_weak"),
+        ("qwertyuiopasdf", "too_weak"),
+        ("my-carol.jones-is-strong-77", "contains_email"),
+    ];
+    for (pw, code) in cases {
+        let res = app
+            .post_json(
+                "/v1/auth/register",
+                &json!({"email": e, "password": pw, "full_name": "Carol"}),
+            )
+            .await;
+        let body = assert_problem(res, 400, "validation_failed").await;
+        assert_eq!(body["errors"][0]["field"], "password", "{pw}: {body}");
+        assert_eq!(body["errors"][0]["code"], code, "{pw}: {body}");
+        assert!(!body["errors"][0]["message"].as_str().unwrap().is_empty());
+    }
+    // Over the hard cap: refused before any hashing, so it answers fast.
+    let started = std::time::Instant::now();
+    let res = app
+        .post_json(
+            "/v1/auth/register",
+            &json!({"email": e, "password": "ж".repeat(257), "full_name": "Carol"}),
+        )
+        .await;
+    let body = assert_problem(res, 400, "validation_failed").await;
+    assert_eq!(body["errors"][0]["code"], "too_long");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    // Login refuses it the same way (no hashing of huge inputs).
+    let res = login_raw(&app, e, &"x".repeat(300)).await;
+    assert_problem(res, 400, "validation_failed").await;
+    assert_eq!(audit_count(&app, "auth.register").await, 0);
+
+    // 64 characters without any composition rule, and exactly 256 (counted in
+    // characters, not bytes), are accepted and not truncated.
+    let long64 = "the quiet harbour keeps seven lanterns burning until dawn arrives";
+    assert_eq!(long64.chars().count(), 65);
+    app.register(e, long64).await;
+    assert_eq!(login_raw(&app, e, long64).await.status(), 200);
+    assert_eq!(login_raw(&app, e, &long64[..64]).await.status(), 401);
+    let e2 = email();
+    let random: String = (0..8)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    let pw256: String = format!("ж{}", &random[..255]);
+    assert_eq!(pw256.chars().count(), 256);
+    app.register(&e2, &pw256).await;
+    assert_eq!(login_raw(&app, &e2, &pw256).await.status(), 200);
+}
+
+#[tokio::test]
+async fn emails_are_normalised_before_lookup() {
+    let app = TestApp::spawn().await;
+    // Fullwidth letters and surrounding space: NFKC, trim, lower-case.
+    let user = app
+        .register("  ＤＡＶＥ@Example.com ", STRONG_PASSWORD)
+        .await;
+    assert_eq!(user["email"], "dave@example.com");
+    assert_eq!(
+        login_raw(&app, "DAVE@EXAMPLE.COM", STRONG_PASSWORD)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        login_raw(&app, "ｄａｖｅ@example.com", STRONG_PASSWORD)
+            .await
+            .status(),
+        200
+    );
+    let res = app
+        .post_json(
+            "/v1/auth/register",
+            &json!({"email": "Dave@EXAMPLE.com", "password": STRONG_PASSWORD, "full_name": "D"}),
+        )
+        .await;
+    assert_problem(res, 409, "conflict").await;
+    let res = app
+        .post_json(
+            "/v1/auth/register",
+            &json!({"email": "not-an-email", "password": STRONG_PASSWORD, "full_name": "D"}),
+        )
+        .await;
+    let body = assert_problem(res, 400, "validation_failed").await;
+    assert_eq!(body["errors"][0]["field"], "email");
+}
+
+// ---- login without leaks, lockout ----
+
+fn lockout_vars(max: &'static str) -> impl FnOnce(&mut std::collections::HashMap<String, String>) {
+    move |v| {
+        v.insert("LOGIN_MAX_ATTEMPTS".into(), max.into());
+        v.insert("TRUST_FORWARDED_FOR".into(), "true".into());
+    }
+}
+
+#[tokio::test]
+async fn login_failures_are_indistinguishable() {
+    let app = TestApp::spawn_with(lockout_vars("3")).await;
+    let wrong = email();
+    app.register(&wrong, STRONG_PASSWORD).await;
+    let disabled = email();
+    app.register(&disabled, STRONG_PASSWORD).await;
+    sqlx::query("update users set status = 'disabled' where email = $1")
+        .bind(&disabled)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let locked = email();
+    app.register(&locked, STRONG_PASSWORD).await;
+    for _ in 0..3 {
+        login_raw(&app, &locked, "not-the-password-at-all").await;
+    }
+
+    let mut answers = Vec::new();
+    for (who, pw) in [
+        (email(), STRONG_PASSWORD),            // unknown
+        (wrong.clone(), "not-the-password-1"), // wrong password
+        (disabled.clone(), STRONG_PASSWORD),   // disabled, right password
+        (locked.clone(), STRONG_PASSWORD),     // locked, right password
+    ] {
+        let started = std::time::Instant::now();
+        let res = login_raw(&app, &who, pw).await;
+        let took = started.elapsed();
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let body: Value = res.json().await.unwrap();
+        assert!(headers.get("set-cookie").is_none());
+        answers.push((status, body, took));
+    }
+    let (s0, b0, _) = &answers[0];
+    assert_eq!(*s0, 401);
+    assert_eq!(b0["code"], "invalid_credentials");
+    for (s, b, _) in &answers[1..] {
+        assert_eq!((s, b), (s0, b0));
+    }
+    // Every path runs one argon2 verification: no path is many times faster.
+    let times: Vec<Duration> = answers.iter().map(|a| a.2).collect();
+    let min = *times.iter().min().unwrap();
+    let max = *times.iter().max().unwrap();
+    assert!(
+        max < min * 5 + Duration::from_millis(50),
+        "timings differ: {times:?}"
+    );
+    // Failures are audited with the reason, for operators only.
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "select details->>'reason' from audit_logs where action = 'auth.login.failed' order by id",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    for r in ["unknown_user", "wrong_password", "disabled", "locked"] {
+        assert!(reasons.iter().any(|x| x == r), "{r} missing in {reasons:?}");
+    }
+}
+
+#[tokio::test]
+async fn lockout_after_the_limit_and_a_success_resets_the_count() {
+    let app = TestApp::spawn_with(|v| {
+        lockout_vars("3")(v);
+        v.insert("LOGIN_LOCKOUT_SECONDS".into(), "3".into());
+    })
+    .await;
+    let e = email();
+    app.register(&e, STRONG_PASSWORD).await;
+    // Two failures, then a success: the count starts again.
+    for _ in 0..2 {
+        assert_eq!(
+            login_raw(&app, &e, "wrong-password-123").await.status(),
+            401
+        );
+    }
+    assert_eq!(login_raw(&app, &e, STRONG_PASSWORD).await.status(), 200);
+    for _ in 0..2 {
+        assert_eq!(
+            login_raw(&app, &e, "wrong-password-123").await.status(),
+            401
+        );
+    }
+    assert_eq!(login_raw(&app, &e, STRONG_PASSWORD).await.status(), 200);
+
+    // Three failures lock the account: the right password fails, whatever the
+    // case of the email or the X-Forwarded-For the client claims.
+    for _ in 0..3 {
+        assert_eq!(
+            login_raw(&app, &e, "wrong-password-123").await.status(),
+            401
+        );
+    }
+    for i in 0..3 {
+        let res = reqwest::Client::new()
+            .post(app.url("/v1/auth/login"))
+            .header("x-forwarded-for", format!("10.0.0.{i}"))
+            .json(&json!({"email": e.to_uppercase(), "password": STRONG_PASSWORD}))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(res, 401, "invalid_credentials").await;
+    }
+    assert_eq!(audit_count(&app, "auth.lockout").await, 1);
+    // After the window, the right password works again.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert_eq!(login_raw(&app, &e, STRONG_PASSWORD).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_parallel_burst_cannot_evaluate_more_than_the_limit() {
+    let app = TestApp::spawn().await; // LOGIN_MAX_ATTEMPTS=5 (development)
+    let e = email();
+    app.register(&e, STRONG_PASSWORD).await;
+    let burst = (0..50).map(|i| {
+        let url = app.url("/v1/auth/login");
+        let e = e.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&json!({"email": e, "password": format!("wrong-guess-{i}")}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    });
+    for s in futures::future::join_all(burst).await {
+        assert_eq!(s.unwrap(), 401);
+    }
+    let evaluated: i64 = sqlx::query_scalar(
+        "select count(*) from audit_logs where action = 'auth.login.failed' and details->>'reason' = 'wrong_password'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(evaluated <= 5, "{evaluated} password checks in the burst");
+    assert_eq!(login_raw(&app, &e, STRONG_PASSWORD).await.status(), 401);
+}
+
+#[tokio::test]
+async fn lockout_holds_when_redis_is_down() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("REDIS_URL".into(), "redis://127.0.0.1:1/0".into());
+        v.insert("LOGIN_MAX_ATTEMPTS".into(), "3".into());
+    })
+    .await;
+    let e = email();
+    app.register(&e, STRONG_PASSWORD).await;
+    // Sessions still work through PostgreSQL.
+    let token = app.login(&e, STRONG_PASSWORD).await;
+    assert_eq!(get_bearer(&app, "/v1/users/me", &token).await.status(), 200);
+    for _ in 0..3 {
+        assert_eq!(
+            login_raw(&app, &e, "wrong-password-123").await.status(),
+            401
+        );
+    }
+    let res = login_raw(&app, &e, STRONG_PASSWORD).await;
+    assert_problem(res, 401, "invalid_credentials").await;
+    // Logout is still immediate.
+    let res = reqwest::Client::new()
+        .post(app.url("/v1/auth/logout"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(get_bearer(&app, "/v1/users/me", &token).await.status(), 401);
+}
+
+#[tokio::test]
+async fn per_ip_throttle_when_configured() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("LOGIN_IP_MAX_PER_MINUTE".into(), "3".into());
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            login_raw(&app, &email(), "whatever-password")
+                .await
+                .status(),
+            401
+        );
+    }
+    let res = login_raw(&app, &email(), "whatever-password").await;
+    assert!(res.headers().get("retry-after").is_some());
+    assert_problem(res, 429, "rate_limited").await;
+}
+
+// ---- refresh, sessions, password change ----
+
+async fn login_pair(app: &TestApp, e: &str) -> (String, String) {
+    let body: Value = login_raw(app, e, STRONG_PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    (
+        body["access_token"].as_str().unwrap().to_string(),
+        body["refresh_token"].as_str().unwrap().to_string(),
+    )
+}
+
+async fn refresh(app: &TestApp, token: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(app.url("/v1/auth/refresh"))
+        .json(&json!({ "refresh_token": token }))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn refresh_rotates_and_reuse_revokes_the_session() {
+    let app = TestApp::spawn().await;
+    let e = email();
+    app.register(&e, STRONG_PASSWORD).await;
+    let (access1, refresh1) = login_pair(&app, &e).await;
+
+    let res = refresh(&app, &refresh1).await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    let (access2, refresh2) = (
+        body["access_token"].as_str().unwrap().to_string(),
+        body["refresh_token"].as_str().unwrap().to_string(),
+    );
+    assert_ne!(refresh1, refresh2);
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["user"]["email"], e);
+    assert_eq!(
+        get_bearer(&app, "/v1/users/me", &access2).await.status(),
+        200
+    );
+    // Only the SHA-256 of a token is stored.
+    use sha2::Digest as _;
+    for (value, want) in [
+        (refresh2.as_bytes().to_vec(), 0i64),
+        (sha2::Sha256::digest(&refresh2).to_vec(), 1),
+    ] {
+        let n: i64 =
+            sqlx::query_scalar("select count(*) from refresh_tokens where token_hash = $1")
+                .bind(value)
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        assert_eq!(n, want);
+    }
+
+    // Reusing the first token: refused, and the whole session ends.
+    let res = refresh(&app, &refresh1).await;
+    assert_problem(res, 401, "invalid_token").await;
+    assert_problem(refresh(&app, &refresh2).await, 401, "invalid_token").await;
+    for t in [&access1, &access2] {
+        assert_eq!(get_bearer(&app, "/v1/users/me", t).await.status(), 401);
+    }
+    assert_eq!(audit_count(&app, "auth.refresh.reused").await, 1);
+    assert_problem(refresh(&app, "made-up").await, 401, "invalid_token").await;
+}
+
+#[tokio::test]
+async fn refresh_with_no_body_uses_the_session_cookie() {
+    let app = TestApp::spawn().await;
+    let e = email();
+    app.register(&e, STRONG_PASSWORD).await;
+    // The shared client keeps cookies.
+    let res = app
+        .post_json(
+            "/v1/auth/login",
+            &json!({"email": e, "password": STRONG_PASSWORD}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let res = app
+        .http
+        .post(app.url("/v1/auth/refresh"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .starts_with("sb_session="));
+    // The rotated cookie still authenticates; logout clears it.
+    assert_eq!(app.get("/v1/users/me").await.status(), 200);
+    let res = app
+        .http
+        .post(app.url("/v1/auth/logout"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    assert!(res.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    assert_eq!(app.get("/v1/users/me").await.status(), 401);
+    let res = reqwest::Client::new()
+        .post(app.url("/v1/auth/refresh"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 401, "invalid_token").await;
+}
+
+#[tokio::test]
+async fn sessions_are_listed_and_ended() {
+    let app = TestApp::spawn().await;
+    let e = email();
+    app.register(&e, STRONG_PASSWORD).await;
+    let (a, _) = login_pair(&app, &e).await;
+    let res = reqwest::Client::new()
+        .post(app.url("/v1/auth/login"))
+        .header("user-agent", "second-device/1.0")
+        .json(&json!({"email": e, "password": STRONG_PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    let b = res.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let list: Value = get_bearer(&app, "/v1/users/me/sessions", &a)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["next_cursor"], Value::Null);
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    for k in [
+        "id",
+        "created_at",
+        "last_seen_at",
+        "ip",
+        "user_agent",
+        "current",
+    ] {
+        assert!(items[0].get(k).is_some(), "{k} missing");
+    }
+    assert_eq!(items.iter().filter(|s| s["current"] == true).count(), 1);
+    let other = items.iter().find(|s| s["current"] == false).unwrap();
+    assert_eq!(other["user_agent"], "second-device/1.0");
+    assert_eq!(other["ip"], "127.0.0.1");
+
+    // Another user cannot end it (404, not 403).
+    let (_, _, stranger) = app.user_with_token().await;
+    let del = |t: String, id: String| {
+        let url = app.url(&format!("/v1/users/me/sessions/{id}"));
+        async move {
+            reqwest::Client::new()
+                .delete(url)
+                .bearer_auth(t)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let id = other["id"].as_str().unwrap().to_string();
+    assert_problem(del(stranger, id.clone()).await, 404, "not_found").await;
+    assert_eq!(get_bearer(&app, "/v1/users/me", &b).await.status(), 200);
+    assert_eq!(del(a.clone(), id.clone()).await.status(), 204);
+    assert_eq!(get_bearer(&app, "/v1/users/me", &b).await.status(), 401);
+    assert_eq!(get_bearer(&app, "/v1/users/me", &a).await.status(), 200);
+    assert_problem(del(a.clone(), id).await, 404, "not_found").await;
+    assert_eq!(audit_count(&app, "session.ended").await, 1);
+}
+
+#[tokio::test]
+async fn password_change_ends_the_other_sessions() {
+    let app = TestApp::spawn().await;
+    let e = email();
+    app.register(&e, STRONG_PASSWORD).await;
+    let (a, _) = login_pair(&app, &e).await;
+    let (b, b_refresh) = login_pair(&app, &e).await;
+    let change = |current: &str, new: &str| {
+        let body = json!({"current_password": current, "new_password": new});
+        let req = reqwest::Client::new()
+            .post(app.url("/v1/users/me/password"))
+            .bearer_auth(&a)
+            .json(&body);
+        async move { req.send().await.unwrap() }
+    };
+    let res = change("not-my-password-9", "granite-meadow-falcon-42").await;
+    let body = assert_problem(res, 400, "validation_failed").await;
+    assert_eq!(body["errors"][0]["field"], "current_password");
+    let res = change(STRONG_PASSWORD, "password1234").await;
+    let body = assert_problem(res, 400, "validation_failed").await;
+    assert_eq!(body["errors"][0]["field"], "password");
+
+    assert_eq!(
+        change(STRONG_PASSWORD, "granite-meadow-falcon-42")
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(get_bearer(&app, "/v1/users/me", &a).await.status(), 200);
+    assert_eq!(get_bearer(&app, "/v1/users/me", &b).await.status(), 401);
+    assert_problem(refresh(&app, &b_refresh).await, 401, "invalid_token").await;
+    assert_eq!(login_raw(&app, &e, STRONG_PASSWORD).await.status(), 401);
+    assert_eq!(
+        login_raw(&app, &e, "granite-meadow-falcon-42")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(audit_count(&app, "user.password.changed").await, 1);
+}
+
+#[tokio::test]
+async fn patch_me_changes_the_full_name() {
+    let app = TestApp::spawn().await;
+    let (_, _, t) = app.user_with_token().await;
+    let patch = |body: Value| {
+        reqwest::Client::new()
+            .patch(app.url("/v1/users/me"))
+            .bearer_auth(&t)
+            .json(&body)
+            .send()
+    };
+    let res = patch(json!({"full_name": "  Erin Example "}))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["full_name"],
+        "Erin Example"
+    );
+    let me: Value = get_bearer(&app, "/v1/users/me", &t)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["full_name"], "Erin Example");
+    assert_problem(
+        patch(json!({"full_name": ""})).await.unwrap(),
+        400,
+        "validation_failed",
+    )
+    .await;
+    assert_problem(
+        patch(json!({"email": "x@example.com"})).await.unwrap(),
+        400,
+        "validation_failed",
+    )
+    .await;
+}
+
+// ---- administration ----
+
+#[tokio::test]
+async fn admins_list_filter_and_page_users() {
+    let app = TestApp::spawn().await;
+    let (admin_id, _, admin) = app.user_with_token().await;
+    let (_, _, plain) = app.user_with_token().await;
+    assert_problem(
+        get_bearer(&app, "/v1/admin/users", &plain).await,
+        403,
+        "forbidden",
+    )
+    .await;
+    app.make_admin(admin_id).await;
+    for i in 0..3 {
+        app.register(&format!("zeta{i}@paging.example"), STRONG_PASSWORD)
+            .await;
+    }
+    let page1: Value = get_bearer(&app, "/v1/admin/users?email=PAGING&limit=2", &admin)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page1["items"].as_array().unwrap().len(), 2);
+    let cursor = page1["next_cursor"].as_str().unwrap().to_string();
+    let page2: Value = get_bearer(
+        &app,
+        &format!("/v1/admin/users?email=paging&limit=2&cursor={cursor}"),
+        &admin,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(page2["items"].as_array().unwrap().len(), 1);
+    assert_eq!(page2["next_cursor"], Value::Null);
+    let mut seen: Vec<String> = page1["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(page2["items"].as_array().unwrap())
+        .map(|u| u["email"].as_str().unwrap().to_string())
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "zeta0@paging.example",
+            "zeta1@paging.example",
+            "zeta2@paging.example"
+        ]
+    );
+    let disabled: Value = get_bearer(&app, "/v1/admin/users?status=disabled", &admin)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(disabled["items"], json!([]));
+    assert_problem(
+        get_bearer(&app, "/v1/admin/users?limit=0", &admin).await,
+        400,
+        "validation_failed",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn disabling_a_user_ends_their_sessions_at_once() {
+    let app = TestApp::spawn().await;
+    let (admin_id, _, admin) = app.user_with_token().await;
+    app.make_admin(admin_id).await;
+    let (victim_id, victim_email, victim) = app.user_with_token().await;
+    let svc = app.service_token(&["auth:verify"]).await;
+    let mut grpc = AuthServiceClient::new(app.grpc_with_token(&svc).await);
+    assert!(
+        grpc.verify_token(VerifyTokenRequest {
+            token: victim.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .valid
+    );
+
+    let patch = |t: &str, id: uuid::Uuid, body: Value| {
+        reqwest::Client::new()
+            .patch(app.url(&format!("/v1/admin/users/{id}")))
+            .bearer_auth(t)
+            .json(&body)
+            .send()
+    };
+    // Only admins.
+    assert_problem(
+        patch(&victim, admin_id, json!({"status": "disabled"}))
+            .await
+            .unwrap(),
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_problem(
+        patch(&admin, victim_id, json!({"roles": ["root"]}))
+            .await
+            .unwrap(),
+        400,
+        "validation_failed",
+    )
+    .await;
+    assert_problem(
+        patch(&admin, uuid::Uuid::new_v4(), json!({"status": "disabled"}))
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+
+    let res = patch(&admin, victim_id, json!({"status": "disabled"}))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.unwrap()["status"], "disabled");
+    assert_problem(
+        get_bearer(&app, "/v1/users/me", &victim).await,
+        401,
+        "invalid_token",
+    )
+    .await;
+    let v = grpc
+        .verify_token(VerifyTokenRequest {
+            token: victim.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!v.valid);
+    assert_eq!(v.reason, VerifyReason::UserDisabled as i32);
+    assert_problem(
+        login_raw(&app, &victim_email, STRONG_PASSWORD).await,
+        401,
+        "invalid_credentials",
+    )
+    .await;
+
+    // Re-enabled: a new login works; roles change at once for live sessions.
+    assert_eq!(
+        patch(&admin, victim_id, json!({"status": "active"}))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let fresh = app.login(&victim_email, STRONG_PASSWORD).await;
+    assert_eq!(
+        get_bearer(&app, "/v1/admin/users", &fresh).await.status(),
+        403
+    );
+    let res = patch(
+        &admin,
+        victim_id,
+        json!({"roles": ["user", "admin", "user"]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["roles"],
+        json!(["admin", "user"])
+    );
+    // The live session sees its new role on the very next request.
+    assert_eq!(
+        get_bearer(&app, "/v1/admin/users", &fresh).await.status(),
+        200
+    );
+    // An admin cannot lock themselves out.
+    assert_problem(
+        patch(&admin, admin_id, json!({"status": "disabled"}))
+            .await
+            .unwrap(),
+        403,
+        "forbidden",
+    )
+    .await;
+
+    let changes: Vec<Value> = sqlx::query_scalar(
+        "select details from audit_logs where action = 'user.updated' and target_id = $1 order by id",
+    )
+    .bind(victim_id.to_string())
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(changes.len(), 3);
+    assert_eq!(changes[0]["status"]["to"], "disabled");
+    assert_eq!(changes[0]["sessions_ended"], 1);
+}
+
+// ---- operator CLI ----
+
+fn cli(app: &TestApp, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_user-service"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("ENV_FILE", ".env.dev")
+        .env("DATABASE_URL", &app.database_url)
+        .env("REDIS_URL", crate::helpers::redis_url())
+        .env("REDIS_KEY_PREFIX", &app.state.settings.redis_key_prefix)
+        .env("LOG_LEVEL", "error")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn cli_creates_users_and_service_clients() {
+    let app = TestApp::spawn().await;
+    let e = email();
+    let (ok, out, err) = cli(
+        &app,
+        &[
+            "admin",
+            "create-user",
+            "--email",
+            &e,
+            "--full-name",
+            "First Admin",
+            "--role",
+            "admin",
+            "--password-stdin",
+        ],
+        &format!("{STRONG_PASSWORD}\n"),
+    );
+    assert!(ok, "{err}");
+    let user: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(user["email"], e);
+    assert_eq!(user["roles"], json!(["admin"]));
+    let t = app.login(&e, STRONG_PASSWORD).await;
+    assert_eq!(get_bearer(&app, "/v1/admin/users", &t).await.status(), 200);
+    assert_eq!(audit_count(&app, "user.created").await, 1);
+    // Weak passwords are refused here too, saying why.
+    let (ok, _, err) = cli(
+        &app,
+        &[
+            "admin",
+            "create-user",
+            "--email",
+            &email(),
+            "--full-name",
+            "X",
+            "--password-stdin",
+        ],
+        "password\n",
+    );
+    assert!(!ok && err.contains("password"), "{err}");
+
+    let (ok, out, err) = cli(
+        &app,
+        &[
+            "admin",
+            "create-service-client",
+            "reports",
+            "--scopes",
+            "auth:verify,users:read",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let c: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(c["client_id"], "reports");
+    let token = |secret: String| {
+        reqwest::Client::new()
+            .post(app.url("/v1/auth/token"))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", "reports"),
+                ("client_secret", &secret),
+            ])
+            .send()
+    };
+    let old = c["client_secret"].as_str().unwrap().to_string();
+    let res = token(old.clone()).await.unwrap();
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["scope"],
+        "auth:verify users:read"
+    );
+
+    let (ok, out, err) = cli(
+        &app,
+        &["admin", "rotate-service-client-secret", "reports"],
+        "",
+    );
+    assert!(ok, "{err}");
+    let rotated: Value = serde_json::from_str(out.trim()).unwrap();
+    let new = rotated["client_secret"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    assert_problem(token(old).await.unwrap(), 401, "invalid_client").await;
+    assert_eq!(token(new).await.unwrap().status(), 200);
+    assert_eq!(audit_count(&app, "service_client.secret.rotated").await, 1);
+    let (ok, _, _) = cli(
+        &app,
+        &["admin", "rotate-service-client-secret", "nobody"],
+        "",
+    );
+    assert!(!ok);
+    let (ok, _, _) = cli(
+        &app,
+        &[
+            "admin",
+            "create-service-client",
+            "bad",
+            "--scopes",
+            "root:all",
+        ],
+        "",
+    );
+    assert!(!ok);
 }

@@ -402,6 +402,19 @@ fn nginx_sites_proxy_json_and_grpc_to_the_local_port() {
         ] {
             assert!(code.contains(&needle), "{env}: missing {needle:?}");
         }
+        // One kept-alive pool for both would hand HTTP/1.1 connections to gRPC (502s).
+        let target = |directive: &str| -> BTreeSet<String> {
+            code.lines()
+                .filter_map(|l| l.trim().strip_prefix(directive))
+                .map(|t| t.trim_end_matches(';').to_string())
+                .collect()
+        };
+        let grpc = target("grpc_pass grpc://");
+        let http = target("proxy_pass http://");
+        assert!(
+            grpc.is_disjoint(&http),
+            "{env}: grpc_pass and proxy_pass share an upstream"
+        );
     }
 }
 

@@ -305,18 +305,22 @@ async fn unknown_routes_answer_by_protocol() {
 #[tokio::test]
 async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     let mut app = TestApp::spawn().await;
-    // A request whose body is still arriving when SIGTERM comes.
+    // A login whose body is still arriving when SIGTERM comes: the handler cannot
+    // answer before the last byte, so the request is truly in flight throughout.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
     let body = reqwest::Body::wrap_stream(tokio_stream_from(rx));
     let req = app
         .http
-        .post(app.url("/health/live"))
+        .post(app.url("/v1/auth/login"))
         .header("content-type", "application/json")
         .body(body)
         .send();
     let in_flight = tokio::spawn(req);
-    tx.send(Ok(b"{\"a\":".to_vec())).await.unwrap();
+    tx.send(Ok(br#"{"email":"nobody@example.com","#.to_vec()))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!in_flight.is_finished(), "answered before the body was complete");
     app.shutdown.trigger();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // New connections are refused once the listener has closed.
@@ -326,14 +330,17 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
         .send()
         .await;
     assert!(fresh.is_err(), "listener still accepting after shutdown");
-    tx.send(Ok(b"1}".to_vec())).await.unwrap();
+    assert!(!in_flight.is_finished(), "in-flight request cut off");
+    tx.send(Ok(br#""password":"wrong-password-123"}"#.to_vec()))
+        .await
+        .unwrap();
     drop(tx);
     let res = in_flight
         .await
         .unwrap()
         .expect("in-flight request completed");
-    // GET-only route: the method is refused, but the request itself completed.
-    assert!(res.status().as_u16() < 500 || res.status().as_u16() == 503);
+    // A real answer from the login handler, not a connection error or a 503.
+    assert_problem(res, 401, "invalid_credentials").await;
     app.stop().await.expect("exits cleanly");
 }
 

@@ -250,7 +250,8 @@ pub fn bearer_interceptor(token: &str) -> BearerInterceptor {
     BearerInterceptor(format!("Bearer {token}").parse().expect("ascii token"))
 }
 
-pub type AuthedChannel = tonic::service::interceptor::InterceptedService<Channel, BearerInterceptor>;
+pub type AuthedChannel =
+    tonic::service::interceptor::InterceptedService<Channel, BearerInterceptor>;
 
 impl TestApp {
     /// Registers a user (full name "Test User"); returns the user JSON.
@@ -284,7 +285,10 @@ impl TestApp {
 
     /// A new user with a random email: (id, email, access token).
     pub async fn user_with_token(&self) -> (uuid::Uuid, String, String) {
-        let email = format!("u{}@example.com", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let email = format!(
+            "u{}@example.com",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         let user = self.register(&email, STRONG_PASSWORD).await;
         let id = user["id"].as_str().unwrap().parse().unwrap();
         let token = self.login(&email, STRONG_PASSWORD).await;
@@ -319,7 +323,10 @@ impl TestApp {
             .create_service_client(None, &client_id, &scopes)
             .await
             .expect("service client created");
-        (creds.client_id, creds.client_secret.expose_secret().to_string())
+        (
+            creds.client_id,
+            creds.client_secret.expose_secret().to_string(),
+        )
     }
 
     /// A service token with these scopes, through POST /v1/auth/token.
