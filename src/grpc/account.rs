@@ -3,9 +3,8 @@
 use tonic::{Request, Response, Status};
 
 use super::convert_accounts::{
-    account_to_proto, credentials_to_proto, id, permission, request_meta,
+    account_to_proto, caller, credentials_to_proto, id, permission, request_meta,
 };
-use super::interceptor::require_scope;
 use crate::app::AppState;
 use crate::proto::account_service_server::AccountService;
 use crate::proto::{
@@ -29,12 +28,13 @@ impl AccountService for AccountApi {
         &self,
         req: Request<GetTradingAccountRequest>,
     ) -> Result<Response<GetTradingAccountResponse>, Status> {
-        let caller = require_scope(&req, "accounts:read")?;
+        let caller = caller(&req)?;
+        let meta = request_meta(&req);
         let account_id = id(&req.get_ref().account_id, "trading account")?;
         let account = self
             .state
             .accounts
-            .account_for_service(&caller, account_id)
+            .account_for_service(&caller, &meta, account_id)
             .await?;
         Ok(Response::new(GetTradingAccountResponse {
             account: Some(account_to_proto(&account)),
@@ -45,7 +45,8 @@ impl AccountService for AccountApi {
         &self,
         req: Request<CheckAccountAccessRequest>,
     ) -> Result<Response<CheckAccountAccessResponse>, Status> {
-        let caller = require_scope(&req, "permissions:check")?;
+        let caller = caller(&req)?;
+        let meta = request_meta(&req);
         let r = req.get_ref();
         let permission = permission(&r.permission)?;
         let parse = |raw: &str, field: &str| {
@@ -57,7 +58,7 @@ impl AccountService for AccountApi {
         let (decision, access) = self
             .state
             .accounts
-            .check_access(&caller, user_id, account_id, permission)
+            .check_access(&caller, &meta, user_id, account_id, permission)
             .await?;
         Ok(Response::new(CheckAccountAccessResponse {
             allowed: decision.allowed,
@@ -70,7 +71,7 @@ impl AccountService for AccountApi {
         &self,
         req: Request<GetBrokerCredentialsRequest>,
     ) -> Result<Response<GetBrokerCredentialsResponse>, Status> {
-        let caller = require_scope(&req, "credentials:read")?;
+        let caller = caller(&req)?;
         let meta = request_meta(&req);
         let account_id = id(&req.get_ref().account_id, "trading account")?;
         let creds = self

@@ -72,3 +72,12 @@ pub fn request_meta<T>(req: &tonic::Request<T>) -> crate::service::RequestMeta {
         request_id: header("x-request-id"),
     }
 }
+
+/// The service client the interceptor authenticated. Which scope a method needs
+/// is decided (and a refusal audited) by the service.
+pub fn caller<T>(req: &tonic::Request<T>) -> Result<crate::service::Caller, tonic::Status> {
+    req.extensions()
+        .get::<crate::service::Caller>()
+        .cloned()
+        .ok_or_else(|| tonic::Status::unauthenticated("missing service token"))
+}

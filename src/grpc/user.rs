@@ -60,12 +60,13 @@ impl UserService for UserApi {
         &self,
         req: Request<ListUserAccountsRequest>,
     ) -> Result<Response<ListUserAccountsResponse>, Status> {
-        let caller = require_scope(&req, "users:read")?;
+        let caller = super::convert_accounts::caller(&req)?;
+        let meta = super::convert_accounts::request_meta(&req);
         let user_id = super::convert_accounts::id(&req.get_ref().user_id, "user")?;
         let accounts = self
             .state
             .accounts
-            .accounts_for_service(&caller, user_id)
+            .accounts_for_service(&caller, &meta, user_id)
             .await?;
         Ok(Response::new(ListUserAccountsResponse {
             accounts: accounts
@@ -79,12 +80,13 @@ impl UserService for UserApi {
         &self,
         req: Request<CheckPermissionRequest>,
     ) -> Result<Response<CheckPermissionResponse>, Status> {
-        let caller = require_scope(&req, "permissions:check")?;
+        let caller = super::convert_accounts::caller(&req)?;
+        let meta = super::convert_accounts::request_meta(&req);
         let r = req.get_ref();
         let decision = self
             .state
             .policy
-            .check_permission_for(&caller, &r.subject, &r.action, &r.resource)
+            .check_permission_for(&caller, &meta, &r.subject, &r.action, &r.resource)
             .await?;
         Ok(Response::new(CheckPermissionResponse {
             allowed: decision.allowed,

@@ -26,9 +26,9 @@ use crate::store::{audit, Db, StoreError};
 
 /// No user holds more accounts than this; the unpaginated list stops here.
 const MAX_ACCOUNTS: i64 = 1000;
-/// How long a cached access answer may live on a replica that missed an
-/// invalidation (Redis down); changes on the same replica apply at once.
-const ACCESS_CACHE_TTL: Duration = Duration::from_secs(30);
+/// How long a cached access answer or account list may live on a replica that
+/// missed an invalidation (Redis down); changes on the same replica apply at once.
+const CACHE_TTL: Duration = Duration::from_secs(30);
 
 const TARGET: &str = "trading_account";
 
@@ -91,6 +91,8 @@ pub struct AccountsService {
     invalidation: Invalidation,
     /// (user, account) → access, for CheckAccountAccess and API-key checks.
     access_cache: moka::future::Cache<(Uuid, Uuid), Option<Access>>,
+    /// user → every account they own or share, for ListUserAccounts and API keys.
+    lists_cache: moka::future::Cache<Uuid, Arc<Vec<AccountAccess>>>,
     /// Bumped by every invalidation; a load that overlaps one is not cached, so
     /// a removal racing a cache fill cannot resurrect the old answer.
     epoch: Arc<AtomicU64>,
@@ -106,24 +108,38 @@ impl AccountsService {
         let access_cache: moka::future::Cache<(Uuid, Uuid), Option<Access>> =
             moka::future::Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(ACCESS_CACHE_TTL)
+                .time_to_live(CACHE_TTL)
+                .support_invalidation_closures()
+                .build();
+        let lists_cache: moka::future::Cache<Uuid, Arc<Vec<AccountAccess>>> =
+            moka::future::Cache::builder()
+                .max_capacity(20_000)
+                .time_to_live(CACHE_TTL)
                 .support_invalidation_closures()
                 .build();
         let epoch = Arc::new(AtomicU64::new(0));
         {
-            let (cache, epoch) = (access_cache.clone(), epoch.clone());
+            let (access, lists, epoch) = (access_cache.clone(), lists_cache.clone(), epoch.clone());
             invalidation.on_change(move |change| {
                 epoch.fetch_add(1, Ordering::SeqCst);
-                // Predicates only fail when closures are unsupported (they are).
-                let _ = match change {
-                    Change::User(u) => cache.invalidate_entries_if(move |k, _| k.0 == u),
-                    Change::Account(a) => cache.invalidate_entries_if(move |k, _| k.1 == a),
-                    Change::Everything => {
-                        cache.invalidate_all();
-                        Ok(String::new())
+                // invalidate_entries_if fails only without invalidation closures,
+                // which both caches enable.
+                match change {
+                    Change::User(u) => {
+                        let _ = access.invalidate_entries_if(move |k, _| k.0 == u);
+                        let _ = lists.invalidate_entries_if(move |k, _| *k == u);
                     }
-                    Change::ApiKey(_) => Ok(String::new()),
-                };
+                    Change::Account(a) => {
+                        let _ = access.invalidate_entries_if(move |k, _| k.1 == a);
+                        let _ = lists
+                            .invalidate_entries_if(move |_, v| v.iter().any(|x| x.account.id == a));
+                    }
+                    Change::Everything => {
+                        access.invalidate_all();
+                        lists.invalidate_all();
+                    }
+                    Change::ApiKey(_) => {}
+                }
             });
         }
         Self {
@@ -132,6 +148,7 @@ impl AccountsService {
             policy,
             invalidation,
             access_cache,
+            lists_cache,
             epoch,
         }
     }
@@ -144,8 +161,21 @@ impl AccountsService {
 
     /// Every live account the user owns or is a live member of, with the user's
     /// access (owner or member role) and the permissions it carries.
+    /// Cached; account and membership changes invalidate it on every replica.
     pub async fn accounts_of(&self, user_id: Uuid) -> ServiceResult<Vec<AccountAccess>> {
-        Ok(store::list_for_user(&self.db.pool, user_id, None, MAX_ACCOUNTS).await?)
+        if let Some(hit) = self.lists_cache.get(&user_id).await {
+            metrics::counter!("account_list_cache_total", "result" => "hit").increment(1);
+            return Ok(hit.as_ref().clone());
+        }
+        metrics::counter!("account_list_cache_total", "result" => "miss").increment(1);
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let list = store::list_for_user(&self.db.pool, user_id, None, MAX_ACCOUNTS).await?;
+        if self.epoch.load(Ordering::SeqCst) == epoch {
+            self.lists_cache
+                .insert(user_id, Arc::new(list.clone()))
+                .await;
+        }
+        Ok(list)
     }
 
     /// The user's access on one live account; `None` when they have none (or the
@@ -314,6 +344,8 @@ impl AccountsService {
         )
         .await?;
         tx.commit().await.map_err(StoreError::from)?;
+        // Cached account lists carry these fields.
+        self.invalidation.publish(Change::Account(id)).await;
         Ok(account)
     }
 
@@ -387,6 +419,8 @@ impl AccountsService {
         )
         .await?;
         tx.commit().await.map_err(StoreError::from)?;
+        // Cached account lists show has_credentials and the hint.
+        self.invalidation.publish(Change::Account(id)).await;
         Ok(())
     }
 
@@ -606,9 +640,11 @@ impl AccountsService {
     pub async fn account_for_service(
         &self,
         caller: &Caller,
+        meta: &RequestMeta,
         id: Uuid,
     ) -> ServiceResult<TradingAccount> {
-        require_client_scope(caller, "accounts:read")?;
+        self.require_client_scope(caller, meta, "accounts:read", Some(id))
+            .await?;
         store::get_live(&self.db.pool, id)
             .await?
             .ok_or(ServiceError::NotFound("trading account"))
@@ -618,9 +654,11 @@ impl AccountsService {
     pub async fn accounts_for_service(
         &self,
         caller: &Caller,
+        meta: &RequestMeta,
         user_id: Uuid,
     ) -> ServiceResult<Vec<AccountAccess>> {
-        require_client_scope(caller, "users:read")?;
+        self.require_client_scope(caller, meta, "users:read", None)
+            .await?;
         let accounts = self.accounts_of(user_id).await?;
         if accounts.is_empty() && !store::user_exists(&self.db.pool, user_id).await? {
             return Err(ServiceError::NotFound("user"));
@@ -634,11 +672,13 @@ impl AccountsService {
     pub async fn check_access(
         &self,
         caller: &Caller,
+        meta: &RequestMeta,
         user_id: Uuid,
         account_id: Uuid,
         permission: Permission,
     ) -> ServiceResult<(Decision, Option<Access>)> {
-        require_client_scope(caller, "permissions:check")?;
+        self.require_client_scope(caller, meta, "permissions:check", Some(account_id))
+            .await?;
         let access = self.access_of(user_id, account_id).await?;
         let Some(access) = access else {
             return Ok((Decision::default_deny(), None));
@@ -673,12 +713,8 @@ impl AccountsService {
         meta: &RequestMeta,
         id: Uuid,
     ) -> ServiceResult<BrokerCredentials> {
-        require_client_scope(caller, "credentials:read")?;
-        if !matches!(caller, Caller::ServiceClient { .. }) {
-            return Err(ServiceError::Forbidden(
-                "only service clients read broker credentials".into(),
-            ));
-        }
+        self.require_client_scope(caller, meta, "credentials:read", Some(id))
+            .await?;
         let keys = self.keys.as_ref().ok_or_else(|| {
             ServiceError::Unavailable("CREDENTIALS_ENCRYPTION_KEYS is not configured".into())
         })?;
@@ -864,6 +900,25 @@ impl AccountsService {
         Err(err)
     }
 
+    /// The service-client methods decide here, not in the transport: only a
+    /// service client holding `scope` passes; any other caller is refused and the
+    /// refusal audited.
+    async fn require_client_scope(
+        &self,
+        caller: &Caller,
+        meta: &RequestMeta,
+        scope: &'static str,
+        account: Option<Uuid>,
+    ) -> ServiceResult<()> {
+        let holds = matches!(caller, Caller::ServiceClient { scopes, .. } if scopes.iter().any(|s| s == scope));
+        if holds {
+            return Ok(());
+        }
+        let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
+        let d = Denial::forbidden("client_scope", &format!("requires the {scope} scope"));
+        Err(record_denial(&mut conn, caller, meta, account, scope, d).await)
+    }
+
     async fn membership_changed(&self, account: Uuid, user: Uuid) {
         self.invalidation.publish(Change::Account(account)).await;
         self.invalidation.publish(Change::User(user)).await;
@@ -973,18 +1028,6 @@ fn key_accounts(caller: &Caller) -> Option<&[Uuid]> {
             Some(&k.trading_account_ids)
         }
         _ => None,
-    }
-}
-
-/// Service-client methods re-check the scope the transport already checked, so
-/// the rule holds whichever transport calls.
-fn require_client_scope(caller: &Caller, scope: &str) -> ServiceResult<()> {
-    if caller.key_allows_scope(scope) {
-        Ok(())
-    } else {
-        Err(ServiceError::Forbidden(format!(
-            "requires the {scope} scope"
-        )))
     }
 }
 

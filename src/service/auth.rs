@@ -247,7 +247,7 @@ impl Identity {
         Ok(user)
     }
 
-    fn lockout_key(email: &str) -> String {
+    pub(crate) fn lockout_key(email: &str) -> String {
         format!("login:fail:{email}")
     }
 
@@ -330,6 +330,7 @@ impl Identity {
             }
         };
         if n > max {
+            metrics::counter!("logins_total", "result" => "locked").increment(1);
             let _ = self.hasher.verify(password, None).await;
             self.audit_alone(failed("locked", record.as_ref().map(|r| r.id)))
                 .await;
@@ -349,6 +350,7 @@ impl Identity {
                     Some(_) if ok => "disabled",
                     Some(_) => "wrong_password",
                 };
+                metrics::counter!("logins_total", "result" => "failed").increment(1);
                 self.audit_alone(failed(reason, other.as_ref().map(|r| r.id)))
                     .await;
                 if n == max {
@@ -367,6 +369,7 @@ impl Identity {
             }
         };
         self.reset_attempts(&key).await;
+        metrics::counter!("logins_total", "result" => "succeeded").increment(1);
 
         let session_id = Uuid::now_v7();
         let refresh = new_refresh_token();

@@ -223,6 +223,23 @@ impl Identity {
         &self,
         token: &str,
     ) -> ServiceResult<Result<AccessGrant, TokenRefusal>> {
+        let verdict = self.check_access_token(token).await?;
+        let result = match &verdict {
+            Ok(_) => "valid",
+            Err(TokenRefusal::Invalid) => "invalid",
+            Err(TokenRefusal::Expired) => "expired",
+            Err(TokenRefusal::SessionRevoked) => "session_revoked",
+            Err(TokenRefusal::UserDisabled) => "user_disabled",
+        };
+        metrics::counter!("token_verifications_total", "kind" => "access", "result" => result)
+            .increment(1);
+        Ok(verdict)
+    }
+
+    async fn check_access_token(
+        &self,
+        token: &str,
+    ) -> ServiceResult<Result<AccessGrant, TokenRefusal>> {
         let claims: Claims = match self.jwt.verify(token, TokenType::Access) {
             Ok(c) => c,
             Err(JwtError::Expired) => return Ok(Err(TokenRefusal::Expired)),
@@ -274,8 +291,12 @@ impl Identity {
     pub fn verify_service_token(&self, token: &str) -> ServiceResult<Caller> {
         let key = sha256(token);
         let grant = match self.service_tokens.get(&key) {
-            Some(g) if g.exp > now_secs() => g,
+            Some(g) if g.exp > now_secs() => {
+                metrics::counter!("service_token_cache_total", "result" => "hit").increment(1);
+                g
+            }
             _ => {
+                metrics::counter!("service_token_cache_total", "result" => "miss").increment(1);
                 let claims = self
                     .jwt
                     .verify(token, TokenType::Service)

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
-use super::{Caller, ServiceError, ServiceResult};
+use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::policy::{self, parse_action, Decision, Policy, Resource, Subject};
-use crate::store::{self, Db};
+use crate::store::{self, Db, StoreError};
 
 /// Bounds staleness on a replica that missed an invalidation (Redis down); role
 /// and status changes publish `Change::User`, which drops the entry everywhere.
@@ -98,18 +99,31 @@ impl PolicyEngine {
         }
     }
 
-    /// CheckPermission for a caller: only one holding `permissions:check` may ask
-    /// about others.
+    /// CheckPermission for a caller: only a service client holding
+    /// `permissions:check` may ask about others; a refusal is audited.
     pub async fn check_permission_for(
         &self,
         caller: &Caller,
+        meta: &RequestMeta,
         subject: &str,
         action: &str,
         resource: &str,
     ) -> ServiceResult<Decision> {
-        if !matches!(caller, Caller::ServiceClient { .. })
-            || !caller.key_allows_scope("permissions:check")
-        {
+        let holds = matches!(caller, Caller::ServiceClient { scopes, .. }
+            if scopes.iter().any(|s| s == "permissions:check"));
+        if !holds {
+            let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
+            store::audit::insert(
+                &mut conn,
+                &AuditEntry::new("authz.denied", Outcome::Denied)
+                    .by(caller)
+                    .meta(meta)
+                    .details(serde_json::json!({
+                        "reason": "client_scope",
+                        "need": "permissions:check",
+                    })),
+            )
+            .await?;
             return Err(ServiceError::Forbidden(
                 "requires the permissions:check scope".into(),
             ));

@@ -168,7 +168,7 @@ impl Identity {
         let new = self.parse_new_password(new_password, &email, &record.full_name)?;
         // The current-password check counts against the same lockout as login, so
         // a stolen token cannot be used to guess the password.
-        let key = format!("login:fail:{}", email.as_str());
+        let key = Self::lockout_key(email.as_str());
         let (n, _) = self
             .count_attempt(
                 &key,

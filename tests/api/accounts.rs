@@ -1199,6 +1199,17 @@ async fn check_account_access_answers_for_every_role() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+    // The refusal is on the record, naming the client and the scope it lacked.
+    let (actor_type, target, need): (String, Option<String>, String) = sqlx::query_as(
+        "select actor_type, target_id, details->>'need' from audit_logs
+          where action = 'authz.denied' order by id desc limit 1",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(actor_type, "service_client");
+    assert_eq!(target, Some(t.account.to_string()));
+    assert_eq!(need, "permissions:check");
 
     // ListUserAccounts: the account with each member's access and permissions.
     let token = app.service_token(&["users:read"]).await;
@@ -1324,8 +1335,19 @@ async fn a_removed_member_is_refused_at_once_on_rest_and_grpc() {
         account_id: a.to_string(),
         permission: "trade".into(),
     };
+    let token = app.service_token(&["users:read"]).await;
+    let mut users = UserServiceClient::new(app.grpc_with_token(&token).await);
+    let list = |user: Uuid| ListUserAccountsRequest {
+        user_id: user.to_string(),
+    };
     // Warm every cache first.
     for _ in 0..2 {
+        let listed = users
+            .list_user_accounts(list(t.trader.0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(listed.accounts.len(), 1);
         assert!(
             access
                 .check_account_access(check(t.trader.0))
@@ -1385,6 +1407,54 @@ async fn a_removed_member_is_refused_at_once_on_rest_and_grpc() {
     )
     .await;
     assert_eq!(mine["items"], json!([]));
+    let listed = users
+        .list_user_accounts(list(t.trader.0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed.accounts.is_empty(),
+        "ListUserAccounts dropped the account at once"
+    );
+    // An edit shows at once in a cached list too.
+    assert_eq!(
+        users
+            .list_user_accounts(list(t.viewer.0))
+            .await
+            .unwrap()
+            .into_inner()
+            .accounts[0]
+            .account
+            .as_ref()
+            .unwrap()
+            .nickname,
+        "main"
+    );
+    json_ok(
+        call(
+            &app,
+            reqwest::Method::PATCH,
+            &format!("/v1/trading-accounts/{a}"),
+            &t.owner.1,
+            Some(json!({"nickname": "renamed"})),
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(
+        users
+            .list_user_accounts(list(t.viewer.0))
+            .await
+            .unwrap()
+            .into_inner()
+            .accounts[0]
+            .account
+            .as_ref()
+            .unwrap()
+            .nickname,
+        "renamed"
+    );
     // Removing again: no such member.
     let res = call(
         &app,

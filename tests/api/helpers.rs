@@ -310,6 +310,8 @@ impl TestApp {
             .forget_user_sessions(user_id)
             .await
             .unwrap();
+        // As a real role change does: cached policies drop on every replica.
+        self.state.invalidation.user_changed(user_id).await;
     }
 
     /// Creates a service client with these scopes and returns (client_id, secret).

@@ -10,3 +10,4 @@ mod config;
 mod deploy;
 mod foundation;
 mod observability;
+mod scale_out;

@@ -56,13 +56,17 @@ async fn metrics_in_development_show_requests_pool_and_store_health() {
     for gauge in [
         r#"db_pool_connections{state="idle"}"#,
         r#"db_pool_connections{state="in_use"}"#,
-        "db_pool_max_connections 20",
         "database_up 1",
         "redis_up 1",
         "user_service_build_info{",
     ] {
         assert!(body.contains(gauge), "missing {gauge} in:\n{body}");
     }
+    let max = app.state.settings.database_max_connections;
+    assert!(
+        body.contains(&format!("db_pool_max_connections {max}\n")),
+        "{body}"
+    );
 }
 
 #[tokio::test]
