@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::auth::Authenticated;
 use super::extract::{Meta, Query};
 use super::AppState;
+use crate::service::audit_log::{AuditFilter, AuditRow};
 use crate::service::ServiceError;
-use crate::store::audit_log::{AuditFilter, AuditRow};
 
 pub fn routes() -> Router<AppState> {
     Router::new().route("/v1/admin/audit-logs", get(list))

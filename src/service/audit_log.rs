@@ -9,7 +9,8 @@ use super::paging::{self, Page};
 use super::policy::PolicyEngine;
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::policy::Resource;
-use crate::store::audit_log::{self, AuditFilter, AuditRow};
+use crate::store::audit_log;
+pub use crate::store::audit_log::{AuditFilter, AuditRow};
 use crate::store::{audit, Db, StoreError};
 
 const SCOPE: &str = "admin:audit";

@@ -38,6 +38,20 @@ impl Cache {
     /// Builds the clients and starts connecting in the background: the service
     /// starts and keeps answering while Redis is down.
     pub fn connect(settings: &Settings) -> anyhow::Result<Self> {
+        // fred built without a TLS feature accepts rediss:// and then connects in
+        // plaintext, AUTH password included: refuse rather than leak it.
+        let scheme = settings
+            .redis_url
+            .expose_secret()
+            .split_once("://")
+            .map(|(s, _)| s.to_ascii_lowercase())
+            .unwrap_or_default();
+        if scheme.starts_with("rediss") || scheme.starts_with("valkeys") {
+            anyhow::bail!(
+                "REDIS_URL asks for TLS ({scheme}://) but this build has no Redis TLS support \
+                 (enable fred's enable-rustls-ring feature)"
+            );
+        }
         let config = Config::from_url(settings.redis_url.expose_secret())
             .map_err(|_| anyhow::anyhow!("REDIS_URL is not a valid Redis URL"))?;
         let mut builder = Builder::from_config(config);

@@ -1776,3 +1776,35 @@ async fn audit_logs_are_for_admins_filtered_and_paginated() {
 fn urlencode(s: &str) -> String {
     s.replace('+', "%2B").replace(':', "%3A")
 }
+
+#[tokio::test]
+async fn tmp_measure_check_account_access() {
+    let app = TestApp::spawn().await;
+    let t = team(&app).await;
+    let mut client = account_client(&app, &["permissions:check"]).await;
+    let req = CheckAccountAccessRequest {
+        user_id: t.trader.0.to_string(),
+        account_id: t.account.to_string(),
+        permission: "trade".into(),
+    };
+    for _ in 0..50 {
+        client.check_account_access(req.clone()).await.unwrap();
+    }
+    let mut warm = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    for _ in 0..2000 {
+        let s = std::time::Instant::now();
+        client.check_account_access(req.clone()).await.unwrap();
+        warm.record(s.elapsed().as_micros() as u64).unwrap();
+    }
+    let mut cold = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    for _ in 0..500 {
+        app.state.invalidation.account_changed(t.account).await;
+        app.state.invalidation.user_changed(t.trader.0).await;
+        let s = std::time::Instant::now();
+        client.check_account_access(req.clone()).await.unwrap();
+        cold.record(s.elapsed().as_micros() as u64).unwrap();
+    }
+    println!("MEASURE warm p50={}us p99={}us cold p50={}us p99={}us",
+        warm.value_at_quantile(0.5), warm.value_at_quantile(0.99),
+        cold.value_at_quantile(0.5), cold.value_at_quantile(0.99));
+}
