@@ -237,7 +237,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 workers.push(tokio::spawn(async move {
                     let mut t = Tally::new();
                     while !clock.stop.load(Ordering::Relaxed) {
-                        let mut b = hyper::Request::get(path.as_str()).header("host", host.as_str());
+                        let mut b =
+                            hyper::Request::get(path.as_str()).header("host", host.as_str());
                         for (k, v) in &headers {
                             b = b.header(k.as_str(), v.as_str());
                         }
@@ -360,7 +361,10 @@ async fn seed_keys(
                     "scopes": ["orders:read", "market_data:read"],
                 });
                 let req = hyper::Request::post(uri.path())
-                    .header("host", uri.authority().map(|a| a.as_str()).unwrap_or("localhost"))
+                    .header(
+                        "host",
+                        uri.authority().map(|a| a.as_str()).unwrap_or("localhost"),
+                    )
                     .header("authorization", format!("Bearer {token}"))
                     .header("content-type", "application/json")
                     .body(http_body_util::Full::new(Bytes::from(body.to_string())))?;

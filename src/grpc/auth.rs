@@ -6,8 +6,8 @@ use super::interceptor::require_scope;
 use super::user::user_to_proto;
 use crate::app::AppState;
 use crate::proto::auth_service_server::AuthService;
-use crate::proto::{VerifyReason, VerifyTokenRequest, VerifyTokenResponse};
 use crate::proto::{VerifyApiKeyRequest, VerifyApiKeyResponse};
+use crate::proto::{VerifyReason, VerifyTokenRequest, VerifyTokenResponse};
 use crate::service::api_keys::{VerifiedKey, VerifyFailure, VerifyRequest};
 use crate::service::identity::{TokenRefusal, TokenVerification};
 
@@ -150,34 +150,10 @@ fn verified_key_to_proto(k: &VerifiedKey) -> VerifyApiKeyResponse {
             scopes: k.key.scopes.clone(),
             expires_at: k.key.expires_at.map(timestamp),
         }),
-        accounts: k.accounts.iter().map(account_access_to_proto).collect(),
-    }
-}
-
-fn account_access_to_proto(a: &crate::domain::account::AccountAccess) -> crate::proto::AccountAccess {
-    use super::user::timestamp;
-    let t = &a.account;
-    crate::proto::AccountAccess {
-        account: Some(crate::proto::TradingAccount {
-            id: t.id.to_string(),
-            owner_user_id: t.owner_user_id.to_string(),
-            broker: t.broker.clone(),
-            broker_user_id: t.broker_user_id.clone(),
-            nickname: t.nickname.clone(),
-            status: t.status.as_str().to_string(),
-            subscription_tier: t.subscription_tier.as_str().to_string(),
-            subscription_status: t.subscription_status.as_str().to_string(),
-            subscription_expires_at: t.subscription_expires_at.map(timestamp),
-            has_credentials: t.has_credentials,
-            credentials_updated_at: t.credentials_updated_at.map(timestamp),
-            credentials_hint: t.credentials_hint.clone().unwrap_or_default(),
-            created_at: Some(timestamp(t.created_at)),
-        }),
-        access: a.access.as_str().to_string(),
-        permissions: a
-            .permissions()
+        accounts: k
+            .accounts
             .iter()
-            .map(|p| p.as_str().to_string())
+            .map(super::convert_accounts::account_access_to_proto)
             .collect(),
     }
 }

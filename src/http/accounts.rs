@@ -15,8 +15,8 @@ use super::auth::Authenticated;
 use super::extract::{Json, Meta, Path, Query};
 use super::AppState;
 use crate::domain::account::{
-    AccountAccess, AccountPatch, BrokerCredentials, Member, MemberRole, MemberTarget,
-    NewAccount, TradingAccount,
+    AccountAccess, AccountPatch, BrokerCredentials, Member, MemberRole, MemberTarget, NewAccount,
+    TradingAccount,
 };
 use crate::service::paging::Page;
 use crate::service::ServiceError;
@@ -43,7 +43,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/users/me/accounts", get(my_accounts))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
     broker: String,
@@ -54,7 +54,7 @@ struct CreateBody {
     subscription_tier: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PatchBody {
     #[serde(default)]
@@ -67,6 +67,7 @@ struct PatchBody {
     subscription_status: Option<String>,
     /// Absent: unchanged; `null`: cleared.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<DateTime<Utc>>)]
     subscription_expires_at: Option<Option<DateTime<Utc>>>,
 }
 
@@ -80,7 +81,7 @@ where
 }
 
 /// The values are write-only: this type is never serialized or logged.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CredentialsBody {
     api_key: String,
@@ -89,7 +90,7 @@ struct CredentialsBody {
     access_token: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AddMemberBody {
     #[serde(default)]
@@ -99,20 +100,21 @@ struct AddMemberBody {
     role: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RoleBody {
     role: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct PageQuery {
     limit: Option<i64>,
     cursor: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct AccountBody {
     id: Uuid,
     broker: String,
@@ -148,7 +150,7 @@ impl From<TradingAccount> for AccountBody {
 }
 
 /// The account shape plus the caller's access and what it permits.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct AccessBody {
     #[serde(flatten)]
     account: AccountBody,
@@ -166,14 +168,14 @@ impl From<AccountAccess> for AccessBody {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct CredentialsStatusBody {
     has_credentials: bool,
     credentials_updated_at: Option<DateTime<Utc>>,
     credentials_hint: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct MemberBody {
     user_id: Uuid,
     email: String,
@@ -192,7 +194,7 @@ impl From<Member> for MemberBody {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct PageBody<T> {
     items: Vec<T>,
     next_cursor: Option<String>,
@@ -207,6 +209,19 @@ impl<T> PageBody<T> {
     }
 }
 
+/// Creates a trading account owned by the caller.
+#[utoipa::path(
+    post,
+    path = "/v1/trading-accounts",
+    tag = "accounts",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    request_body = CreateBody,
+    responses(
+        (status = 201, description = "The account", body = AccountBody),
+        (status = 403, description = "The key or the caller's roles lack accounts:write (`forbidden`)"),
+        (status = 409, description = "This broker login already has a live account (`conflict`)"),
+    ),
+)]
 async fn create(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -224,6 +239,15 @@ async fn create(
     Ok((StatusCode::CREATED, axum::Json(AccountBody::from(account))).into_response())
 }
 
+/// Accounts the caller owns or shares, each with the caller's access.
+#[utoipa::path(
+    get,
+    path = "/v1/trading-accounts",
+    tag = "accounts",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(PageQuery),
+    responses((status = 200, description = "Oldest first", body = PageBody<AccessBody>)),
+)]
 async fn list(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -237,7 +261,14 @@ async fn list(
     Ok(axum::Json(PageBody::from_page(page)))
 }
 
-/// Same list as GET /v1/trading-accounts: owned and shared, each with access.
+#[utoipa::path(
+    get,
+    path = "/v1/users/me/accounts",
+    tag = "accounts",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(PageQuery),
+    responses((status = 200, description = "Owned and shared accounts with `access` and `permissions`", body = PageBody<AccessBody>)),
+)]
 async fn my_accounts(
     state: State<AppState>,
     caller: Authenticated,
@@ -247,6 +278,15 @@ async fn my_accounts(
     list(state, caller, meta, q).await
 }
 
+/// One account (owner and members only; anyone else gets 404).
+#[utoipa::path(
+    get,
+    path = "/v1/trading-accounts/{id}",
+    tag = "accounts",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(("id" = Uuid, Path, description = "Trading account id")),
+    responses((status = 200, description = "The account with the caller's access", body = AccessBody)),
+)]
 async fn show(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -257,6 +297,19 @@ async fn show(
     Ok(axum::Json(a.into()))
 }
 
+/// Owner or manager; subscription fields need an administrator.
+#[utoipa::path(
+    patch,
+    path = "/v1/trading-accounts/{id}",
+    tag = "accounts",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(("id" = Uuid, Path, description = "Trading account id")),
+    request_body = PatchBody,
+    responses(
+        (status = 200, description = "The updated account", body = AccountBody),
+        (status = 403, description = "Below manager, or subscription fields (`forbidden`)"),
+    ),
+)]
 async fn update(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -276,6 +329,18 @@ async fn update(
     Ok(axum::Json(a.into()))
 }
 
+/// Owner only: soft delete, ending every membership.
+#[utoipa::path(
+    delete,
+    path = "/v1/trading-accounts/{id}",
+    tag = "accounts",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(("id" = Uuid, Path, description = "Trading account id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 403, description = "Not the owner (`forbidden`)"),
+    ),
+)]
 async fn remove(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -286,6 +351,19 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Owner or manager: write-only broker credentials, sealed at rest.
+#[utoipa::path(
+    put,
+    path = "/v1/trading-accounts/{id}/credentials",
+    tag = "accounts",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(("id" = Uuid, Path, description = "Trading account id")),
+    request_body = CredentialsBody,
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 403, description = "Below manager (`forbidden`)"),
+    ),
+)]
 async fn set_credentials(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -306,13 +384,28 @@ async fn set_credentials(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Owner or manager: whether credentials are set, when, and a masked hint.
+#[utoipa::path(
+    get,
+    path = "/v1/trading-accounts/{id}/credentials",
+    tag = "accounts",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(("id" = Uuid, Path, description = "Trading account id")),
+    responses(
+        (status = 200, description = "Never the values", body = CredentialsStatusBody),
+        (status = 403, description = "Below manager (`forbidden`)"),
+    ),
+)]
 async fn credentials_status(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
     Meta(meta): Meta,
     Path(id): Path<Uuid>,
 ) -> Result<axum::Json<CredentialsStatusBody>, ServiceError> {
-    let a = state.accounts.credentials_status(&caller, &meta, id).await?;
+    let a = state
+        .accounts
+        .credentials_status(&caller, &meta, id)
+        .await?;
     Ok(axum::Json(CredentialsStatusBody {
         has_credentials: a.has_credentials,
         credentials_updated_at: a.credentials_updated_at,
@@ -320,6 +413,14 @@ async fn credentials_status(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/trading-accounts/{id}/members",
+    tag = "accounts",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(("id" = Uuid, Path, description = "Trading account id"), PageQuery),
+    responses((status = 200, description = "Live members, oldest first", body = PageBody<MemberBody>)),
+)]
 async fn list_members(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -334,6 +435,20 @@ async fn list_members(
     Ok(axum::Json(PageBody::from_page(page)))
 }
 
+/// Owner or manager; never above the granter's own role.
+#[utoipa::path(
+    post,
+    path = "/v1/trading-accounts/{id}/members",
+    tag = "accounts",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(("id" = Uuid, Path, description = "Trading account id")),
+    request_body = AddMemberBody,
+    responses(
+        (status = 201, description = "The new member", body = MemberBody),
+        (status = 403, description = "Below manager, or above the granter's role (`forbidden`)"),
+        (status = 409, description = "Already a member, or the owner (`conflict`)"),
+    ),
+)]
 async fn add_member(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -345,7 +460,9 @@ async fn add_member(
     let target = MemberTarget::parse(body.user_id, body.email.as_deref())
         .map_err(|e| errors.push(e))
         .ok();
-    let role = MemberRole::parse(&body.role).map_err(|e| errors.push(e)).ok();
+    let role = MemberRole::parse(&body.role)
+        .map_err(|e| errors.push(e))
+        .ok();
     let (Some(target), Some(role)) = (target, role) else {
         return Err(ServiceError::Validation(errors));
     };
@@ -356,6 +473,22 @@ async fn add_member(
     Ok((StatusCode::CREATED, axum::Json(MemberBody::from(m))).into_response())
 }
 
+/// Owner or manager; nobody raises their own role.
+#[utoipa::path(
+    patch,
+    path = "/v1/trading-accounts/{id}/members/{user_id}",
+    tag = "accounts",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(
+        ("id" = Uuid, Path, description = "Trading account id"),
+        ("user_id" = Uuid, Path, description = "The member"),
+    ),
+    request_body = RoleBody,
+    responses(
+        (status = 200, description = "The member", body = MemberBody),
+        (status = 403, description = "Not allowed to give this role (`forbidden`)"),
+    ),
+)]
 async fn change_member(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -371,6 +504,21 @@ async fn change_member(
     Ok(axum::Json(m.into()))
 }
 
+/// Owner or manager, or the member leaving.
+#[utoipa::path(
+    delete,
+    path = "/v1/trading-accounts/{id}/members/{user_id}",
+    tag = "accounts",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(
+        ("id" = Uuid, Path, description = "Trading account id"),
+        ("user_id" = Uuid, Path, description = "The member"),
+    ),
+    responses(
+        (status = 204, description = "Removed, effective at once"),
+        (status = 403, description = "Not allowed to remove this member (`forbidden`)"),
+    ),
+)]
 async fn remove_member(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,

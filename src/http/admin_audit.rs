@@ -16,7 +16,8 @@ pub fn routes() -> Router<AppState> {
     Router::new().route("/v1/admin/audit-logs", get(list))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AuditQuery {
     action: Option<String>,
@@ -28,7 +29,7 @@ struct AuditQuery {
     cursor: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct AuditItem {
     id: i64,
     occurred_at: DateTime<Utc>,
@@ -40,6 +41,7 @@ struct AuditItem {
     outcome: String,
     ip: Option<String>,
     user_agent: Option<String>,
+    #[schema(value_type = Object)]
     details: serde_json::Value,
 }
 
@@ -61,12 +63,24 @@ impl From<AuditRow> for AuditItem {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct PageBody {
     items: Vec<AuditItem>,
     next_cursor: Option<String>,
 }
 
+/// The audit trail, newest first (administrators only).
+#[utoipa::path(
+    get,
+    path = "/v1/admin/audit-logs",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "Audit rows, newest first", body = PageBody),
+        (status = 403, description = "Not an administrator (`forbidden`)"),
+    ),
+)]
 async fn list(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,

@@ -24,7 +24,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/api-keys/{id}/usage", get(usage))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
     name: String,
@@ -39,14 +39,14 @@ struct CreateBody {
     rate_limit_per_minute: Option<i64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct PageQuery {
     limit: Option<i64>,
     cursor: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct KeyBody {
     id: Uuid,
     name: String,
@@ -79,7 +79,7 @@ impl From<KeyView> for KeyBody {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct IssuedBody {
     id: Uuid,
     name: String,
@@ -115,7 +115,7 @@ fn issued(k: IssuedKey) -> Response {
     res
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct PageBody<T> {
     items: Vec<T>,
     next_cursor: Option<String>,
@@ -130,7 +130,7 @@ impl<S, T: From<S>> From<Page<S>> for PageBody<T> {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct UsageBody {
     used_at: DateTime<Utc>,
     ip: Option<String>,
@@ -149,6 +149,18 @@ impl From<UsageItem> for UsageBody {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/api-keys",
+    tag = "api_keys",
+    security(("bearer" = []), ("session_cookie" = [])),
+    request_body = CreateBody,
+    responses(
+        (status = 201, description = "The key; `key` is shown this once", body = IssuedBody),
+        (status = 400, description = "Unknown scope, bad CIDR, past expiry, unknown account (`validation_failed`)"),
+        (status = 403, description = "A scope the user does not hold, or called with an API key (`forbidden`)"),
+    ),
+)]
 async fn create(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -166,6 +178,14 @@ async fn create(
     Ok(issued(state.api_keys.create(&caller, &meta, input).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/api-keys",
+    tag = "api_keys",
+    security(("bearer" = []), ("session_cookie" = [])),
+    params(PageQuery),
+    responses((status = 200, description = "The caller's keys, newest first", body = PageBody<KeyBody>)),
+)]
 async fn list(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -178,6 +198,17 @@ async fn list(
     Ok(axum::Json(page.into()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/api-keys/{id}",
+    tag = "api_keys",
+    security(("bearer" = []), ("session_cookie" = [])),
+    params(("id" = Uuid, Path, description = "API key id")),
+    responses(
+        (status = 200, description = "The key's public facts (never the key)", body = KeyBody),
+        (status = 404, description = "No such key of the caller's (`not_found`)"),
+    ),
+)]
 async fn show(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -186,6 +217,17 @@ async fn show(
     Ok(axum::Json(state.api_keys.get(&caller, id).await?.into()))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/api-keys/{id}",
+    tag = "api_keys",
+    security(("bearer" = []), ("session_cookie" = [])),
+    params(("id" = Uuid, Path, description = "API key id")),
+    responses(
+        (status = 204, description = "Revoked on every replica within a second"),
+        (status = 404, description = "No such key of the caller's (`not_found`)"),
+    ),
+)]
 async fn revoke(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -196,6 +238,18 @@ async fn revoke(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/api-keys/{id}/rotate",
+    tag = "api_keys",
+    security(("bearer" = []), ("session_cookie" = [])),
+    params(("id" = Uuid, Path, description = "API key id")),
+    responses(
+        (status = 201, description = "A new key (new id) with the same grants; the old one is revoked", body = IssuedBody),
+        (status = 404, description = "No such key of the caller's (`not_found`)"),
+        (status = 409, description = "The key is revoked or expired (`conflict`)"),
+    ),
+)]
 async fn rotate(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -205,6 +259,17 @@ async fn rotate(
     Ok(issued(state.api_keys.rotate(&caller, &meta, id).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/api-keys/{id}/usage",
+    tag = "api_keys",
+    security(("bearer" = []), ("session_cookie" = [])),
+    params(("id" = Uuid, Path, description = "API key id"), PageQuery),
+    responses(
+        (status = 200, description = "Usage log, newest first", body = PageBody<UsageBody>),
+        (status = 404, description = "No such key of the caller's (`not_found`)"),
+    ),
+)]
 async fn usage(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,

@@ -26,7 +26,7 @@ pub fn routes() -> Router<AppState> {
         .route("/.well-known/jwks.json", get(jwks))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
     email: String,
@@ -34,6 +34,18 @@ pub struct RegisterBody {
     full_name: String,
 }
 
+/// Self sign-up (when enabled for the environment); the new user has role `user`.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/register",
+    tag = "auth",
+    request_body = RegisterBody,
+    responses(
+        (status = 201, description = "The new user", body = User),
+        (status = 403, description = "Sign-up is disabled (`forbidden`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Email already registered (`conflict`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn register(
     State(state): State<AppState>,
     Meta(meta): Meta,
@@ -53,18 +65,20 @@ async fn register(
     Ok((StatusCode::CREATED, axum::Json(user)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginBody {
     email: String,
     password: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct TokenPair {
     access_token: String,
     refresh_token: String,
+    #[schema(example = "Bearer")]
     token_type: &'static str,
+    /// Seconds until the access token expires.
     expires_in: u64,
     user: User,
 }
@@ -90,6 +104,18 @@ fn token_response(state: &AppState, t: LoginTokens) -> Response {
     res
 }
 
+/// Email (case-insensitive) and password; also sets the session cookie.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/login",
+    tag = "auth",
+    request_body = LoginBody,
+    responses(
+        (status = 200, description = "Tokens and the user; `Set-Cookie` carries the session", body = TokenPair,
+            headers(("set-cookie" = String, description = "The session cookie (HttpOnly)"))),
+        (status = 401, description = "Any failure, locked or disabled included (`invalid_credentials`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn login(
     State(state): State<AppState>,
     Meta(meta): Meta,
@@ -102,13 +128,25 @@ async fn login(
     Ok(token_response(&state, tokens))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RefreshBody {
     refresh_token: String,
 }
 
 /// `{refresh_token}` in the body, or (no body) the session cookie.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/refresh",
+    tag = "auth",
+    request_body(content = Option<RefreshBody>, description = "Omit the body to use the session cookie"),
+    security((), ("session_cookie" = [])),
+    responses(
+        (status = 200, description = "A new pair; the old refresh token dies", body = TokenPair,
+            headers(("set-cookie" = String, description = "The session cookie (HttpOnly)"))),
+        (status = 401, description = "Dead, reused or missing refresh token (`invalid_token`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn refresh(
     State(state): State<AppState>,
     Meta(meta): Meta,
@@ -138,6 +176,14 @@ async fn refresh(
     Ok(token_response(&state, tokens))
 }
 
+/// Revokes the caller's session and clears the cookie.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/logout",
+    tag = "auth",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 204, description = "Session revoked")),
+)]
 async fn logout(
     State(state): State<AppState>,
     Meta(meta): Meta,
@@ -150,9 +196,10 @@ async fn logout(
     Ok(res)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TokenBody {
+    #[schema(example = "client_credentials")]
     grant_type: String,
     client_id: String,
     client_secret: String,
@@ -161,15 +208,31 @@ struct TokenBody {
     scope: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct ServiceTokenBody {
     access_token: String,
+    #[schema(example = "Bearer")]
     token_type: &'static str,
     expires_in: u64,
+    /// The client's scopes, space-separated (OAuth 2.0).
+    #[schema(example = "auth:verify users:read")]
     scope: String,
 }
 
 /// Client credentials, as a form (RFC 6749) or JSON.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/token",
+    tag = "auth",
+    request_body(content(
+        (TokenBody = "application/json"),
+        (TokenBody = "application/x-www-form-urlencoded"),
+    )),
+    responses(
+        (status = 200, description = "A service JWT", body = ServiceTokenBody),
+        (status = 401, description = "Unknown client or wrong secret (`invalid_client`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn token(State(state): State<AppState>, req: Request) -> Result<Response, Problem> {
     let is_form = req
         .headers()
@@ -209,6 +272,21 @@ async fn token(State(state): State<AppState>, req: Request) -> Result<Response, 
     Ok(res)
 }
 
+/// The JWKS document (RFC 7517) `GET /.well-known/jwks.json` answers.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct Jwks {
+    /// Public JWKs: `kty`, `kid`, `alg`, `use` and the key parameters.
+    keys: Vec<serde_json::Value>,
+}
+
+/// Public signing keys, so callers can verify access tokens locally.
+#[utoipa::path(
+    get,
+    path = "/.well-known/jwks.json",
+    tag = "auth",
+    responses((status = 200, description = "Current and still-published previous keys", body = Jwks)),
+)]
 async fn jwks(State(state): State<AppState>) -> impl IntoResponse {
     let mut headers = HeaderMap::new();
     headers.insert(

@@ -8,18 +8,50 @@ use serde::Serialize;
 
 use super::AppState;
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Checks {
+    #[schema(schema_with = ok_or_error)]
     pub database: &'static str,
+    #[schema(schema_with = ok_or_error)]
     pub redis: &'static str,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Health {
+    #[schema(schema_with = health_status)]
     pub status: &'static str,
+    #[schema(example = "development")]
     pub environment: &'static str,
+    #[schema(example = "0.1.0")]
     pub version: &'static str,
     pub checks: Checks,
+}
+
+/// The liveness body; documents the `json!` that `live` answers.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct Live {
+    #[schema(schema_with = ok_only)]
+    status: &'static str,
+}
+
+fn string_enum(values: &[&str]) -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(values.iter().copied()))
+        .build()
+}
+
+fn ok_or_error() -> utoipa::openapi::Object {
+    string_enum(&["ok", "error"])
+}
+
+fn health_status() -> utoipa::openapi::Object {
+    string_enum(&["ok", "degraded", "unavailable"])
+}
+
+fn ok_only() -> utoipa::openapi::Object {
+    string_enum(&["ok"])
 }
 
 fn word(ok: bool) -> &'static str {
@@ -32,6 +64,15 @@ fn word(ok: bool) -> &'static str {
 
 /// 200 `ok`; 200 `degraded` when only Redis is down; 503 `unavailable` when the
 /// database is down (or the service is shutting down).
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "health",
+    responses(
+        (status = 200, description = "Database up (`ok`, or `degraded` when only Redis is down)", body = Health),
+        (status = 503, description = "Database down or shutting down (`unavailable`)", body = Health),
+    )
+)]
 pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let (db_ok, redis_ok) = tokio::join!(state.db.ping(), state.cache.ping());
     let draining = state.shutdown.is_triggered();
@@ -54,6 +95,12 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "health",
+    responses((status = 200, description = "The process runs (no I/O)", body = Live))
+)]
 pub async fn live() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }

@@ -10,6 +10,7 @@ pub mod extract;
 pub mod health;
 pub mod metrics;
 pub mod observe;
+pub mod openapi;
 pub mod problem;
 pub mod users;
 
@@ -33,6 +34,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/health", get(health::health))
         .route("/health/live", get(health::live))
         .route("/metrics", get(metrics::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .merge(auth_api::routes())
         .merge(accounts::routes())
         .merge(admin_audit::routes())

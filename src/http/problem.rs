@@ -6,13 +6,19 @@ use serde::Serialize;
 
 use crate::service::{FieldError, ServiceError};
 
-#[derive(Debug, Serialize)]
+/// An RFC 9457 problem: `code` is stable for machines; `errors` lists field failures
+/// when `code` is `validation_failed`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
+    #[schema(format = "uri", example = "https://docs.stocksblitz.com/problems/not-found")]
     pub type_: String,
+    #[schema(example = "Not Found")]
     pub title: &'static str,
+    #[schema(example = 404)]
     pub status: u16,
     pub detail: String,
+    #[schema(example = "not_found")]
     pub code: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errors: Option<Vec<FieldError>>,

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::auth::Authenticated;
 use super::extract::{Json, Meta, Path, Query};
+use super::problem::Problem;
 use super::AppState;
 use crate::domain::user::User;
 use crate::service::users::{Page, SessionView, UserChange, UserFilter};
@@ -24,6 +25,14 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/admin/users/{id}", patch(admin_update_user))
 }
 
+/// The caller's profile.
+#[utoipa::path(
+    get,
+    path = "/v1/users/me",
+    tag = "users",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 200, description = "The caller", body = User)),
+)]
 async fn me(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -31,12 +40,21 @@ async fn me(
     Ok(axum::Json(state.identity.me(&caller).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UpdateMe {
     full_name: Option<String>,
 }
 
+/// Profile edits.
+#[utoipa::path(
+    patch,
+    path = "/v1/users/me",
+    tag = "users",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    request_body = UpdateMe,
+    responses((status = 200, description = "The updated user", body = User)),
+)]
 async fn update_me(
     State(state): State<AppState>,
     Meta(meta): Meta,
@@ -51,13 +69,22 @@ async fn update_me(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ChangePassword {
     current_password: String,
     new_password: String,
 }
 
+/// Changes the password and revokes the caller's other sessions.
+#[utoipa::path(
+    post,
+    path = "/v1/users/me/password",
+    tag = "users",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    request_body = ChangePassword,
+    responses((status = 204, description = "Password changed")),
+)]
 async fn change_password(
     State(state): State<AppState>,
     Meta(meta): Meta,
@@ -71,6 +98,14 @@ async fn change_password(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The caller's live sessions.
+#[utoipa::path(
+    get,
+    path = "/v1/users/me/sessions",
+    tag = "users",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 200, description = "Sessions, `current` marks this one", body = Page<SessionView>)),
+)]
 async fn list_sessions(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -78,6 +113,15 @@ async fn list_sessions(
     Ok(axum::Json(state.identity.list_sessions(&caller).await?))
 }
 
+/// Ends one of the caller's sessions.
+#[utoipa::path(
+    delete,
+    path = "/v1/users/me/sessions/{id}",
+    tag = "users",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(("id" = Uuid, Path, description = "Session id")),
+    responses((status = 204, description = "Session ended")),
+)]
 async fn end_session(
     State(state): State<AppState>,
     Meta(meta): Meta,
@@ -88,16 +132,31 @@ async fn end_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AdminUserQuery {
     /// Substring of the email, case-insensitive.
     email: Option<String>,
+    /// `active` or `disabled`.
     status: Option<String>,
     limit: Option<i64>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+/// Admin only (`admin:users`): list and filter users.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/users",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(AdminUserQuery),
+    responses(
+        (status = 200, description = "A page of users", body = Page<User>),
+        (status = 403, description = "Not an admin (`forbidden`)", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn admin_list_users(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -119,13 +178,27 @@ async fn admin_list_users(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AdminUserPatch {
+    /// `active` or `disabled`.
     status: Option<String>,
     roles: Option<Vec<String>>,
 }
 
+/// Admin only (`admin:users`): change a user's status and roles.
+#[utoipa::path(
+    patch,
+    path = "/v1/admin/users/{id}",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    params(("id" = Uuid, Path, description = "User id")),
+    request_body = AdminUserPatch,
+    responses(
+        (status = 200, description = "The updated user", body = User),
+        (status = 403, description = "Not an admin (`forbidden`)", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn admin_update_user(
     State(state): State<AppState>,
     Meta(meta): Meta,

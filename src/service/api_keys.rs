@@ -24,8 +24,8 @@ use super::invalidation::{Change, Invalidation};
 use super::policy::PolicyEngine;
 use super::{Caller, FieldError, KeyGrant, RequestMeta, ServiceError, ServiceResult};
 use crate::config::{Environment, Settings};
-use crate::domain::account::AccountAccess;
 use crate::crypto::api_key_hash::ApiKeyHasher;
+use crate::domain::account::AccountAccess;
 use crate::domain::api_key::{
     ip_allowed, parse_allowed_ip, valid_key_name, ApiKeySecret, KeyFormatError, MAX_ALLOWED_IPS,
 };
@@ -592,9 +592,17 @@ impl ApiKeyService {
         let catalog = store::grantable_scopes(&self.db.pool).await?;
         let mut scopes: Vec<String> = Vec::new();
         if input.scopes.is_empty() {
-            errors.push(FieldError::new("scopes", "required", "at least one scope is required"));
+            errors.push(FieldError::new(
+                "scopes",
+                "required",
+                "at least one scope is required",
+            ));
         } else if input.scopes.len() > MAX_SCOPES {
-            errors.push(FieldError::new("scopes", "too_many", format!("at most {MAX_SCOPES} scopes")));
+            errors.push(FieldError::new(
+                "scopes",
+                "too_many",
+                format!("at most {MAX_SCOPES} scopes"),
+            ));
         }
         for (i, s) in input.scopes.iter().enumerate() {
             match catalog.iter().find(|(name, _)| name == s) {
@@ -618,7 +626,11 @@ impl ApiKeyService {
 
         if let Some(t) = input.expires_at {
             if t <= Utc::now() {
-                errors.push(FieldError::new("expires_at", "in_past", "must be in the future"));
+                errors.push(FieldError::new(
+                    "expires_at",
+                    "in_past",
+                    "must be in the future",
+                ));
             }
         }
 
@@ -839,9 +851,8 @@ impl ApiKeyService {
         let mut rows = store::usage_page(&self.db.pool, id, before, limit + 1).await?;
         let next_cursor = if rows.len() as i64 > limit {
             rows.truncate(limit as usize);
-            rows.last().map(|r| {
-                encode_cursor(&format!("{}.{}", r.used_at.timestamp_micros(), r.id))
-            })
+            rows.last()
+                .map(|r| encode_cursor(&format!("{}.{}", r.used_at.timestamp_micros(), r.id)))
         } else {
             None
         };
@@ -879,9 +890,9 @@ fn key_manager(caller: &Caller) -> ServiceResult<Uuid> {
         Caller::User { key: Some(_), .. } => Err(ServiceError::Forbidden(
             "API keys cannot be managed with an API key".into(),
         )),
-        Caller::ServiceClient { .. } => Err(ServiceError::Forbidden(
-            "API keys belong to users".into(),
-        )),
+        Caller::ServiceClient { .. } => {
+            Err(ServiceError::Forbidden("API keys belong to users".into()))
+        }
     }
 }
 

@@ -19,9 +19,13 @@ use std::net::IpAddr;
 use uuid::Uuid;
 
 /// One field-level validation failure.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct FieldError {
+    /// The request field (or `body` / `query`) that failed.
+    #[schema(example = "password")]
     pub field: String,
+    /// Machine code of the failure, e.g. `invalid`, `too_weak`, `required`.
+    #[schema(example = "invalid")]
     pub code: &'static str,
     pub message: String,
 }

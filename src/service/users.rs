@@ -27,7 +27,7 @@ pub struct SessionView {
 }
 
 /// A page of a list: `{"items": [...], "next_cursor": null | "…"}`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next_cursor: Option<String>,

@@ -96,7 +96,11 @@ pub async fn find_by_hash(pool: &PgPool, hash: &[u8]) -> StoreResult<Option<KeyW
     Ok(row)
 }
 
-pub async fn get_for_user(pool: &PgPool, user_id: Uuid, id: Uuid) -> StoreResult<Option<ApiKeyRow>> {
+pub async fn get_for_user(
+    pool: &PgPool,
+    user_id: Uuid,
+    id: Uuid,
+) -> StoreResult<Option<ApiKeyRow>> {
     let row = sqlx::query_as::<_, ApiKeyRow>(&format!(
         "select {KEY_COLUMNS} from api_keys where id = $1 and user_id = $2"
     ))

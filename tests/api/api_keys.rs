@@ -29,7 +29,11 @@ fn req(key: &str) -> VerifyApiKeyRequest {
 }
 
 async fn verify(client: &mut Client, r: VerifyApiKeyRequest) -> VerifyApiKeyResponse {
-    client.verify_api_key(r).await.expect("an answer, not an error").into_inner()
+    client
+        .verify_api_key(r)
+        .await
+        .expect("an answer, not an error")
+        .into_inner()
 }
 
 fn reason(r: &VerifyApiKeyResponse) -> VerifyReason {
@@ -54,7 +58,14 @@ async fn send(
 
 /// POST /v1/api-keys, asserting 201; returns the created object.
 async fn create_key(app: &TestApp, token: &str, body: Value) -> Value {
-    let res = send(app, reqwest::Method::POST, "/v1/api-keys", token, Some(&body)).await;
+    let res = send(
+        app,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        token,
+        Some(&body),
+    )
+    .await;
     let status = res.status().as_u16();
     let v: Value = res.json().await.unwrap();
     assert_eq!(status, 201, "{v}");
@@ -132,11 +143,17 @@ async fn create_shows_the_key_once_and_reads_never_show_it() {
     assert_eq!(hash.len(), 32);
 
     let id = k["id"].as_str().unwrap();
-    let one: Value = send(&app, reqwest::Method::GET, &format!("/v1/api-keys/{id}"), &token, None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let one: Value = send(
+        &app,
+        reqwest::Method::GET,
+        &format!("/v1/api-keys/{id}"),
+        &token,
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     let list: Value = send(&app, reqwest::Method::GET, "/v1/api-keys", &token, None)
         .await
         .json()
@@ -168,7 +185,16 @@ async fn create_refuses_bad_grants() {
     let (user_id, _, token) = app.user_with_token().await;
     let post = |body: Value| {
         let (app, token) = (&app, token.clone());
-        async move { send(app, reqwest::Method::POST, "/v1/api-keys", &token, Some(&body)).await }
+        async move {
+            send(
+                app,
+                reqwest::Method::POST,
+                "/v1/api-keys",
+                &token,
+                Some(&body),
+            )
+            .await
+        }
     };
 
     let p = assert_problem(
@@ -179,8 +205,18 @@ async fn create_refuses_bad_grants() {
     .await;
     assert_eq!(p["errors"][0]["field"], "scopes[1]");
     // In the catalog but never grantable to a key.
-    assert_problem(post(json!({"name": "x", "scopes": ["admin:users"]})).await, 400, "validation_failed").await;
-    assert_problem(post(json!({"name": "x", "scopes": []})).await, 400, "validation_failed").await;
+    assert_problem(
+        post(json!({"name": "x", "scopes": ["admin:users"]})).await,
+        400,
+        "validation_failed",
+    )
+    .await;
+    assert_problem(
+        post(json!({"name": "x", "scopes": []})).await,
+        400,
+        "validation_failed",
+    )
+    .await;
     let p = assert_problem(
         post(json!({"name": "x", "scopes": ["orders:read"], "allowed_ips": ["10.0.0.0/8", "10.0.0.300"]})).await,
         400,
@@ -189,7 +225,8 @@ async fn create_refuses_bad_grants() {
     .await;
     assert_eq!(p["errors"][0]["field"], "allowed_ips[1]");
     let p = assert_problem(
-        post(json!({"name": "x", "scopes": ["orders:read"], "expires_at": "2001-01-01T00:00:00Z"})).await,
+        post(json!({"name": "x", "scopes": ["orders:read"], "expires_at": "2001-01-01T00:00:00Z"}))
+            .await,
         400,
         "validation_failed",
     )
@@ -213,7 +250,8 @@ async fn create_refuses_bad_grants() {
     let theirs = account_of(&app, other).await;
     for acct in [theirs, Uuid::new_v4()] {
         let p = assert_problem(
-            post(json!({"name": "x", "scopes": ["orders:read"], "trading_account_ids": [acct]})).await,
+            post(json!({"name": "x", "scopes": ["orders:read"], "trading_account_ids": [acct]}))
+                .await,
             400,
             "validation_failed",
         )
@@ -229,8 +267,18 @@ async fn create_refuses_bad_grants() {
     .execute(&app.db)
     .await
     .unwrap();
-    assert_problem(post(json!({"name": "x", "scopes": ["orders:write"]})).await, 403, "forbidden").await;
-    assert_eq!(post(json!({"name": "x", "scopes": ["orders:read"]})).await.status(), 201);
+    assert_problem(
+        post(json!({"name": "x", "scopes": ["orders:write"]})).await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_eq!(
+        post(json!({"name": "x", "scopes": ["orders:read"]}))
+            .await
+            .status(),
+        201
+    );
     let n: i64 = sqlx::query_scalar("select count(*) from api_keys")
         .fetch_one(&app.db)
         .await
@@ -272,7 +320,10 @@ async fn verify_answers_valid_with_user_key_and_accounts() {
     let kinfo = r.key.unwrap();
     assert_eq!(kinfo.id, k["id"].as_str().unwrap());
     assert_eq!(kinfo.prefix, k["prefix"].as_str().unwrap());
-    assert_eq!(kinfo.scopes, vec!["orders:read".to_string(), "orders:write".to_string()]);
+    assert_eq!(
+        kinfo.scopes,
+        vec!["orders:read".to_string(), "orders:write".to_string()]
+    );
     assert!(kinfo.expires_at.is_some());
     // Only the account the key is bound to, with the owner's access.
     assert_eq!(r.accounts.len(), 1);
@@ -332,11 +383,15 @@ async fn verify_gives_each_refusal_its_reason() {
         ("sbk_dev_short".to_string(), VerifyReason::Malformed),
         (typo, VerifyReason::Malformed),
         (
-            ApiKeySecret::generate(Environment::Production).expose().to_string(),
+            ApiKeySecret::generate(Environment::Production)
+                .expose()
+                .to_string(),
             VerifyReason::WrongEnvironment,
         ),
         (
-            ApiKeySecret::generate(Environment::Development).expose().to_string(),
+            ApiKeySecret::generate(Environment::Development)
+                .expose()
+                .to_string(),
             VerifyReason::NotFound,
         ),
     ] {
@@ -357,7 +412,11 @@ async fn verify_gives_each_refusal_its_reason() {
 
     // Revoked.
     let revoked = create_key(&app, &token, body.clone()).await;
-    assert!(verify(&mut client, req(revoked["key"].as_str().unwrap())).await.valid);
+    assert!(
+        verify(&mut client, req(revoked["key"].as_str().unwrap()))
+            .await
+            .valid
+    );
     revoke(&app, &token, revoked["id"].as_str().unwrap()).await;
     let r = verify(&mut client, req(revoked["key"].as_str().unwrap())).await;
     assert_eq!(reason(&r), VerifyReason::Revoked);
@@ -372,7 +431,10 @@ async fn verify_gives_each_refusal_its_reason() {
     let lk = limited["key"].as_str().unwrap();
     assert!(verify(&mut client, req(lk)).await.valid);
     assert!(verify(&mut client, req(lk)).await.valid);
-    assert_eq!(reason(&verify(&mut client, req(lk)).await), VerifyReason::RateLimited);
+    assert_eq!(
+        reason(&verify(&mut client, req(lk)).await),
+        VerifyReason::RateLimited
+    );
 
     // IP not allowed, insufficient scope, account not allowed.
     let bound = create_key(
@@ -426,7 +488,12 @@ async fn verify_gives_each_refusal_its_reason() {
 async fn verify_requires_a_service_token_with_auth_verify() {
     let app = TestApp::spawn().await;
     let (_, _, token) = app.user_with_token().await;
-    let k = create_key(&app, &token, json!({"name": "k", "scopes": ["orders:read"]})).await;
+    let k = create_key(
+        &app,
+        &token,
+        json!({"name": "k", "scopes": ["orders:read"]}),
+    )
+    .await;
     let key = k["key"].as_str().unwrap();
 
     let mut anon = AuthServiceClient::new(app.channel().await);
@@ -441,7 +508,10 @@ async fn verify_requires_a_service_token_with_auth_verify() {
     // A user's access token is not a service token.
     let mut user = AuthServiceClient::new(app.grpc_with_token(&token).await);
     let e = user.verify_api_key(req(key)).await.unwrap_err();
-    assert!(matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied));
+    assert!(matches!(
+        e.code(),
+        Code::Unauthenticated | Code::PermissionDenied
+    ));
 }
 
 #[tokio::test]
@@ -552,13 +622,22 @@ async fn rotation_issues_a_new_key_and_kills_the_old_one() {
     let new: Value = res.json().await.unwrap();
     assert_ne!(new["id"], old["id"]);
     assert_ne!(new["key"], old["key"]);
-    for f in ["name", "scopes", "allowed_ips", "trading_account_ids", "rate_limit_per_minute"] {
+    for f in [
+        "name",
+        "scopes",
+        "allowed_ips",
+        "trading_account_ids",
+        "rate_limit_per_minute",
+    ] {
         assert_eq!(new[f], old[f], "{f}");
     }
     let new_key = new["key"].as_str().unwrap();
     assert!(new_key.starts_with(new["prefix"].as_str().unwrap()));
 
-    assert_eq!(reason(&verify(&mut client, local(old_key)).await), VerifyReason::Revoked);
+    assert_eq!(
+        reason(&verify(&mut client, local(old_key)).await),
+        VerifyReason::Revoked
+    );
     assert!(verify(&mut client, local(new_key)).await.valid);
     let shown: Value = send(
         &app,
@@ -595,14 +674,22 @@ async fn another_users_key_answers_404() {
     let app = TestApp::spawn().await;
     let (_, _, alice) = app.user_with_token().await;
     let (_, _, bob) = app.user_with_token().await;
-    let k = create_key(&app, &alice, json!({"name": "k", "scopes": ["orders:read"]})).await;
+    let k = create_key(
+        &app,
+        &alice,
+        json!({"name": "k", "scopes": ["orders:read"]}),
+    )
+    .await;
     let id = k["id"].as_str().unwrap();
     for (m, path) in [
         (reqwest::Method::GET, format!("/v1/api-keys/{id}")),
         (reqwest::Method::DELETE, format!("/v1/api-keys/{id}")),
         (reqwest::Method::POST, format!("/v1/api-keys/{id}/rotate")),
         (reqwest::Method::GET, format!("/v1/api-keys/{id}/usage")),
-        (reqwest::Method::GET, format!("/v1/api-keys/{}", Uuid::new_v4())),
+        (
+            reqwest::Method::GET,
+            format!("/v1/api-keys/{}", Uuid::new_v4()),
+        ),
         (reqwest::Method::GET, "/v1/api-keys/not-a-uuid".to_string()),
     ] {
         assert_problem(send(&app, m, &path, &bob, None).await, 404, "not_found").await;
@@ -615,14 +702,23 @@ async fn another_users_key_answers_404() {
     assert_eq!(list["items"], json!([]));
     // Still alive after Bob's DELETE.
     let mut client = verifier(&app).await;
-    assert!(verify(&mut client, req(k["key"].as_str().unwrap())).await.valid);
+    assert!(
+        verify(&mut client, req(k["key"].as_str().unwrap()))
+            .await
+            .valid
+    );
 }
 
 #[tokio::test]
 async fn x_api_key_authenticates_the_gateway_within_its_grant() {
     let app = TestApp::spawn().await;
     let (user_id, email, token) = app.user_with_token().await;
-    let k = create_key(&app, &token, json!({"name": "k", "scopes": ["orders:read"]})).await;
+    let k = create_key(
+        &app,
+        &token,
+        json!({"name": "k", "scopes": ["orders:read"]}),
+    )
+    .await;
     let key = k["key"].as_str().unwrap();
     let with_key = |path: &str, key: &str| {
         reqwest::Client::new()
@@ -638,10 +734,19 @@ async fn x_api_key_authenticates_the_gateway_within_its_grant() {
 
     for bad in [
         "sbk_dev_nope".to_string(),
-        ApiKeySecret::generate(Environment::Development).expose().to_string(),
-        ApiKeySecret::generate(Environment::Staging).expose().to_string(),
+        ApiKeySecret::generate(Environment::Development)
+            .expose()
+            .to_string(),
+        ApiKeySecret::generate(Environment::Staging)
+            .expose()
+            .to_string(),
     ] {
-        assert_problem(with_key("/v1/users/me", &bad).await.unwrap(), 401, "invalid_token").await;
+        assert_problem(
+            with_key("/v1/users/me", &bad).await.unwrap(),
+            401,
+            "invalid_token",
+        )
+        .await;
     }
     // A key cannot manage keys, whatever its scopes.
     let res = reqwest::Client::new()
@@ -652,11 +757,21 @@ async fn x_api_key_authenticates_the_gateway_within_its_grant() {
         .await
         .unwrap();
     assert_problem(res, 403, "forbidden").await;
-    assert_problem(with_key("/v1/api-keys", key).await.unwrap(), 403, "forbidden").await;
+    assert_problem(
+        with_key("/v1/api-keys", key).await.unwrap(),
+        403,
+        "forbidden",
+    )
+    .await;
 
     // Revoked: refused at once.
     revoke(&app, &token, k["id"].as_str().unwrap()).await;
-    assert_problem(with_key("/v1/users/me", key).await.unwrap(), 401, "invalid_token").await;
+    assert_problem(
+        with_key("/v1/users/me", key).await.unwrap(),
+        401,
+        "invalid_token",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -667,8 +782,18 @@ async fn usage_is_flushed_on_graceful_shutdown_and_paginates() {
     })
     .await;
     let (_, _, token) = app.user_with_token().await;
-    let k = create_key(&app, &token, json!({"name": "k", "scopes": ["orders:read"]})).await;
-    let r = create_key(&app, &token, json!({"name": "r", "scopes": ["orders:read"]})).await;
+    let k = create_key(
+        &app,
+        &token,
+        json!({"name": "k", "scopes": ["orders:read"]}),
+    )
+    .await;
+    let r = create_key(
+        &app,
+        &token,
+        json!({"name": "r", "scopes": ["orders:read"]}),
+    )
+    .await;
     let id = k["id"].as_str().unwrap().to_string();
     let mut client = verifier(&app).await;
     for ip in ["192.0.2.1", "192.0.2.2", "192.0.2.3"] {
@@ -739,11 +864,17 @@ async fn usage_is_flushed_on_graceful_shutdown_and_paginates() {
         v
     };
     let app2 = TestApp::spawn_vars(vars).await;
-    let page1: Value = send(&app2, reqwest::Method::GET, &format!("/v1/api-keys/{id}/usage?limit=3"), &token, None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let page1: Value = send(
+        &app2,
+        reqwest::Method::GET,
+        &format!("/v1/api-keys/{id}/usage?limit=3"),
+        &token,
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     let items = page1["items"].as_array().unwrap();
     assert_eq!(items.len(), 3);
     assert_eq!(items[0]["result"], "insufficient_scope");
@@ -776,20 +907,30 @@ async fn floods_of_made_up_keys_do_not_reach_the_database() {
     assert_eq!(lookups(), 0);
 
     // Random strings, and keys with a broken checksum: judged offline.
-    let real = ApiKeySecret::generate(Environment::Development).expose().to_string();
+    let real = ApiKeySecret::generate(Environment::Development)
+        .expose()
+        .to_string();
     for i in 0..300 {
         let mut k = real.clone().into_bytes();
         let pos = 8 + (i % 40);
         k[pos] = if k[pos] == b'x' { b'y' } else { b'x' };
         let k = String::from_utf8(k).unwrap();
-        assert_eq!(reason(&verify(&mut client, req(&k)).await), VerifyReason::Malformed);
+        assert_eq!(
+            reason(&verify(&mut client, req(&k)).await),
+            VerifyReason::Malformed
+        );
         let junk = format!("sbk_dev_{}", Uuid::new_v4().simple());
-        assert_eq!(reason(&verify(&mut client, req(&junk)).await), VerifyReason::Malformed);
+        assert_eq!(
+            reason(&verify(&mut client, req(&junk)).await),
+            VerifyReason::Malformed
+        );
     }
     assert_eq!(lookups(), 0, "malformed keys reached PostgreSQL");
 
     // One well-formed unknown key hammered: one lookup, then the negative cache.
-    let unknown = ApiKeySecret::generate(Environment::Development).expose().to_string();
+    let unknown = ApiKeySecret::generate(Environment::Development)
+        .expose()
+        .to_string();
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let mut c = client.clone();
@@ -804,12 +945,18 @@ async fn floods_of_made_up_keys_do_not_reach_the_database() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(lookups(), 1, "repeated unknown key reached PostgreSQL more than once");
+    assert_eq!(
+        lookups(),
+        1,
+        "repeated unknown key reached PostgreSQL more than once"
+    );
 
     // Distinct well-formed keys each cost exactly one lookup (the checksum is
     // public, so only the miss cache and the bounded miss concurrency protect).
     for _ in 0..20 {
-        let k = ApiKeySecret::generate(Environment::Development).expose().to_string();
+        let k = ApiKeySecret::generate(Environment::Development)
+            .expose()
+            .to_string();
         verify(&mut client, req(&k)).await;
         verify(&mut client, req(&k)).await;
     }

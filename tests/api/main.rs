@@ -10,4 +10,5 @@ mod config;
 mod deploy;
 mod foundation;
 mod observability;
+mod openapi;
 mod scale_out;
