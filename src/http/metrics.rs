@@ -17,6 +17,19 @@ use crate::config::Environment;
 /// The exposition format Prometheus scrapes.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// Prometheus metrics. Open in development; elsewhere only to loopback callers
+/// (not proxied) or with `Authorization: Bearer <METRICS_TOKEN>`.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Prometheus text exposition format", body = String,
+            content_type = "text/plain; version=0.0.4; charset=utf-8"),
+        (status = 404, description = "Not allowed to scrape; answers as if absent (`not_found`)",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn metrics(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

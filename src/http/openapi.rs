@@ -14,7 +14,7 @@ use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Response as Doc
 use utoipa::{Modify, OpenApi};
 
 use super::problem::Problem;
-use super::{accounts, admin_audit, api_keys, auth_api, health, users};
+use super::{accounts, admin_audit, api_keys, auth_api, health, metrics, users};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -58,6 +58,7 @@ use super::{accounts, admin_audit, api_keys, auth_api, health, users};
         api_keys::revoke,
         api_keys::rotate,
         api_keys::usage,
+        metrics::metrics,
         openapi_json,
     ),
     components(schemas(Problem)),
@@ -69,6 +70,7 @@ use super::{accounts, admin_audit, api_keys, auth_api, health, users};
         (name = "accounts", description = "Trading accounts, members and broker credentials"),
         (name = "admin", description = "Admin only"),
         (name = "api_keys", description = "The caller's API keys (managed with a session, not with a key)"),
+        (name = "ops", description = "Operations"),
         (name = "meta", description = "This document"),
     )
 )]
@@ -105,6 +107,10 @@ struct Conventions;
 
 impl Modify for Conventions {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        // utoipa copies Cargo.toml's license, which is unset: an empty name is noise.
+        if doc.info.license.as_ref().is_some_and(|l| l.name.is_empty()) {
+            doc.info.license = None;
+        }
         let components = doc.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",

@@ -149,10 +149,11 @@ pub struct After {
 }
 
 /// Live accounts the user owns or is a live member of, oldest first; at most
-/// `limit` after `after`.
+/// `limit` after `after`, and only those in `only` when given.
 pub async fn list_for_user(
     pool: &PgPool,
     user_id: Uuid,
+    only: Option<&[Uuid]>,
     after: Option<After>,
     limit: i64,
 ) -> StoreResult<Vec<AccountAccess>> {
@@ -161,6 +162,7 @@ pub async fn list_for_user(
           where a.deleted_at is null
             and (a.owner_user_id = $1 or m.id is not null)
             and ($2::timestamptz is null or (a.created_at, a.id) > ($2, $3))
+            and ($5::uuid[] is null or a.id = any($5))
           order by a.created_at, a.id
           limit $4"
     ))
@@ -168,6 +170,7 @@ pub async fn list_for_user(
     .bind(after.map(|a| a.created_at))
     .bind(after.map(|a| a.id))
     .bind(limit)
+    .bind(only)
     .fetch_all(pool)
     .await?;
     rows.into_iter()
