@@ -7,7 +7,7 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use utoipa::openapi::header::HeaderBuilder;
-use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::path::{Operation, ParameterIn, PathItem};
 use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Response as DocResponse, Type};
@@ -137,19 +137,53 @@ impl Modify for Conventions {
             ))),
         );
 
+        unique_operation_ids(doc);
         for (path, item) in doc.paths.paths.iter_mut() {
-            let ops = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-            ];
-            for op in ops.into_iter().flatten() {
+            for op in operations_mut(item) {
                 add_common_errors(path, op);
             }
         }
     }
+}
+
+/// utoipa names an operation after its handler, and several modules have a `list`
+/// or `create`; OpenAPI requires unique ids, so a shared name gets its tag as prefix
+/// (`accounts_create`, `api_keys_create`).
+fn unique_operation_ids(doc: &mut utoipa::openapi::OpenApi) {
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for op in doc.paths.paths.values().flat_map(operations) {
+        if let Some(id) = &op.operation_id {
+            *seen.entry(id.clone()).or_default() += 1;
+        }
+    }
+    for item in doc.paths.paths.values_mut() {
+        for op in operations_mut(item) {
+            let tag = op.tags.as_ref().and_then(|t| t.first()).cloned();
+            if let (Some(id), Some(tag)) = (&mut op.operation_id, tag) {
+                if seen.get(id.as_str()).is_some_and(|n| *n > 1) {
+                    *id = format!("{tag}_{id}");
+                }
+            }
+        }
+    }
+}
+
+fn operations(item: &PathItem) -> impl Iterator<Item = &Operation> {
+    [&item.get, &item.put, &item.post, &item.delete, &item.patch]
+        .into_iter()
+        .flatten()
+}
+
+fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
+    [
+        &mut item.get,
+        &mut item.put,
+        &mut item.post,
+        &mut item.delete,
+        &mut item.patch,
+    ]
+    .into_iter()
+    .flatten()
 }
 
 fn add_common_errors(path: &str, op: &mut Operation) {
@@ -167,6 +201,16 @@ fn add_common_errors(path: &str, op: &mut Operation) {
         })
     });
     let api = path.starts_with("/v1/");
+
+    // Every error answers problem+json, so an error a handler lists with only a
+    // description gets the Problem body here.
+    for (status, response) in op.responses.responses.iter_mut() {
+        if let RefOr::T(r) = response {
+            if (status.starts_with('4') || status.starts_with('5')) && r.content.is_empty() {
+                r.content = problem(&r.description).content;
+            }
+        }
+    }
 
     let mut add = |status: &str, response: DocResponse| {
         op.responses

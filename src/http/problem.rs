@@ -11,7 +11,10 @@ use crate::service::{FieldError, ServiceError};
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
-    #[schema(format = "uri", example = "https://docs.stocksblitz.com/problems/not-found")]
+    #[schema(
+        format = "uri",
+        example = "https://docs.stocksblitz.com/problems/not-found"
+    )]
     pub type_: String,
     #[schema(example = "Not Found")]
     pub title: &'static str,

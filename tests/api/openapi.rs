@@ -151,6 +151,18 @@ async fn openapi_document_is_3_1_and_names_every_route() {
             internal["$ref"], "#/components/schemas/Problem",
             "{op}: 500 is problem+json"
         );
+        for (status, response) in responses {
+            if status.starts_with('4') || status.starts_with('5') {
+                let schema = &response["content"]["application/problem+json"]["schema"]["$ref"];
+                // /health answers 503 with its own JSON body, by design.
+                if !(path == "/health" && status == "503") {
+                    assert_eq!(
+                        schema, "#/components/schemas/Problem",
+                        "{op} {status}: problem+json"
+                    );
+                }
+            }
+        }
         if operation.get("requestBody").is_some() {
             assert!(responses.contains_key("400"), "{op}: 400 documented");
         }
@@ -161,6 +173,16 @@ async fn openapi_document_is_3_1_and_names_every_route() {
         if secured {
             assert!(responses.contains_key("401"), "{op}: 401 documented");
         }
+    }
+
+    let mut ids = BTreeSet::new();
+    for op in &ops {
+        let (method, path) = op.split_once(' ').unwrap();
+        let id = doc["paths"][path][method.to_lowercase()]["operationId"].clone();
+        assert!(
+            ids.insert(id.to_string()),
+            "{op}: operationId {id} is not unique"
+        );
     }
 
     let schemes = &doc["components"]["securitySchemes"];
@@ -204,6 +226,22 @@ async fn schemathesis_finds_no_server_errors_or_schema_violations() {
     };
     let app = TestApp::spawn().await;
     let (_, _, token) = app.user_with_token().await;
+    // Real ids for the `{id}` paths, so fuzzing reaches the handlers behind the
+    // ownership check instead of stopping at 404.
+    let account = created_id(
+        &app,
+        &token,
+        "/v1/trading-accounts",
+        serde_json::json!({"broker": "zerodha", "broker_user_id": "FZ0001", "nickname": "fuzz"}),
+    )
+    .await;
+    let key = created_id(
+        &app,
+        &token,
+        "/v1/api-keys",
+        serde_json::json!({"name": "fuzz", "scopes": ["accounts:read"]}),
+    )
+    .await;
 
     let dir = tempfile_dir();
     let config = dir.join("schemathesis.toml");
@@ -221,6 +259,8 @@ async fn schemathesis_finds_no_server_errors_or_schema_violations() {
         .arg("--seed")
         .arg("20251128")
         .env("ST_TOKEN", &token)
+        .env("ST_ACCOUNT_ID", &account)
+        .env("ST_KEY_ID", &key)
         .env("NO_COLOR", "1")
         .current_dir(&dir)
         .kill_on_drop(true)
@@ -245,9 +285,34 @@ async fn schemathesis_finds_no_server_errors_or_schema_violations() {
     );
 }
 
-/// The bearer scheme is filled with the test user's token; the token goes through
-/// the environment so it never appears on a command line.
-const CONFIG: &str = "[auth.openapi.bearer]\nbearer = \"${ST_TOKEN}\"\n";
+/// The bearer scheme is filled with the test user's token (through the environment,
+/// so it never appears on a command line), and `{id}` with the user's own account
+/// and key.
+const CONFIG: &str = r#"[auth.openapi.bearer]
+bearer = "${ST_TOKEN}"
+
+[[operations]]
+include-path-regex = "^/v1/trading-accounts/"
+parameters = { "path.id" = "${ST_ACCOUNT_ID}" }
+
+[[operations]]
+include-path-regex = "^/v1/api-keys/"
+parameters = { "path.id" = "${ST_KEY_ID}" }
+"#;
+
+async fn created_id(app: &TestApp, token: &str, path: &str, body: Value) -> String {
+    let res = app
+        .http
+        .post(app.url(path))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 201, "POST {path}");
+    let created: Value = res.json().await.unwrap();
+    created["id"].as_str().unwrap().to_string()
+}
 
 /// Checks and exclusions shared with scripts/api-check: logging out or ending the
 /// current session would revoke the token mid-run and turn every later case into a 401.
