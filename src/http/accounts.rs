@@ -110,6 +110,8 @@ struct RoleBody {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct PageQuery {
+    /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
     cursor: Option<String>,
 }

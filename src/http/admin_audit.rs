@@ -25,6 +25,8 @@ struct AuditQuery {
     target_id: Option<String>,
     since: Option<DateTime<Utc>>,
     until: Option<DateTime<Utc>>,
+    /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
     cursor: Option<String>,
 }
@@ -73,6 +75,7 @@ struct PageBody {
 #[utoipa::path(
     get,
     path = "/v1/admin/audit-logs",
+    operation_id = "admin_list_audit_logs",
     tag = "admin",
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     params(AuditQuery),

@@ -140,6 +140,8 @@ struct AdminUserQuery {
     email: Option<String>,
     /// `active` or `disabled`.
     status: Option<String>,
+    /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,

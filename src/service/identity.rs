@@ -105,6 +105,11 @@ pub(crate) fn sha256(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
 }
 
+/// Bound and lifetime of the profile cache; the TTL only limits how long a change
+/// missed by a replica (Redis down) can linger.
+const PROFILE_CACHE_CAPACITY: u64 = 100_000;
+const PROFILE_CACHE_TTL: Duration = Duration::from_secs(30);
+
 pub struct Identity {
     pub(crate) db: Db,
     pub(crate) cache: Cache,
@@ -115,6 +120,9 @@ pub struct Identity {
     pub(crate) lockout: super::auth::LocalCounters,
     /// Tells every replica's caches (API keys …) that a user changed.
     pub(crate) invalidation: Invalidation,
+    /// Profiles by user id for GET /v1/users/me, the gateway's hottest read:
+    /// dropped on every replica when the user changes (the invalidation bus).
+    pub(crate) profiles: MokaCache<Uuid, crate::domain::user::User>,
 }
 
 impl Identity {
@@ -124,7 +132,21 @@ impl Identity {
         cache: Cache,
         invalidation: Invalidation,
     ) -> anyhow::Result<Self> {
+        let profiles: MokaCache<Uuid, crate::domain::user::User> = MokaCache::builder()
+            .max_capacity(PROFILE_CACHE_CAPACITY)
+            .time_to_live(PROFILE_CACHE_TTL)
+            .build();
+        {
+            let profiles = profiles.clone();
+            invalidation.on_change(move |change| match change {
+                super::invalidation::Change::User(id) => profiles.invalidate(&id),
+                super::invalidation::Change::Everything => profiles.invalidate_all(),
+                super::invalidation::Change::ApiKey(_)
+                | super::invalidation::Change::Account(_) => {}
+            });
+        }
         Ok(Self {
+            profiles,
             invalidation,
             jwt: JwtKeys::from_settings(settings)?,
             hasher: PasswordHasher::new(settings.argon2_max_concurrency),

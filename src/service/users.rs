@@ -98,10 +98,15 @@ impl Identity {
     /// The caller's own profile.
     pub async fn me(&self, caller: &Caller) -> ServiceResult<User> {
         let id = caller.user_id().ok_or(ServiceError::InvalidToken)?;
-        users::get(&self.db.pool, id)
+        if let Some(user) = self.profiles.get(&id) {
+            return Ok(user);
+        }
+        let user = users::get(&self.db.pool, id)
             .await?
             .map(|u| u.into_user())
-            .ok_or(ServiceError::InvalidToken)
+            .ok_or(ServiceError::InvalidToken)?;
+        self.profiles.insert(id, user.clone());
+        Ok(user)
     }
 
     /// A user by id, for service clients holding `users:read`.
@@ -144,6 +149,7 @@ impl Identity {
             .ok_or(ServiceError::InvalidToken)?
             .into_user();
         tx.commit().await.map_err(tx_err)?;
+        self.invalidation.user_changed(id).await;
         Ok(user)
     }
 
