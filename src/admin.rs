@@ -136,7 +136,10 @@ async fn reencrypt_credentials(settings: &Settings) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&summary)?);
     db.pool.close().await;
     if !summary.failed.is_empty() {
-        anyhow::bail!("{} account(s) could not be re-encrypted", summary.failed.len());
+        anyhow::bail!(
+            "{} account(s) could not be re-encrypted",
+            summary.failed.len()
+        );
     }
     Ok(())
 }

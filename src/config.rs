@@ -247,9 +247,7 @@ impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Secrets are SecretString, whose Debug prints a redaction marker; the
         // DATABASE_URL and REDIS_URL are masked because they may carry passwords.
-        f.debug_map()
-            .entries(self.effective())
-            .finish()
+        f.debug_map().entries(self.effective()).finish()
     }
 }
 

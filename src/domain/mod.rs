@@ -4,5 +4,5 @@ pub mod account;
 pub mod api_key;
 pub mod email;
 pub mod password;
-pub mod user;
 pub mod policy;
+pub mod user;

@@ -5,11 +5,11 @@ use tonic::{Request, Response, Status};
 use super::interceptor::require_scope;
 use crate::app::AppState;
 use crate::proto::user_service_server::UserService;
-use crate::proto::{GetUserRequest, GetUserResponse};
 use crate::proto::{
     CheckPermissionRequest, CheckPermissionResponse, ListUserAccountsRequest,
     ListUserAccountsResponse,
 };
+use crate::proto::{GetUserRequest, GetUserResponse};
 
 pub struct UserApi {
     state: AppState,

@@ -13,12 +13,12 @@ use uuid::Uuid;
 
 use super::auth::Authenticated;
 use super::extract::{Json, Meta, Path, Query};
+use super::list::PageBody;
 use super::AppState;
 use crate::domain::account::{
     AccountAccess, AccountPatch, BrokerCredentials, Member, MemberRole, MemberTarget, NewAccount,
     TradingAccount,
 };
-use crate::service::paging::Page;
 use crate::service::ServiceError;
 
 pub fn routes() -> Router<AppState> {
@@ -196,21 +196,6 @@ impl From<Member> for MemberBody {
     }
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
-struct PageBody<T> {
-    items: Vec<T>,
-    next_cursor: Option<String>,
-}
-
-impl<T> PageBody<T> {
-    fn from_page<U: Into<T>>(p: Page<U>) -> Self {
-        Self {
-            items: p.items.into_iter().map(Into::into).collect(),
-            next_cursor: p.next_cursor,
-        }
-    }
-}
-
 /// Creates a trading account owned by the caller.
 #[utoipa::path(
     post,
@@ -260,7 +245,7 @@ async fn list(
         .accounts
         .list(&caller, &meta, q.limit, q.cursor.as_deref())
         .await?;
-    Ok(axum::Json(PageBody::from_page(page)))
+    Ok(axum::Json(page.into()))
 }
 
 #[utoipa::path(
@@ -434,7 +419,7 @@ async fn list_members(
         .accounts
         .list_members(&caller, &meta, id, q.limit, q.cursor.as_deref())
         .await?;
-    Ok(axum::Json(PageBody::from_page(page)))
+    Ok(axum::Json(page.into()))
 }
 
 /// Owner or manager; never above the granter's own role.

@@ -12,8 +12,9 @@ use uuid::Uuid;
 
 use super::auth::Authenticated;
 use super::extract::{Json, Meta, Path, Query};
+use super::list::PageBody;
 use super::AppState;
-use crate::service::api_keys::{IssuedKey, KeyView, NewKey, Page, UsageItem};
+use crate::service::api_keys::{IssuedKey, KeyView, NewKey, UsageItem};
 use crate::service::ServiceError;
 
 pub fn routes() -> Router<AppState> {
@@ -115,21 +116,6 @@ fn issued(k: IssuedKey) -> Response {
     res.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-struct PageBody<T> {
-    items: Vec<T>,
-    next_cursor: Option<String>,
-}
-
-impl<S, T: From<S>> From<Page<S>> for PageBody<T> {
-    fn from(p: Page<S>) -> Self {
-        Self {
-            items: p.items.into_iter().map(T::from).collect(),
-            next_cursor: p.next_cursor,
-        }
-    }
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

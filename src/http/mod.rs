@@ -8,6 +8,7 @@ pub mod auth;
 pub mod auth_api;
 pub mod extract;
 pub mod health;
+pub mod list;
 pub mod metrics;
 pub mod observe;
 pub mod openapi;

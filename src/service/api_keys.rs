@@ -9,8 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 use serde_json::json;
@@ -21,6 +19,7 @@ use super::accounts::AccountsService;
 use super::api_key_usage::UsageBuffer;
 use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
+use super::paging::{self, Page};
 use super::policy::PolicyEngine;
 use super::{Caller, FieldError, KeyGrant, RequestMeta, ServiceError, ServiceResult};
 use crate::config::{Environment, Settings};
@@ -37,8 +36,6 @@ use crate::store::{Cache, Db};
 /// of one-off misses from evicting the keys in real use.
 const CACHE_CAPACITY: u64 = 50_000;
 const MAX_SCOPES: usize = 50;
-const DEFAULT_PAGE: i64 = 50;
-const MAX_PAGE: i64 = 200;
 /// Requests per minute a key may be limited to, at most.
 const MAX_RATE_LIMIT: i64 = 1_000_000;
 
@@ -205,12 +202,6 @@ pub struct UsageItem {
     pub ip: Option<String>,
     pub operation: String,
     pub result: String,
-}
-
-#[derive(Debug, Clone)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    pub next_cursor: Option<String>,
 }
 
 pub struct ApiKeyService {
@@ -720,22 +711,11 @@ impl ApiKeyService {
         cursor: Option<&str>,
     ) -> ServiceResult<Page<KeyView>> {
         let user_id = key_manager(caller)?;
-        let limit = page_limit(limit)?;
-        let before = cursor
-            .map(|c| decode_cursor(c).and_then(|s| s.parse::<Uuid>().ok()))
-            .map(|c| c.ok_or_else(bad_cursor))
-            .transpose()?;
-        let mut rows = store::list_for_user(&self.db.pool, user_id, before, limit + 1).await?;
-        let next_cursor = if rows.len() as i64 > limit {
-            rows.truncate(limit as usize);
-            rows.last().map(|r| encode_cursor(&r.id.to_string()))
-        } else {
-            None
-        };
-        Ok(Page {
-            items: rows.into_iter().map(KeyView::from).collect(),
-            next_cursor,
-        })
+        let limit = paging::limit(limit)?;
+        let before = cursor.map(paging::decode_key::<Uuid>).transpose()?;
+        let rows = store::list_for_user(&self.db.pool, user_id, before, limit + 1).await?;
+        let page = paging::finish(rows, limit, |r| paging::encode(&r.id.to_string()));
+        Ok(page.map(KeyView::from))
     }
 
     pub async fn get(&self, caller: &Caller, id: Uuid) -> ServiceResult<KeyView> {
@@ -840,34 +820,19 @@ impl ApiKeyService {
         cursor: Option<&str>,
     ) -> ServiceResult<Page<UsageItem>> {
         let user_id = key_manager(caller)?;
-        let limit = page_limit(limit)?;
+        let limit = paging::limit(limit)?;
         store::get_for_user(&self.db.pool, user_id, id)
             .await?
             .ok_or(ServiceError::NotFound("api key"))?;
-        let before = cursor
-            .map(|c| decode_cursor(c).and_then(|s| parse_usage_cursor(&s)))
-            .map(|c| c.ok_or_else(bad_cursor))
-            .transpose()?;
-        let mut rows = store::usage_page(&self.db.pool, id, before, limit + 1).await?;
-        let next_cursor = if rows.len() as i64 > limit {
-            rows.truncate(limit as usize);
-            rows.last()
-                .map(|r| encode_cursor(&format!("{}.{}", r.used_at.timestamp_micros(), r.id)))
-        } else {
-            None
-        };
-        Ok(Page {
-            items: rows
-                .into_iter()
-                .map(|r| UsageItem {
-                    used_at: r.used_at,
-                    ip: r.ip,
-                    operation: r.operation,
-                    result: r.result,
-                })
-                .collect(),
-            next_cursor,
-        })
+        let before = cursor.map(paging::decode_time_id::<i64>).transpose()?;
+        let rows = store::usage_page(&self.db.pool, id, before, limit + 1).await?;
+        let page = paging::finish(rows, limit, |r| paging::encode_time_id(r.used_at, r.id));
+        Ok(page.map(|r| UsageItem {
+            used_at: r.used_at,
+            ip: r.ip,
+            operation: r.operation,
+            result: r.result,
+        }))
     }
 }
 
@@ -916,39 +881,4 @@ fn drop_matching(cache: &moka::future::Cache<[u8; 32], CacheEntry>, change: Chan
     if dropped.is_err() {
         cache.invalidate_all();
     }
-}
-
-fn page_limit(limit: Option<i64>) -> ServiceResult<i64> {
-    match limit {
-        None => Ok(DEFAULT_PAGE),
-        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-        Some(_) => Err(ServiceError::validation(
-            "limit",
-            "out_of_range",
-            format!("must be between 1 and {MAX_PAGE}"),
-        )),
-    }
-}
-
-fn encode_cursor(s: &str) -> String {
-    URL_SAFE_NO_PAD.encode(s)
-}
-
-fn decode_cursor(c: &str) -> Option<String> {
-    URL_SAFE_NO_PAD
-        .decode(c)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-}
-
-fn parse_usage_cursor(s: &str) -> Option<(DateTime<Utc>, i64)> {
-    let (micros, id) = s.split_once('.')?;
-    Some((
-        DateTime::from_timestamp_micros(micros.parse().ok()?)?,
-        id.parse().ok()?,
-    ))
-}
-
-fn bad_cursor() -> ServiceError {
-    ServiceError::validation("cursor", "invalid", "not a cursor from a previous page")
 }

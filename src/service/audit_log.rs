@@ -36,7 +36,7 @@ impl AuditLog {
     ) -> ServiceResult<Page<AuditRow>> {
         self.require_auditor(caller, meta).await?;
         let limit = paging::limit(limit)?;
-        let before = cursor.map(paging::decode_i64).transpose()?;
+        let before = cursor.map(paging::decode_key).transpose()?;
         if let (Some(s), Some(u)) = (filter.since, filter.until) {
             if s > u {
                 return Err(ServiceError::validation(

@@ -2,17 +2,17 @@
 //! asking, already authenticated by the transport) and decides; errors are one
 //! `ServiceError`, mapped exhaustively to gRPC statuses and problem+json.
 
-pub mod audit;
+pub mod accounts;
 pub mod api_key_usage;
 pub mod api_keys;
-pub mod invalidation;
+pub mod audit;
+pub mod audit_log;
 pub mod auth;
 pub mod identity;
-pub mod users;
-pub mod accounts;
-pub mod audit_log;
+pub mod invalidation;
 pub mod paging;
 pub mod policy;
+pub mod users;
 
 use std::net::IpAddr;
 

@@ -1,10 +1,12 @@
 //! Keyset pagination for lists: `?limit=&cursor=`, answering `next_cursor`. A
 //! cursor is opaque to clients (base64url of the last item's sort key).
 
+use std::fmt::Display;
+use std::str::FromStr;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
 
 use super::ServiceError;
 
@@ -15,6 +17,15 @@ pub const MAX_LIMIT: i64 = 200;
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    pub fn map<U>(self, f: impl FnMut(T) -> U) -> Page<U> {
+        Page {
+            items: self.items.into_iter().map(f).collect(),
+            next_cursor: self.next_cursor,
+        }
+    }
 }
 
 /// A client's page request, checked: limit 1..=200 (default 50).
@@ -46,12 +57,12 @@ pub fn decode(c: &str) -> Result<String, ServiceError> {
         .ok_or_else(bad_cursor)
 }
 
-/// A (timestamp, uuid) sort key.
-pub fn encode_time_id(at: DateTime<Utc>, id: Uuid) -> String {
+/// A (timestamp, id) sort key, the id being a uuid or a serial.
+pub fn encode_time_id(at: DateTime<Utc>, id: impl Display) -> String {
     encode(&format!("{}.{id}", at.timestamp_micros()))
 }
 
-pub fn decode_time_id(c: &str) -> Result<(DateTime<Utc>, Uuid), ServiceError> {
+pub fn decode_time_id<K: FromStr>(c: &str) -> Result<(DateTime<Utc>, K), ServiceError> {
     let s = decode(c)?;
     let (micros, id) = s.split_once('.').ok_or_else(bad_cursor)?;
     let at = micros
@@ -63,8 +74,8 @@ pub fn decode_time_id(c: &str) -> Result<(DateTime<Utc>, Uuid), ServiceError> {
     Ok((at, id))
 }
 
-/// An integer sort key (e.g. audit row ids, newest first).
-pub fn decode_i64(c: &str) -> Result<i64, ServiceError> {
+/// A single-column sort key (e.g. audit row ids or key ids, newest first).
+pub fn decode_key<K: FromStr>(c: &str) -> Result<K, ServiceError> {
     decode(c)?.parse().map_err(|_| bad_cursor())
 }
 
@@ -87,15 +98,22 @@ pub fn finish<T>(mut rows: Vec<T>, limit: i64, cursor_of: impl Fn(&T) -> String)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use uuid::Uuid;
 
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
         let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
         let id = Uuid::new_v4();
-        assert_eq!(decode_time_id(&encode_time_id(at, id)).unwrap(), (at, id));
-        assert!(decode_time_id("!!").is_err());
-        assert!(decode_i64(&encode("x")).is_err());
-        assert_eq!(decode_i64(&encode("42")).unwrap(), 42);
+        assert_eq!(
+            decode_time_id::<Uuid>(&encode_time_id(at, id)).unwrap(),
+            (at, id)
+        );
+        assert!(decode_time_id::<Uuid>("!!").is_err());
+        assert!(decode_key::<i64>(&encode("x")).is_err());
+        assert_eq!(decode_key::<i64>(&encode("42")).unwrap(), 42);
+        let serial = encode_time_id(at, 7_i64);
+        assert_eq!(decode_time_id::<i64>(&serial).unwrap(), (at, 7));
+        assert!(decode_time_id::<i64>(&encode_time_id(at, id)).is_err());
     }
 
     #[test]

@@ -1,13 +1,12 @@
 //! Profiles, own sessions, password change and user administration.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
 use super::audit::{AuditEntry, Outcome};
 use super::identity::{Identity, SessionState};
+use super::paging;
 use super::{Caller, FieldError, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::email::Email;
 use crate::domain::password::Password;
@@ -45,18 +44,16 @@ pub struct UserChange {
     pub roles: Option<Vec<String>>,
 }
 
-const DEFAULT_LIMIT: i64 = 50;
-const MAX_LIMIT: i64 = 200;
-
+/// User lists keep their own `rfc3339|id` sort key and error text rather than
+/// `paging::encode_time_id`, so cursors already handed out stay valid.
 fn encode_cursor(t: DateTime<Utc>, id: Uuid) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}|{id}", t.to_rfc3339()))
+    paging::encode(&format!("{}|{id}", t.to_rfc3339()))
 }
 
 fn decode_cursor(c: &str) -> ServiceResult<(DateTime<Utc>, Uuid)> {
     let bad =
         || ServiceError::validation("cursor", "invalid", "cursor is not one this service issued");
-    let raw = URL_SAFE_NO_PAD.decode(c).map_err(|_| bad())?;
-    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let raw = paging::decode(c).map_err(|_| bad())?;
     let (t, id) = raw.split_once('|').ok_or_else(bad)?;
     Ok((
         DateTime::parse_from_rfc3339(t)
@@ -289,14 +286,13 @@ impl Identity {
         f: UserFilter,
     ) -> ServiceResult<Page<User>> {
         require_admin(caller)?;
-        let limit = f.limit.unwrap_or(DEFAULT_LIMIT);
-        if !(1..=MAX_LIMIT).contains(&limit) {
-            return Err(ServiceError::validation(
+        let limit = paging::limit(f.limit).map_err(|_| {
+            ServiceError::validation(
                 "limit",
                 "out_of_range",
-                format!("limit must be between 1 and {MAX_LIMIT}"),
-            ));
-        }
+                format!("limit must be between 1 and {}", paging::MAX_LIMIT),
+            )
+        })?;
         if let Some(s) = f.status.as_deref() {
             if !["active", "disabled"].contains(&s) {
                 return Err(ServiceError::validation(
@@ -308,17 +304,11 @@ impl Identity {
         }
         let after = f.cursor.as_deref().map(decode_cursor).transpose()?;
         let email = f.email.as_deref().map(str::trim).filter(|s| !s.is_empty());
-        let mut rows =
-            users::list(&self.db.pool, email, f.status.as_deref(), after, limit + 1).await?;
-        let next_cursor = if rows.len() as i64 > limit {
-            rows.truncate(limit as usize);
-            rows.last().map(|u| encode_cursor(u.created_at, u.id))
-        } else {
-            None
-        };
+        let rows = users::list(&self.db.pool, email, f.status.as_deref(), after, limit + 1).await?;
+        let page = paging::finish(rows, limit, |u| encode_cursor(u.created_at, u.id));
         Ok(Page {
-            items: rows.into_iter().map(|r| r.into_user()).collect(),
-            next_cursor,
+            items: page.items.into_iter().map(|r| r.into_user()).collect(),
+            next_cursor: page.next_cursor,
         })
     }
 

@@ -1,17 +1,17 @@
 //! PostgreSQL (sqlx) and Redis (fred). Nothing above this module sees sqlx::Error
 //! or fred types: failures come out as `StoreError` with meaning attached.
 
-pub mod audit;
+pub mod accounts;
 pub mod api_keys;
+pub mod audit;
+pub mod audit_log;
 pub mod bus;
 pub mod db;
+pub mod policies;
 pub mod redis;
 pub mod service_clients;
 pub mod sessions;
 pub mod users;
-pub mod accounts;
-pub mod audit_log;
-pub mod policies;
 
 pub use db::Db;
 pub use redis::Cache;

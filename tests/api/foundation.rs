@@ -320,7 +320,10 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!in_flight.is_finished(), "answered before the body was complete");
+    assert!(
+        !in_flight.is_finished(),
+        "answered before the body was complete"
+    );
     app.shutdown.trigger();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // New connections are refused once the listener has closed.
