@@ -104,6 +104,7 @@ async fn record_store_gauges(state: &AppState) {
     let (db_up, redis_up) = tokio::join!(state.db.ping(), state.cache.ping());
     metrics::gauge!("database_up").set(if db_up { 1.0 } else { 0.0 });
     metrics::gauge!("redis_up").set(if redis_up { 1.0 } else { 0.0 });
+    metrics::gauge!("api_key_usage_buffer_depth").set(state.api_keys.usage_buffer().depth() as f64);
     metrics::gauge!(
         "user_service_build_info",
         "version" => env!("CARGO_PKG_VERSION"),

@@ -38,6 +38,11 @@ impl UsageBuffer {
         records.push(r);
     }
 
+    /// Records waiting for the next flush.
+    pub fn depth(&self) -> usize {
+        self.records.lock().expect("usage buffer lock").len()
+    }
+
     /// Records dropped because the buffer was full, since start.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)

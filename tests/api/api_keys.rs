@@ -361,6 +361,13 @@ async fn verify_answers_valid_with_user_key_and_accounts() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+
+    // The first verification missed the cache and the later ones hit it; operators
+    // see both.
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    for name in ["api_key_cache_misses_total ", "api_key_cache_hits_total "] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
 }
 
 #[tokio::test]

@@ -58,6 +58,7 @@ async fn metrics_in_development_show_requests_pool_and_store_health() {
         r#"db_pool_connections{state="in_use"}"#,
         "database_up 1",
         "redis_up 1",
+        "api_key_usage_buffer_depth ",
         "user_service_build_info{",
     ] {
         assert!(body.contains(gauge), "missing {gauge} in:\n{body}");
