@@ -120,10 +120,13 @@ fn issued(k: IssuedKey) -> Response {
 
 #[derive(Serialize, utoipa::ToSchema)]
 struct UsageBody {
+    /// The last of the uses this row stands for.
     used_at: DateTime<Utc>,
     ip: Option<String>,
     operation: String,
     result: String,
+    /// Identical uses (same operation, result and IP) within one flush window.
+    count: i32,
 }
 
 impl From<UsageItem> for UsageBody {
@@ -133,6 +136,7 @@ impl From<UsageItem> for UsageBody {
             ip: u.ip,
             operation: u.operation,
             result: u.result,
+            count: u.count,
         }
     }
 }

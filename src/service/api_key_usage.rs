@@ -1,7 +1,11 @@
 //! API key usage without a write per request: a bounded in-memory buffer, flushed
-//! in batches every USAGE_LOG_FLUSH_INTERVAL_MS and once more at shutdown. When the
-//! buffer is full new records are dropped and counted, never blocking a request.
+//! in batches every USAGE_LOG_FLUSH_INTERVAL_MS and once more at shutdown. Identical
+//! uses within a window (key, operation, result, client IP) share one record with a
+//! count, so a hot key costs one row per window; when the buffer holds its bound of
+//! distinct records, new ones are dropped and counted, never blocking a request.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,8 +16,11 @@ use crate::shutdown::Shutdown;
 use crate::store::api_keys::{flush_usage, UsageRecord};
 use crate::store::Db;
 
+/// What makes two uses the same row.
+type Group = (uuid::Uuid, String, &'static str, Option<IpAddr>);
+
 pub struct UsageBuffer {
-    records: Mutex<Vec<UsageRecord>>,
+    records: Mutex<HashMap<Group, UsageRecord>>,
     capacity: usize,
     dropped: AtomicU64,
 }
@@ -21,7 +28,7 @@ pub struct UsageBuffer {
 impl UsageBuffer {
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
-            records: Mutex::new(Vec::with_capacity(capacity.min(65_536))),
+            records: Mutex::new(HashMap::with_capacity(capacity.min(65_536))),
             capacity: capacity.max(1),
             dropped: AtomicU64::new(0),
         })
@@ -29,13 +36,28 @@ impl UsageBuffer {
 
     pub fn record(&self, r: UsageRecord) {
         let mut records = self.records.lock().expect("usage buffer lock");
-        if records.len() >= self.capacity {
+        let full = records.len() >= self.capacity;
+        if !Self::merge(&mut records, r, full) {
             drop(records);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("api_key_usage_dropped_total").increment(1);
-            return;
         }
-        records.push(r);
+    }
+
+    /// Adds `r` to its group; a new group only when `!full`. False when dropped.
+    fn merge(records: &mut HashMap<Group, UsageRecord>, r: UsageRecord, full: bool) -> bool {
+        let group = (r.key_id, r.operation.clone(), r.result, r.ip);
+        if let Some(seen) = records.get_mut(&group) {
+            seen.count = seen.count.saturating_add(r.count);
+            seen.used_at = seen.used_at.max(r.used_at);
+            seen.revoked_use |= r.revoked_use;
+            return true;
+        }
+        if full {
+            return false;
+        }
+        records.insert(group, r);
+        true
     }
 
     /// Records waiting for the next flush.
@@ -50,20 +72,25 @@ impl UsageBuffer {
 
     fn take(&self) -> Vec<UsageRecord> {
         std::mem::take(&mut *self.records.lock().expect("usage buffer lock"))
+            .into_values()
+            .collect()
     }
 
-    /// Puts a batch that failed to flush back in front, as far as room allows.
-    fn put_back(&self, mut batch: Vec<UsageRecord>) {
+    /// Merges a batch that failed to flush back in, as far as room allows.
+    fn put_back(&self, batch: Vec<UsageRecord>) {
         let mut records = self.records.lock().expect("usage buffer lock");
-        let room = self.capacity.saturating_sub(records.len());
-        if batch.len() > room {
-            let lost = batch.len() - room;
-            batch.truncate(room);
-            self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
-            metrics::counter!("api_key_usage_dropped_total").increment(lost as u64);
+        let mut lost = 0u64;
+        for r in batch {
+            let full = records.len() >= self.capacity;
+            let n = r.count;
+            if !Self::merge(&mut records, r, full) {
+                lost += n.max(1) as u64;
+            }
         }
-        batch.append(&mut records);
-        *records = batch;
+        if lost > 0 {
+            self.dropped.fetch_add(lost, Ordering::Relaxed);
+            metrics::counter!("api_key_usage_dropped_total").increment(lost);
+        }
     }
 
     async fn flush(&self, db: &Db) -> bool {
@@ -73,7 +100,8 @@ impl UsageBuffer {
         }
         match flush_usage(&db.pool, &batch).await {
             Ok(()) => {
-                metrics::counter!("api_key_usage_flushed_total").increment(batch.len() as u64);
+                let uses: u64 = batch.iter().map(|r| r.count.max(0) as u64).sum();
+                metrics::counter!("api_key_usage_flushed_total").increment(uses);
                 true
             }
             Err(e) => {
@@ -117,5 +145,48 @@ impl UsageBuffer {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn use_of(key: uuid::Uuid, ip: &str) -> UsageRecord {
+        UsageRecord {
+            key_id: key,
+            key_prefix: "sbk_dev_abcdefgh".into(),
+            used_at: chrono::Utc::now(),
+            ip: ip.parse().ok(),
+            operation: "grpc:VerifyApiKey".into(),
+            result: "ok",
+            revoked_use: false,
+            count: 1,
+        }
+    }
+
+    #[test]
+    fn identical_uses_share_a_record_and_a_full_buffer_still_counts_them() {
+        let buf = UsageBuffer::new(2);
+        let (a, b, c) = (
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+        );
+        for _ in 0..3 {
+            buf.record(use_of(a, "192.0.2.1"));
+        }
+        buf.record(use_of(b, "192.0.2.1"));
+        assert_eq!(buf.depth(), 2);
+        // Full: a new group is dropped and counted, a known one still merges.
+        buf.record(use_of(c, "192.0.2.1"));
+        buf.record(use_of(a, "192.0.2.1"));
+        assert_eq!(buf.dropped(), 1);
+        let mut taken = buf.take();
+        taken.sort_by_key(|r| std::cmp::Reverse(r.count));
+        assert_eq!(taken.len(), 2);
+        assert_eq!((taken[0].key_id, taken[0].count), (a, 4));
+        assert_eq!((taken[1].key_id, taken[1].count), (b, 1));
+        assert_eq!(buf.depth(), 0);
     }
 }

@@ -202,6 +202,8 @@ pub struct UsageItem {
     pub ip: Option<String>,
     pub operation: String,
     pub result: String,
+    /// Identical uses in one flush window share a row; `used_at` is the last.
+    pub count: i32,
 }
 
 pub struct ApiKeyService {
@@ -326,6 +328,7 @@ impl ApiKeyService {
             operation: operation.to_string(),
             result: outcome.err().map_or("ok", VerifyFailure::as_str),
             revoked_use: outcome == Err(VerifyFailure::Revoked),
+            count: 1,
         });
         Ok(outcome.map(|()| found))
     }
@@ -838,6 +841,7 @@ impl ApiKeyService {
             ip: r.ip,
             operation: r.operation,
             result: r.result,
+            count: r.request_count,
         }))
     }
 }

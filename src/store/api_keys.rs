@@ -175,6 +175,7 @@ pub struct UsageRow {
     pub ip: Option<String>,
     pub operation: String,
     pub result: String,
+    pub request_count: i32,
 }
 
 /// Newest first; `before` is the (used_at, id) of the previous page's last row.
@@ -186,7 +187,7 @@ pub async fn usage_page(
 ) -> StoreResult<Vec<UsageRow>> {
     let (t, id) = before.unzip();
     let rows = sqlx::query_as::<_, UsageRow>(
-        "select id, used_at, ip, operation, result from api_key_usage_logs
+        "select id, used_at, ip, operation, result, request_count from api_key_usage_logs
          where api_key_id = $1
            and ($2::timestamptz is null or (used_at, id) < ($2, $3))
          order by used_at desc, id desc limit $4",
@@ -211,6 +212,8 @@ pub struct UsageRecord {
     pub result: &'static str,
     /// A revoked key was presented: audited as `api_key.revoked_used`.
     pub revoked_use: bool,
+    /// How many identical uses this record stands for (the buffer aggregates).
+    pub count: i32,
 }
 
 /// Writes a batch in one transaction: one multi-row INSERT of the usage rows, one
@@ -225,13 +228,14 @@ pub async fn flush_usage(pool: &PgPool, batch: &[UsageRecord]) -> StoreResult<()
     let ips: Vec<Option<String>> = batch.iter().map(|u| u.ip.map(|i| i.to_string())).collect();
     let ops: Vec<&str> = batch.iter().map(|u| u.operation.as_str()).collect();
     let results: Vec<&str> = batch.iter().map(|u| u.result).collect();
+    let counts: Vec<i32> = batch.iter().map(|u| u.count).collect();
 
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "insert into api_key_usage_logs (api_key_id, used_at, ip, operation, result)
-         select u.id, u.t, u.ip, u.op, u.res
-         from unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[])
-              as u(id, t, ip, op, res)
+        "insert into api_key_usage_logs (api_key_id, used_at, ip, operation, result, request_count)
+         select u.id, u.t, u.ip, u.op, u.res, u.n
+         from unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::int4[])
+              as u(id, t, ip, op, res, n)
          join api_keys k on k.id = u.id",
     )
     .bind(&ids)
@@ -239,6 +243,7 @@ pub async fn flush_usage(pool: &PgPool, batch: &[UsageRecord]) -> StoreResult<()
     .bind(&ips)
     .bind(&ops)
     .bind(&results)
+    .bind(&counts)
     .execute(&mut *tx)
     .await?;
     // Only successful uses move last_used_at: a refused attempt is not a use.
@@ -263,6 +268,7 @@ pub async fn flush_usage(pool: &PgPool, batch: &[UsageRecord]) -> StoreResult<()
                 "prefix": u.key_prefix,
                 "operation": u.operation,
                 "used_at": u.used_at,
+                "uses": u.count,
             }));
         let entry = AuditEntry { ip: u.ip, ..entry };
         super::audit::insert(&mut tx, &entry).await?;
