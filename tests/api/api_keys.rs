@@ -975,3 +975,107 @@ async fn floods_of_made_up_keys_do_not_reach_the_database() {
     }
     assert_eq!(lookups(), 21);
 }
+
+/// A Redis of this test's own, so cutting its connections disturbs no other test.
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    async fn start() -> Option<PrivateRedis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Some(PrivateRedis { child, port });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// CLIENT KILL TYPE pubsub: every subscriber connection is cut (and reconnects).
+    async fn kill_subscribers(&self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        s.write_all(b"*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nTYPE\r\n$6\r\npubsub\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b":"), "{:?}", &buf[..n]);
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_redis_reconnect_drops_the_whole_cache() {
+    let Some(redis) = PrivateRedis::start().await else {
+        eprintln!("SKIPPED a_redis_reconnect_drops_the_whole_cache: no redis-server binary");
+        return;
+    };
+    let app = TestApp::spawn_with(|v| {
+        v.insert(
+            "REDIS_URL".into(),
+            format!("redis://127.0.0.1:{}/0", redis.port),
+        );
+    })
+    .await;
+    let (_, _, token) = app.user_with_token().await;
+    let k = create_key(
+        &app,
+        &token,
+        json!({"name": "k", "scopes": ["orders:read"]}),
+    )
+    .await;
+    let key = k["key"].as_str().unwrap();
+    let mut client = verifier(&app).await;
+    assert!(verify(&mut client, req(key)).await.valid);
+
+    // A revocation whose message this replica never gets (written behind the
+    // service's back): the cached answer stands.
+    sqlx::query("update api_keys set revoked_at = now() where id = $1::uuid")
+        .bind(k["id"].as_str().unwrap())
+        .execute(&app.db)
+        .await
+        .unwrap();
+    assert!(verify(&mut client, req(key)).await.valid);
+
+    // The subscription drops and reconnects: messages may have been missed, so the
+    // replica forgets everything and asks PostgreSQL again.
+    redis.kill_subscribers().await;
+    let cut = Instant::now();
+    loop {
+        let r = verify(&mut client, req(key)).await;
+        if !r.valid {
+            assert_eq!(reason(&r), VerifyReason::Revoked);
+            break;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(5),
+            "cache survived a Redis reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
