@@ -12,31 +12,13 @@ use user_service::proto::auth_service_client::AuthServiceClient;
 use user_service::proto::user_service_client::UserServiceClient;
 use user_service::proto::{GetUserRequest, VerifyReason, VerifyTokenRequest};
 
-use crate::helpers::{assert_problem, test_vars, TestApp, STRONG_PASSWORD};
+use crate::helpers::{assert_problem, get_bearer, login_raw, test_vars, TestApp, STRONG_PASSWORD};
 
 fn email() -> String {
     format!(
         "u{}@example.com",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     )
-}
-
-async fn get_bearer(app: &TestApp, path: &str, token: &str) -> reqwest::Response {
-    reqwest::Client::new()
-        .get(app.url(path))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn login_raw(app: &TestApp, email: &str, password: &str) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(app.url("/v1/auth/login"))
-        .json(&json!({"email": email, "password": password}))
-        .send()
-        .await
-        .unwrap()
 }
 
 async fn audit_count(app: &TestApp, action: &str) -> i64 {

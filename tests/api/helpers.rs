@@ -359,3 +359,23 @@ impl TestApp {
         )
     }
 }
+
+/// GET with a bearer token, from a client without the harness's cookie jar.
+pub async fn get_bearer(app: &TestApp, path: &str, token: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(app.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// POST /v1/auth/login, answered as is (no cookie jar, no status check).
+pub async fn login_raw(app: &TestApp, email: &str, password: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(app.url("/v1/auth/login"))
+        .json(&serde_json::json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap()
+}

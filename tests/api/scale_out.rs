@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::helpers::{assert_problem, fresh_database, test_vars, TestApp, STRONG_PASSWORD};
+use crate::helpers::{
+    assert_problem, fresh_database, get_bearer, login_raw, test_vars, TestApp, STRONG_PASSWORD,
+};
 
 /// Two instances from the same variables (port 0 each): same database, same prefix.
 async fn two_replicas(
@@ -19,21 +21,7 @@ async fn two_replicas(
 }
 
 async fn me(app: &TestApp, token: &str) -> reqwest::Response {
-    reqwest::Client::new()
-        .get(app.url("/v1/users/me"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn login_status(app: &TestApp, email: &str, password: &str) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(app.url("/v1/auth/login"))
-        .json(&serde_json::json!({"email": email, "password": password}))
-        .send()
-        .await
-        .unwrap()
+    get_bearer(app, "/v1/users/me", token).await
 }
 
 #[tokio::test]
@@ -47,7 +35,7 @@ async fn a_login_on_one_replica_is_good_on_the_other() {
     assert_eq!(body["email"], email);
 
     // The refresh token issued by the first replica rotates on the second.
-    let login: serde_json::Value = login_status(&first, &email, STRONG_PASSWORD)
+    let login: serde_json::Value = login_raw(&first, &email, STRONG_PASSWORD)
         .await
         .json()
         .await
@@ -110,13 +98,13 @@ async fn login_attempt_counters_are_shared_between_replicas() {
     first.register(&email, STRONG_PASSWORD).await;
     for (app, n) in [(&first, 3), (&second, 2)] {
         for _ in 0..n {
-            let res = login_status(app, &email, "not-the-password-at-all").await;
+            let res = login_raw(app, &email, "not-the-password-at-all").await;
             assert_problem(res, 401, "invalid_credentials").await;
         }
     }
     // Locked everywhere: the right password is refused on both replicas.
     for app in [&first, &second] {
-        let res = login_status(app, &email, STRONG_PASSWORD).await;
+        let res = login_raw(app, &email, STRONG_PASSWORD).await;
         assert_problem(res, 401, "invalid_credentials").await;
     }
 }
