@@ -81,7 +81,7 @@ impl AuthService for AuthApi {
         let answer = self
             .state
             .identity
-            .verify_token(&caller, &req.get_ref().token)
+            .verify_token(caller, &req.get_ref().token)
             .await?;
         Ok(Response::new(match answer {
             TokenVerification::Valid {

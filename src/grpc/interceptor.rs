@@ -35,15 +35,13 @@ impl Interceptor for ServiceAuth {
 
 /// The service client behind this call, if it holds `scope`: UNAUTHENTICATED
 /// without a verified token, PERMISSION_DENIED without the scope.
-pub fn require_scope<T>(req: &Request<T>, scope: &str) -> Result<Caller, Status> {
+pub fn require_scope<'r, T>(req: &'r Request<T>, scope: &str) -> Result<&'r Caller, Status> {
     let caller = req
         .extensions()
         .get::<Caller>()
         .ok_or_else(|| Status::unauthenticated("missing service token"))?;
     match caller {
-        Caller::ServiceClient { scopes, .. } if scopes.iter().any(|s| s == scope) => {
-            Ok(caller.clone())
-        }
+        Caller::ServiceClient { scopes, .. } if scopes.iter().any(|s| s == scope) => Ok(caller),
         _ => Err(Status::permission_denied(format!("scope {scope} required"))),
     }
 }

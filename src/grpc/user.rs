@@ -50,7 +50,7 @@ impl UserService for UserApi {
         let caller = require_scope(&req, "users:read")?;
         let id = uuid::Uuid::parse_str(&req.get_ref().user_id)
             .map_err(|_| Status::not_found("user not found"))?;
-        let user = self.state.identity.get_user(&caller, id).await?;
+        let user = self.state.identity.get_user(caller, id).await?;
         Ok(Response::new(GetUserResponse {
             user: Some(user_to_proto(&user)),
         }))

@@ -16,11 +16,65 @@ use crate::shutdown::Shutdown;
 use crate::store::api_keys::{flush_usage, UsageRecord};
 use crate::store::Db;
 
-/// What makes two uses the same row.
-type Group = (uuid::Uuid, String, &'static str, Option<IpAddr>);
+/// One use of a key, borrowed from the request: nothing is copied unless the
+/// use starts a new record.
+pub struct KeyUse<'a> {
+    pub key_id: uuid::Uuid,
+    pub key_prefix: &'a str,
+    pub used_at: chrono::DateTime<chrono::Utc>,
+    pub ip: Option<IpAddr>,
+    pub operation: &'a str,
+    pub result: &'static str,
+    pub revoked_use: bool,
+}
+
+/// What makes two uses the same row, but for the operation: the few records of
+/// one group (one per operation) are told apart by a scan, so a repeat use is
+/// found without building an owned key.
+type Group = (uuid::Uuid, &'static str, Option<IpAddr>);
+
+#[derive(Default)]
+struct Records {
+    groups: HashMap<Group, Vec<UsageRecord>>,
+    len: usize,
+}
+
+impl Records {
+    /// Adds the use to its record; a new record only when `!full`. False when
+    /// dropped. `count` is how many uses it stands for.
+    fn merge(&mut self, u: KeyUse<'_>, count: i32, full: bool) -> bool {
+        let group = (u.key_id, u.result, u.ip);
+        let seen = self
+            .groups
+            .get_mut(&group)
+            .and_then(|records| records.iter_mut().find(|r| r.operation == u.operation));
+        if let Some(seen) = seen {
+            seen.count = seen.count.saturating_add(count);
+            seen.used_at = seen.used_at.max(u.used_at);
+            seen.revoked_use |= u.revoked_use;
+            return true;
+        }
+        if full {
+            return false;
+        }
+        // Only now a map entry: a full buffer must not grow by empty groups.
+        self.groups.entry(group).or_default().push(UsageRecord {
+            key_id: u.key_id,
+            key_prefix: u.key_prefix.to_string(),
+            used_at: u.used_at,
+            ip: u.ip,
+            operation: u.operation.to_string(),
+            result: u.result,
+            revoked_use: u.revoked_use,
+            count,
+        });
+        self.len += 1;
+        true
+    }
+}
 
 pub struct UsageBuffer {
-    records: Mutex<HashMap<Group, UsageRecord>>,
+    records: Mutex<Records>,
     capacity: usize,
     dropped: AtomicU64,
 }
@@ -28,41 +82,28 @@ pub struct UsageBuffer {
 impl UsageBuffer {
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
-            records: Mutex::new(HashMap::with_capacity(capacity.min(65_536))),
+            records: Mutex::new(Records {
+                groups: HashMap::with_capacity(capacity.min(65_536)),
+                len: 0,
+            }),
             capacity: capacity.max(1),
             dropped: AtomicU64::new(0),
         })
     }
 
-    pub fn record(&self, r: UsageRecord) {
+    pub fn record(&self, u: KeyUse<'_>) {
         let mut records = self.records.lock().expect("usage buffer lock");
-        let full = records.len() >= self.capacity;
-        if !Self::merge(&mut records, r, full) {
+        let full = records.len >= self.capacity;
+        if !records.merge(u, 1, full) {
             drop(records);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("api_key_usage_dropped_total").increment(1);
         }
     }
 
-    /// Adds `r` to its group; a new group only when `!full`. False when dropped.
-    fn merge(records: &mut HashMap<Group, UsageRecord>, r: UsageRecord, full: bool) -> bool {
-        let group = (r.key_id, r.operation.clone(), r.result, r.ip);
-        if let Some(seen) = records.get_mut(&group) {
-            seen.count = seen.count.saturating_add(r.count);
-            seen.used_at = seen.used_at.max(r.used_at);
-            seen.revoked_use |= r.revoked_use;
-            return true;
-        }
-        if full {
-            return false;
-        }
-        records.insert(group, r);
-        true
-    }
-
     /// Records waiting for the next flush.
     pub fn depth(&self) -> usize {
-        self.records.lock().expect("usage buffer lock").len()
+        self.records.lock().expect("usage buffer lock").len
     }
 
     /// Records dropped because the buffer was full, since start.
@@ -72,7 +113,9 @@ impl UsageBuffer {
 
     fn take(&self) -> Vec<UsageRecord> {
         std::mem::take(&mut *self.records.lock().expect("usage buffer lock"))
+            .groups
             .into_values()
+            .flatten()
             .collect()
     }
 
@@ -80,11 +123,19 @@ impl UsageBuffer {
     fn put_back(&self, batch: Vec<UsageRecord>) {
         let mut records = self.records.lock().expect("usage buffer lock");
         let mut lost = 0u64;
-        for r in batch {
-            let full = records.len() >= self.capacity;
-            let n = r.count;
-            if !Self::merge(&mut records, r, full) {
-                lost += n.max(1) as u64;
+        for r in &batch {
+            let full = records.len >= self.capacity;
+            let u = KeyUse {
+                key_id: r.key_id,
+                key_prefix: &r.key_prefix,
+                used_at: r.used_at,
+                ip: r.ip,
+                operation: &r.operation,
+                result: r.result,
+                revoked_use: r.revoked_use,
+            };
+            if !records.merge(u, r.count, full) {
+                lost += r.count.max(1) as u64;
             }
         }
         if lost > 0 {
@@ -139,7 +190,7 @@ impl UsageBuffer {
                 this.flush(&db).await;
             }
             for _ in 0..3 {
-                if this.flush(&db).await && this.records.lock().expect("lock").is_empty() {
+                if this.flush(&db).await && this.depth() == 0 {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -152,16 +203,15 @@ impl UsageBuffer {
 mod tests {
     use super::*;
 
-    fn use_of(key: uuid::Uuid, ip: &str) -> UsageRecord {
-        UsageRecord {
+    fn use_of(key: uuid::Uuid, ip: &str) -> KeyUse<'static> {
+        KeyUse {
             key_id: key,
-            key_prefix: "sbk_dev_abcdefgh".into(),
+            key_prefix: "sbk_dev_abcdefgh",
             used_at: chrono::Utc::now(),
             ip: ip.parse().ok(),
-            operation: "grpc:VerifyApiKey".into(),
+            operation: "grpc:VerifyApiKey",
             result: "ok",
             revoked_use: false,
-            count: 1,
         }
     }
 
@@ -188,5 +238,32 @@ mod tests {
         assert_eq!((taken[0].key_id, taken[0].count), (a, 4));
         assert_eq!((taken[1].key_id, taken[1].count), (b, 1));
         assert_eq!(buf.depth(), 0);
+    }
+
+    #[test]
+    fn operations_are_separate_records_and_a_full_buffer_keeps_no_empty_groups() {
+        let buf = UsageBuffer::new(2);
+        let key = uuid::Uuid::new_v4();
+        let via = |operation| KeyUse {
+            operation,
+            ..use_of(key, "2001:db8::1")
+        };
+        buf.record(via("grpc:VerifyApiKey"));
+        buf.record(via("GET /v1/users/me"));
+        buf.record(via("GET /v1/users/me"));
+        assert_eq!(buf.depth(), 2);
+        // Full: uses of other keys are dropped without leaving a map entry behind.
+        for _ in 0..100 {
+            buf.record(use_of(uuid::Uuid::new_v4(), "192.0.2.7"));
+        }
+        assert_eq!(buf.dropped(), 100);
+        assert_eq!(buf.records.lock().expect("lock").groups.len(), 1);
+        let mut taken = buf.take();
+        taken.sort_by(|a, b| a.operation.cmp(&b.operation));
+        let got: Vec<(&str, i32)> = taken
+            .iter()
+            .map(|r| (r.operation.as_str(), r.count))
+            .collect();
+        assert_eq!(got, [("GET /v1/users/me", 2), ("grpc:VerifyApiKey", 1)]);
     }
 }

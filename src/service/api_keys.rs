@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::accounts::AccountsService;
-use super::api_key_usage::UsageBuffer;
+use super::api_key_usage::{KeyUse, UsageBuffer};
 use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
 use super::paging::{self, Page};
@@ -28,7 +28,7 @@ use crate::domain::account::AccountAccess;
 use crate::domain::api_key::{
     ip_allowed, parse_allowed_ip, valid_key_name, ApiKeySecret, KeyFormatError, MAX_ALLOWED_IPS,
 };
-use crate::store::api_keys::{self as store, ApiKeyRow, NewApiKey, UsageRecord};
+use crate::store::api_keys::{self as store, ApiKeyRow, NewApiKey};
 use crate::store::{Cache, Db};
 
 /// Bound on cached verification results (hits and misses): at well under 1 KiB an
@@ -55,18 +55,59 @@ pub enum VerifyFailure {
 }
 
 impl VerifyFailure {
-    pub fn as_str(self) -> &'static str {
+    /// Every label `as_str` gives, in the order of `VerifyCounters::by_result`.
+    const LABELS: [&'static str; 10] = [
+        "not_found",
+        "malformed",
+        "expired",
+        "revoked",
+        "user_disabled",
+        "ip_not_allowed",
+        "insufficient_scope",
+        "account_not_allowed",
+        "rate_limited",
+        "wrong_environment",
+    ];
+
+    fn index(self) -> usize {
         match self {
-            VerifyFailure::NotFound => "not_found",
-            VerifyFailure::Malformed => "malformed",
-            VerifyFailure::Expired => "expired",
-            VerifyFailure::Revoked => "revoked",
-            VerifyFailure::UserDisabled => "user_disabled",
-            VerifyFailure::IpNotAllowed => "ip_not_allowed",
-            VerifyFailure::InsufficientScope => "insufficient_scope",
-            VerifyFailure::AccountNotAllowed => "account_not_allowed",
-            VerifyFailure::RateLimited { .. } => "rate_limited",
-            VerifyFailure::WrongEnvironment => "wrong_environment",
+            VerifyFailure::NotFound => 0,
+            VerifyFailure::Malformed => 1,
+            VerifyFailure::Expired => 2,
+            VerifyFailure::Revoked => 3,
+            VerifyFailure::UserDisabled => 4,
+            VerifyFailure::IpNotAllowed => 5,
+            VerifyFailure::InsufficientScope => 6,
+            VerifyFailure::AccountNotAllowed => 7,
+            VerifyFailure::RateLimited { .. } => 8,
+            VerifyFailure::WrongEnvironment => 9,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        Self::LABELS[self.index()]
+    }
+}
+
+/// The hot path's counters, registered once: looking a labelled counter up in
+/// the registry on every call was a measurable share of a warm verification.
+struct VerifyCounters {
+    ok: metrics::Counter,
+    error: metrics::Counter,
+    by_result: [metrics::Counter; VerifyFailure::LABELS.len()],
+    cache_hits: metrics::Counter,
+    cache_misses: metrics::Counter,
+}
+
+impl VerifyCounters {
+    fn new() -> Self {
+        let verifications = |result: &'static str| metrics::counter!("api_key_verifications_total", "result" => result);
+        Self {
+            ok: verifications("ok"),
+            error: verifications("error"),
+            by_result: VerifyFailure::LABELS.map(verifications),
+            cache_hits: metrics::counter!("api_key_cache_hits_total"),
+            cache_misses: metrics::counter!("api_key_cache_misses_total"),
         }
     }
 }
@@ -224,6 +265,7 @@ pub struct ApiKeyService {
     db_lookups: AtomicU64,
     /// Per-replica rate-limit counters, used only while Redis is unreachable.
     local_windows: moka::sync::Cache<Uuid, Arc<AtomicU64>>,
+    counters: VerifyCounters,
 }
 
 impl ApiKeyService {
@@ -268,6 +310,7 @@ impl ApiKeyService {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
+            counters: VerifyCounters::new(),
         }
     }
 
@@ -292,12 +335,13 @@ impl ApiKeyService {
         operation: &str,
     ) -> ServiceResult<Result<Arc<VerifiedKey>, VerifyFailure>> {
         let outcome = self.verify_inner(presented, req, operation).await;
-        let label = match &outcome {
-            Ok(Ok(_)) => "ok",
-            Ok(Err(f)) => f.as_str(),
-            Err(_) => "error",
-        };
-        metrics::counter!("api_key_verifications_total", "result" => label).increment(1);
+        let counters = &self.counters;
+        match &outcome {
+            Ok(Ok(_)) => &counters.ok,
+            Ok(Err(f)) => &counters.by_result[f.index()],
+            Err(_) => &counters.error,
+        }
+        .increment(1);
         outcome
     }
 
@@ -320,15 +364,14 @@ impl ApiKeyService {
             CacheEntry::Key(k) => k,
         };
         let outcome = self.judge(&found, req).await;
-        self.usage.record(UsageRecord {
+        self.usage.record(KeyUse {
             key_id: found.key.id,
-            key_prefix: found.key.prefix.clone(),
+            key_prefix: &found.key.prefix,
             used_at: Utc::now(),
             ip: req.client_ip,
-            operation: operation.to_string(),
+            operation,
             result: outcome.err().map_or("ok", VerifyFailure::as_str),
             revoked_use: outcome == Err(VerifyFailure::Revoked),
-            count: 1,
         });
         Ok(outcome.map(|()| found))
     }
@@ -399,14 +442,14 @@ impl ApiKeyService {
         // The common case first: a plain get is cheaper than try_get_with's
         // coalescing machinery, and tells a hit from a miss for the metrics.
         if let Some(entry) = self.verified.get(&hash).await {
-            metrics::counter!("api_key_cache_hits_total").increment(1);
+            self.counters.cache_hits.increment(1);
             return Ok(entry);
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
         let loaded = self
             .verified
             .try_get_with(hash, async {
-                metrics::counter!("api_key_cache_misses_total").increment(1);
+                self.counters.cache_misses.increment(1);
                 let _permit = self
                     .miss_permits
                     .acquire()

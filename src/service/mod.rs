@@ -15,6 +15,7 @@ pub mod policy;
 pub mod users;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use uuid::Uuid;
 
@@ -122,9 +123,10 @@ pub enum Caller {
         /// Set when authenticated by an API key: limits what the caller may do.
         key: Option<KeyGrant>,
     },
+    /// Shared with the service-token cache: cloning a caller costs no allocation.
     ServiceClient {
-        client_id: String,
-        scopes: Vec<String>,
+        client_id: Arc<str>,
+        scopes: Arc<[String]>,
     },
 }
 
@@ -145,7 +147,7 @@ impl Caller {
         match self {
             Caller::User { key: Some(k), .. } => ("api_key", k.key_id.to_string()),
             Caller::User { user_id, .. } => ("user", user_id.to_string()),
-            Caller::ServiceClient { client_id, .. } => ("service_client", client_id.clone()),
+            Caller::ServiceClient { client_id, .. } => ("service_client", client_id.to_string()),
         }
     }
 
