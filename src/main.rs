@@ -7,6 +7,12 @@ use user_service::app::App;
 use user_service::config::Settings;
 use user_service::{shutdown, store, telemetry};
 
+/// mimalloc instead of glibc malloc: a request allocates and frees dozens of small
+/// buffers (headers, frames, messages), and glibc's free/consolidate path was
+/// about a tenth of the service's CPU under load (scripts/bench, perf).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "user-service", version, about = "StocksBlitz identity service")]
 struct Cli {
