@@ -25,7 +25,8 @@ impl FromRequestParts<AppState> for Authenticated {
         // Checked first: a request that carries a key is authenticated by it.
         if let Some(value) = parts.headers.get("x-api-key") {
             let key = value.to_str().map_err(|_| ServiceError::InvalidToken)?;
-            let meta = super::extract::request_meta(parts, state.settings.trust_forwarded_for);
+            // Only the address: the rest of the request's metadata is not needed.
+            let ip = super::extract::client_ip(parts, state.settings.trust_forwarded_for);
             let route = parts
                 .extensions
                 .get::<axum::extract::MatchedPath>()
@@ -33,7 +34,7 @@ impl FromRequestParts<AppState> for Authenticated {
             let operation = format!("{} {}", parts.method, route);
             return state
                 .api_keys
-                .authenticate(key, &meta, &operation)
+                .authenticate(key, ip, &operation)
                 .await
                 .map(Authenticated);
         }

@@ -148,6 +148,24 @@ impl FromRequestParts<AppState> for Meta {
 }
 
 pub fn request_meta(parts: &Parts, trust_forwarded_for: bool) -> RequestMeta {
+    RequestMeta {
+        ip: client_ip(parts, trust_forwarded_for),
+        user_agent: parts
+            .headers
+            .get(axum::http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(512).collect()),
+        request_id: parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    }
+}
+
+/// The caller's address: the peer, or with TRUST_FORWARDED_FOR the last
+/// X-Forwarded-For entry.
+pub fn client_ip(parts: &Parts, trust_forwarded_for: bool) -> Option<IpAddr> {
     let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
@@ -164,17 +182,5 @@ pub fn request_meta(parts: &Parts, trust_forwarded_for: bool) -> RequestMeta {
                 .and_then(|v| v.trim().parse::<IpAddr>().ok())
         })
         .flatten();
-    RequestMeta {
-        ip: forwarded.or(peer),
-        user_agent: parts
-            .headers
-            .get(axum::http::header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(512).collect()),
-        request_id: parts
-            .headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
-    }
+    forwarded.or(peer)
 }

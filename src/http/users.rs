@@ -1,6 +1,7 @@
 //! /v1/users/me* and /v1/admin/users*: translate, call `Identity`.
 
 use axum::extract::State;
+use axum::response::IntoResponse;
 use axum::http::StatusCode;
 use axum::routing::{delete, get, patch, post};
 use axum::Router;
@@ -36,8 +37,9 @@ pub fn routes() -> Router<AppState> {
 async fn me(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
-) -> Result<axum::Json<User>, ServiceError> {
-    Ok(axum::Json(state.identity.me(&caller).await?))
+) -> Result<axum::response::Response, ServiceError> {
+    let user = state.identity.me(&caller).await?;
+    Ok(axum::Json(&*user).into_response())
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

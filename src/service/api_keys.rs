@@ -540,11 +540,11 @@ impl ApiKeyService {
     pub async fn authenticate(
         &self,
         presented: &str,
-        meta: &RequestMeta,
+        client_ip: Option<IpAddr>,
         operation: &str,
     ) -> ServiceResult<Caller> {
         let req = VerifyRequest {
-            client_ip: meta.ip,
+            client_ip,
             ..Default::default()
         };
         match self.verify(presented, &req, operation).await? {

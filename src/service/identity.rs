@@ -131,7 +131,7 @@ pub struct Identity {
     pub(crate) invalidation: Invalidation,
     /// Profiles by user id for GET /v1/users/me, the gateway's hottest read:
     /// dropped on every replica when the user changes (the invalidation bus).
-    pub(crate) profiles: MokaCache<Uuid, crate::domain::user::User>,
+    pub(crate) profiles: MokaCache<Uuid, Arc<crate::domain::user::User>>,
 }
 
 impl Identity {
@@ -141,7 +141,7 @@ impl Identity {
         cache: Cache,
         invalidation: Invalidation,
     ) -> anyhow::Result<Self> {
-        let profiles: MokaCache<Uuid, crate::domain::user::User> = MokaCache::builder()
+        let profiles: MokaCache<Uuid, Arc<crate::domain::user::User>> = MokaCache::builder()
             .max_capacity(PROFILE_CACHE_CAPACITY)
             .time_to_live(PROFILE_CACHE_TTL)
             .build();

@@ -1,5 +1,7 @@
 //! Profiles, own sessions, password change and user administration.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
@@ -93,14 +95,15 @@ fn require_admin(caller: &Caller) -> ServiceResult<()> {
 
 impl Identity {
     /// The caller's own profile.
-    pub async fn me(&self, caller: &Caller) -> ServiceResult<User> {
+    /// Shared with the profile cache: a hit copies nothing.
+    pub async fn me(&self, caller: &Caller) -> ServiceResult<Arc<User>> {
         let id = caller.user_id().ok_or(ServiceError::InvalidToken)?;
         if let Some(user) = self.profiles.get(&id) {
             return Ok(user);
         }
         let user = users::get(&self.db.pool, id)
             .await?
-            .map(|u| u.into_user())
+            .map(|u| Arc::new(u.into_user()))
             .ok_or(ServiceError::InvalidToken)?;
         self.profiles.insert(id, user.clone());
         Ok(user)
@@ -127,7 +130,7 @@ impl Identity {
     ) -> ServiceResult<User> {
         let id = caller.user_id().ok_or(ServiceError::InvalidToken)?;
         let Some(raw) = full_name else {
-            return self.me(caller).await;
+            return Ok(User::clone(&*self.me(caller).await?));
         };
         let name = Self::parse_full_name(&raw)?;
         let mut tx = self.db.begin().await?;
