@@ -1,8 +1,8 @@
 //! /v1/users/me* and /v1/admin/users*: translate, call `Identity`.
 
 use axum::extract::State;
-use axum::response::IntoResponse;
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::{delete, get, patch, post};
 use axum::Router;
 use serde::Deserialize;
