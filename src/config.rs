@@ -178,6 +178,9 @@ pub struct Settings {
     /// share one Redis without seeing each other.
     #[serde(default = "default_redis_prefix")]
     pub redis_key_prefix: String,
+    /// PEM file of the CA(s) a rediss:// server's certificate must chain to, for a
+    /// private CA; without it the system's roots are trusted.
+    pub redis_tls_ca_file: Option<String>,
 
     pub ticker_service_url: Option<String>,
     pub backend_service_url: Option<String>,
@@ -464,6 +467,17 @@ impl Settings {
             return p;
         }
         let env = self.app_env.as_str();
+        if let Some(host) = remote_database_without_verified_tls(self.database_url.expose_secret())
+        {
+            p.push(format!(
+                "DATABASE_URL points at {host} without sslmode=verify-full or verify-ca, refused in {env}"
+            ));
+        }
+        if let Some(host) = remote_redis_without_tls(self.redis_url.expose_secret()) {
+            p.push(format!(
+                "REDIS_URL points at {host} without TLS (rediss://), refused in {env}"
+            ));
+        }
         if self.debug {
             p.push(format!("DEBUG=true is not allowed in {env}"));
         }
@@ -543,6 +557,7 @@ impl Settings {
             ),
             ("REDIS_URL", mask_url(self.redis_url.expose_secret())),
             ("REDIS_KEY_PREFIX", self.redis_key_prefix.clone()),
+            ("REDIS_TLS_CA_FILE", opt(&self.redis_tls_ca_file)),
             ("TICKER_SERVICE_URL", opt(&self.ticker_service_url)),
             ("BACKEND_SERVICE_URL", opt(&self.backend_service_url)),
             ("ALERT_SERVICE_URL", opt(&self.alert_service_url)),
@@ -638,6 +653,46 @@ impl Settings {
 }
 
 /// `scheme://user:password@host/db` → `scheme://user:***@host/db`.
+/// Loopback (or a Unix socket) is the one place a store may be reached in the clear.
+fn is_local_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.is_empty()
+        || host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The host of a PostgreSQL URL that is neither local nor behind certificate-
+/// verified TLS: passwords and credentials would cross the network readable or
+/// to an impostor. `sslmode=require` encrypts but verifies nobody, so it is not
+/// enough here.
+fn remote_database_without_verified_tls(database_url: &str) -> Option<String> {
+    let url = url::Url::parse(database_url).ok()?;
+    let query_host = url
+        .query_pairs()
+        .find(|(k, _)| k == "host")
+        .map(|(_, v)| v.into_owned());
+    let host = query_host.unwrap_or_else(|| url.host_str().unwrap_or_default().to_string());
+    if is_local_host(&host) {
+        return None;
+    }
+    let verified = url.query_pairs().any(|(k, v)| {
+        (k == "sslmode" || k == "ssl-mode")
+            && matches!(v.to_ascii_lowercase().as_str(), "verify-full" | "verify-ca")
+    });
+    (!verified).then_some(host)
+}
+
+/// The host of a plaintext Redis URL that is not local.
+fn remote_redis_without_tls(redis_url: &str) -> Option<String> {
+    let url = url::Url::parse(redis_url).ok()?;
+    let tls = url.scheme().starts_with("rediss") || url.scheme().starts_with("valkeys");
+    let host = url.host_str().unwrap_or_default().to_string();
+    (!tls && !is_local_host(&host)).then_some(host)
+}
+
 pub fn mask_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
@@ -669,6 +724,53 @@ mod tests {
         assert_eq!(parsed[2].1, "${NOT}");
         let err = parse_env_file("# c\nDB=${MISSING_PW}", "f", &v).unwrap_err();
         assert!(err.to_string().contains("MISSING_PW"), "{err}");
+    }
+
+    #[test]
+    fn stores_off_loopback_need_verified_tls() {
+        for (url, refused) in [
+            ("postgresql://u:p@localhost:5432/db", None),
+            ("postgresql://u:p@127.0.0.1/db", None),
+            ("postgresql://u:p@[::1]:5432/db", None),
+            ("postgresql://u@/db?host=/run/postgresql", None),
+            ("postgresql://u:p@db.internal/db", Some("db.internal")),
+            (
+                "postgresql://u:p@db.internal/db?sslmode=require",
+                Some("db.internal"),
+            ),
+            (
+                "postgresql://u:p@10.0.0.5/db?sslmode=prefer",
+                Some("10.0.0.5"),
+            ),
+            ("postgresql://u:p@db.internal/db?sslmode=verify-full", None),
+            (
+                "postgresql://u:p@db.internal/db?sslmode=verify-ca&sslrootcert=/ca.pem",
+                None,
+            ),
+            (
+                "postgresql://u:p@localhost/db?host=db.internal",
+                Some("db.internal"),
+            ),
+        ] {
+            assert_eq!(
+                remote_database_without_verified_tls(url).as_deref(),
+                refused,
+                "{url}"
+            );
+        }
+        for (url, refused) in [
+            ("redis://localhost:6379/0", None),
+            ("redis://:pw@127.0.0.1:6379/0", None),
+            ("redis://:pw@cache.internal:6379/0", Some("cache.internal")),
+            (
+                "redis-cluster://cache.internal:6379",
+                Some("cache.internal"),
+            ),
+            ("rediss://:pw@cache.internal:6380/0", None),
+            ("valkeys://cache.internal:6380/0", None),
+        ] {
+            assert_eq!(remote_redis_without_tls(url).as_deref(), refused, "{url}");
+        }
     }
 
     #[test]

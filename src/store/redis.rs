@@ -23,6 +23,34 @@ if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return {n, redis.call('PTTL', KEYS[1])}
 "#;
 
+/// A TLS connector that trusts only the CA certificates in `ca_file` (PEM): for a
+/// Redis whose certificate comes from a private CA, as managed services often
+/// issue. Without REDIS_TLS_CA_FILE, rediss:// trusts the system's roots.
+fn tls_connector_trusting(ca_file: &str) -> anyhow::Result<fred::types::config::TlsConnector> {
+    use fred::rustls::pki_types::pem::PemObject;
+    use fred::rustls::pki_types::CertificateDer;
+    let mut roots = fred::rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| anyhow::anyhow!("REDIS_TLS_CA_FILE {ca_file}: {e}"))?
+    {
+        let cert = cert.map_err(|e| anyhow::anyhow!("REDIS_TLS_CA_FILE {ca_file}: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| anyhow::anyhow!("REDIS_TLS_CA_FILE {ca_file}: {e}"))?;
+    }
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "REDIS_TLS_CA_FILE {ca_file} holds no certificate"
+    );
+    let provider = std::sync::Arc::new(fred::rustls::crypto::ring::default_provider());
+    let config = fred::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow::anyhow!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config.into())
+}
+
 #[derive(Clone)]
 pub struct Cache {
     client: Client,
@@ -38,23 +66,16 @@ impl Cache {
     /// Builds the clients and starts connecting in the background: the service
     /// starts and keeps answering while Redis is down.
     pub fn connect(settings: &Settings) -> anyhow::Result<Self> {
-        // fred built without a TLS feature (as now, see Cargo.toml) accepts rediss://
-        // and then connects in plaintext, AUTH password included: refuse rather than
-        // leak it. Enabling the feature means deleting this check and its test.
-        let scheme = settings
-            .redis_url
-            .expose_secret()
-            .split_once("://")
-            .map(|(s, _)| s.to_ascii_lowercase())
-            .unwrap_or_default();
-        if scheme.starts_with("rediss") || scheme.starts_with("valkeys") {
-            anyhow::bail!(
-                "REDIS_URL asks for TLS ({scheme}://) but this build has no Redis TLS support \
-                 (enable fred's enable-rustls-ring feature)"
-            );
-        }
-        let config = Config::from_url(settings.redis_url.expose_secret())
+        let mut config = Config::from_url(settings.redis_url.expose_secret())
             .map_err(|_| anyhow::anyhow!("REDIS_URL is not a valid Redis URL"))?;
+        if let Some(ca_file) = &settings.redis_tls_ca_file {
+            let Some(tls) = config.tls.as_mut() else {
+                anyhow::bail!(
+                    "REDIS_TLS_CA_FILE is set but REDIS_URL does not use TLS (rediss://)"
+                );
+            };
+            tls.connector = tls_connector_trusting(ca_file)?;
+        }
         let mut builder = Builder::from_config(config);
         builder
             .with_connection_config(|c| {

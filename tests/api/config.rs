@@ -153,6 +153,49 @@ fn production_refuses_debug_insecure_cookie_wildcard_cors_and_dev_keys() {
     assert!(s.validate().is_err());
 }
 
+#[test]
+fn production_refuses_plaintext_stores_off_loopback() {
+    let dir = &env_files();
+    let mut v = vars(&[
+        ("APP_ENV", "production"),
+        ("PRODUCTION_DB_PASSWORD", "pw-from-vault"),
+        ("SENTRY_DSN", ""),
+        ("PRODUCTION_JWT_PRIVATE_KEY", "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIKqg0ZQ3zbrb0k7qkQ8i7i0dqS2Qmpe1Lw3RkR3dX0aS\n-----END PRIVATE KEY-----"),
+        ("PRODUCTION_JWT_PREVIOUS_PUBLIC_KEYS", ""),
+        ("PRODUCTION_CREDENTIALS_ENCRYPTION_KEYS", "prd-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+        ("PRODUCTION_API_KEY_HASH_SECRET", "0123456789abcdef0123456789abcdef-production"),
+        ("DATABASE_URL", "postgresql://u:pw@db.internal:5432/prod?sslmode=require"),
+        ("REDIS_URL", "redis://:pw@cache.internal:6379/0"),
+    ]);
+    let s = Settings::load_from(&v, dir).unwrap();
+    let problems = s.problems().join("\n");
+    assert!(
+        problems.contains("DATABASE_URL points at db.internal without sslmode=verify-full"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("REDIS_URL points at cache.internal without TLS"),
+        "{problems}"
+    );
+    assert!(
+        !problems.contains("pw"),
+        "no password in the messages: {problems}"
+    );
+    assert!(s.validate().is_err());
+
+    v.insert(
+        "DATABASE_URL".into(),
+        "postgresql://u:pw@db.internal:5432/prod?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+            .into(),
+    );
+    v.insert(
+        "REDIS_URL".into(),
+        "rediss://:pw@cache.internal:6380/0".into(),
+    );
+    let s = Settings::load_from(&v, dir).unwrap();
+    assert!(s.problems().is_empty(), "{:?}", s.problems());
+}
+
 fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_user-service")
 }

@@ -12,3 +12,4 @@ mod foundation;
 mod observability;
 mod openapi;
 mod scale_out;
+mod tls;
