@@ -6,7 +6,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::service::FieldError;
+use super::FieldError;
 
 /// A broker's lowercase identifier (`zerodha`, `upstox`, …); the same rule as the
 /// `trading_accounts_broker_check` constraint.

@@ -6,3 +6,25 @@ pub mod email;
 pub mod password;
 pub mod policy;
 pub mod user;
+
+/// One field-level validation failure.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct FieldError {
+    /// The request field (or `body` / `query`) that failed.
+    #[schema(example = "password")]
+    pub field: String,
+    /// Machine code of the failure, e.g. `invalid`, `too_weak`, `required`.
+    #[schema(example = "invalid")]
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            code,
+            message: message.into(),
+        }
+    }
+}

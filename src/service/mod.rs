@@ -19,27 +19,9 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-/// One field-level validation failure.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-pub struct FieldError {
-    /// The request field (or `body` / `query`) that failed.
-    #[schema(example = "password")]
-    pub field: String,
-    /// Machine code of the failure, e.g. `invalid`, `too_weak`, `required`.
-    #[schema(example = "invalid")]
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            code,
-            message: message.into(),
-        }
-    }
-}
+/// Field-level validation failures are a domain notion (the domain's parsers
+/// produce them); re-exported here, where every use case reports them.
+pub use crate::domain::FieldError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
