@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -87,14 +87,28 @@ enum Mode {
         /// Free-form lines (machine, settings) put above the table.
         #[arg(long)]
         note: Vec<String>,
+        /// Cores the service may use: the argon2 bound on logins is this many
+        /// hashes at a time.
+        #[arg(long, default_value_t = 1)]
+        service_cores: u32,
     },
-    /// HTTP GET over keep-alive HTTP/1.1 connections, one per concurrent request.
+    /// HTTP GET (or, with `body`, a JSON POST) over keep-alive HTTP/1.1
+    /// connections, one per concurrent request.
     Http {
         #[arg(long)]
         url: String,
         /// Extra header, `Name: value`.
         #[arg(long)]
         header: Vec<String>,
+        /// JSON body: the request becomes a POST.
+        #[arg(long)]
+        body: Option<String>,
+    },
+    /// Times argon2id with the service's own hasher and parameters, on this core:
+    /// the bound a login rate is compared with. Prints ms per hash.
+    Argon2 {
+        #[arg(long, default_value_t = 20)]
+        hashes: u32,
     },
 }
 
@@ -119,6 +133,11 @@ struct Clock {
     stop: AtomicBool,
 }
 
+/// The service's allocator, so the argon2 timing (19 MiB per hash) compares like
+/// with like.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -139,7 +158,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             results,
             rss_kib,
             note,
-        } => return report(results, *rss_kib, note),
+            service_cores,
+        } => return report(results, *rss_kib, note, *service_cores),
+        Mode::Argon2 { hashes } => return time_argon2(&cli.name, *hashes).await,
         _ => {}
     }
     let clock = Arc::new(Clock {
@@ -216,7 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }));
             }
         }
-        Mode::Http { url, header } => {
+        Mode::Http { url, header, body } => {
             let uri: hyper::Uri = url.parse()?;
             let host = uri.host().unwrap_or("127.0.0.1").to_string();
             let port = uri.port_u16().unwrap_or(80);
@@ -236,17 +257,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                         .await?;
                 tokio::spawn(conn);
-                let (clock, path, host, headers) =
-                    (clock.clone(), path.clone(), host.clone(), headers.clone());
+                let (clock, path, host, headers, body) = (
+                    clock.clone(),
+                    path.clone(),
+                    host.clone(),
+                    headers.clone(),
+                    body.clone().map(Bytes::from),
+                );
                 workers.push(tokio::spawn(async move {
                     let mut t = Tally::new();
                     while !clock.stop.load(Ordering::Relaxed) {
-                        let mut b =
-                            hyper::Request::get(path.as_str()).header("host", host.as_str());
+                        let method = if body.is_some() { "POST" } else { "GET" };
+                        let mut b = hyper::Request::builder()
+                            .method(method)
+                            .uri(path.as_str())
+                            .header("host", host.as_str());
+                        if body.is_some() {
+                            b = b.header("content-type", "application/json");
+                        }
                         for (k, v) in &headers {
                             b = b.header(k.as_str(), v.as_str());
                         }
-                        let req = b.body(Empty::<Bytes>::new()).expect("request");
+                        let req = b
+                            .body(Full::new(body.clone().unwrap_or_default()))
+                            .expect("request");
                         let start = Instant::now();
                         let ok = match sender.send_request(req).await {
                             Ok(res) => {
@@ -264,7 +298,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }));
             }
         }
-        Mode::SeedKeys { .. } | Mode::Report { .. } => unreachable!("handled above"),
+        Mode::SeedKeys { .. } | Mode::Report { .. } | Mode::Argon2 { .. } => {
+            unreachable!("handled above")
+        }
     }
 
     tokio::time::sleep(Duration::from_secs_f64(cli.warmup)).await;
@@ -385,6 +421,22 @@ async fn http1(
     Ok(sender)
 }
 
+async fn time_argon2(name: &str, hashes: u32) -> anyhow::Result<()> {
+    use user_service::crypto::password::hash_on_this_thread;
+    let password = secrecy::SecretString::from("violet-tunnel-orbit-97-marsh".to_string());
+    hash_on_this_thread(&password)?; // warm-up: the allocator's first 19 MiB
+    let start = Instant::now();
+    for _ in 0..hashes.max(1) {
+        hash_on_this_thread(&password)?;
+    }
+    let ms = start.elapsed().as_secs_f64() * 1000.0 / f64::from(hashes.max(1));
+    println!(
+        "{}",
+        serde_json::json!({ "name": name, "argon2_ms_per_hash": ms })
+    );
+    Ok(())
+}
+
 async fn seed_keys(
     base: &str,
     token: &str,
@@ -433,7 +485,7 @@ async fn seed_keys(
     Ok(())
 }
 
-fn report(results: &str, rss_kib: u64, notes: &[String]) -> anyhow::Result<()> {
+fn report(results: &str, rss_kib: u64, notes: &[String], service_cores: u32) -> anyhow::Result<()> {
     let runs: Vec<serde_json::Value> = std::fs::read_to_string(results)?
         .lines()
         .filter(|l| l.trim_start().starts_with('{'))
@@ -455,7 +507,7 @@ fn report(results: &str, rss_kib: u64, notes: &[String]) -> anyhow::Result<()> {
     }
     md.push_str("\n| scenario | streams / conns | requests | errors | req/s | p50 µs | p99 µs | p99.9 µs | max µs | service CPU µs/req | service core busy | load generator CPU µs/req |\n");
     md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for r in &runs {
+    for r in runs.iter().filter(|r| r["requests"].is_u64()) {
         md.push_str(&format!(
             "| {} | {} / {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.1} |\n",
             r["name"].as_str().unwrap_or("?"),
@@ -506,6 +558,30 @@ fn report(results: &str, rss_kib: u64, notes: &[String]) -> anyhow::Result<()> {
         "| peak RSS < 150 MiB | {rss_mib:.1} MiB | {} |\n",
         mark(rss_mib < 150.0)
     ));
+    // Logins: argon2 is the whole cost by design, so the bound is the service's
+    // cores divided by one hash's time (timed on the load generator's core).
+    if let Some(ms) = by("argon2").and_then(|r| r["argon2_ms_per_hash"].as_f64()) {
+        let bound = f64::from(service_cores) * 1000.0 / ms;
+        let logins = rps("f_login");
+        md.push_str(&format!(
+            "| logins/s ≥ 0.9 × ({service_cores} core ÷ {ms:.1} ms argon2 = {bound:.1}/s) | {logins:.1} ({:.2} ×) | {} |\n",
+            logins / bound,
+            mark(logins >= 0.9 * bound)
+        ));
+    }
+    let p99_of = |name: &str| by(name).and_then(|r| r["p99_us"].as_u64());
+    if let (Some(flood), Some(idle)) = (
+        p99_of("g_verify_under_login_flood"),
+        p99_of("b_verify_warm"),
+    ) {
+        md.push_str(&format!(
+            "| p99 (b) under a login flood ≤ 2 × idle p99 ({:.2} ms) | {:.2} ms ({:.2} ×) | {} |\n",
+            idle as f64 / 1000.0,
+            flood as f64 / 1000.0,
+            flood as f64 / idle.max(1) as f64,
+            mark(flood <= 2 * idle)
+        ));
+    }
     print!("{md}");
     Ok(())
 }
