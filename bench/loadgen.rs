@@ -104,12 +104,6 @@ enum Mode {
         #[arg(long)]
         body: Option<String>,
     },
-    /// Times argon2id with the service's own hasher and parameters, on this core:
-    /// the bound a login rate is compared with. Prints ms per hash.
-    Argon2 {
-        #[arg(long, default_value_t = 20)]
-        hashes: u32,
-    },
 }
 
 /// What every worker tallies.
@@ -133,11 +127,6 @@ struct Clock {
     stop: AtomicBool,
 }
 
-/// The service's allocator, so the argon2 timing (19 MiB per hash) compares like
-/// with like.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -160,7 +149,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             note,
             service_cores,
         } => return report(results, *rss_kib, note, *service_cores),
-        Mode::Argon2 { hashes } => return time_argon2(&cli.name, *hashes).await,
         _ => {}
     }
     let clock = Arc::new(Clock {
@@ -298,9 +286,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }));
             }
         }
-        Mode::SeedKeys { .. } | Mode::Report { .. } | Mode::Argon2 { .. } => {
-            unreachable!("handled above")
-        }
+        Mode::SeedKeys { .. } | Mode::Report { .. } => unreachable!("handled above"),
     }
 
     tokio::time::sleep(Duration::from_secs_f64(cli.warmup)).await;
@@ -419,22 +405,6 @@ async fn http1(
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     Ok(sender)
-}
-
-async fn time_argon2(name: &str, hashes: u32) -> anyhow::Result<()> {
-    use user_service::crypto::password::hash_on_this_thread;
-    let password = secrecy::SecretString::from("violet-tunnel-orbit-97-marsh".to_string());
-    hash_on_this_thread(&password)?; // warm-up: the allocator's first 19 MiB
-    let start = Instant::now();
-    for _ in 0..hashes.max(1) {
-        hash_on_this_thread(&password)?;
-    }
-    let ms = start.elapsed().as_secs_f64() * 1000.0 / f64::from(hashes.max(1));
-    println!(
-        "{}",
-        serde_json::json!({ "name": name, "argon2_ms_per_hash": ms })
-    );
-    Ok(())
 }
 
 async fn seed_keys(
@@ -559,8 +529,9 @@ fn report(results: &str, rss_kib: u64, notes: &[String], service_cores: u32) -> 
         mark(rss_mib < 150.0)
     ));
     // Logins: argon2 is the whole cost by design, so the bound is the service's
-    // cores divided by one hash's time (timed on the load generator's core).
-    if let Some(ms) = by("argon2").and_then(|r| r["argon2_ms_per_hash"].as_f64()) {
+    // cores divided by one hash's time (`user-service admin time-argon2`, run on
+    // the load generator's core while it is idle).
+    if let Some(ms) = runs.iter().find_map(|r| r["argon2_ms_per_hash"].as_f64()) {
         let bound = f64::from(service_cores) * 1000.0 / ms;
         let logins = rps("f_login");
         md.push_str(&format!(

@@ -29,10 +29,18 @@ pub enum AdminCommand {
     },
     /// Issue a new secret for a service client; the old one stops working.
     RotateServiceClientSecret { client_id: String },
+    /// Time one argon2id password hash on this machine (touches no store): the
+    /// cost of a login, for sizing (logins/s per core = 1000 / ms). Prints
+    /// {"argon2_ms_per_hash": …}.
+    TimeArgon2 {
+        #[arg(long, default_value_t = 20)]
+        hashes: u32,
+    },
 }
 
 pub async fn run(settings: Settings, cmd: AdminCommand) -> anyhow::Result<()> {
     match cmd {
+        AdminCommand::TimeArgon2 { hashes } => time_argon2(hashes),
         AdminCommand::ReencryptCredentials => reencrypt_credentials(&settings).await,
         AdminCommand::CreateUser {
             email,
@@ -141,5 +149,21 @@ async fn reencrypt_credentials(settings: &Settings) -> anyhow::Result<()> {
             summary.failed.len()
         );
     }
+    Ok(())
+}
+
+/// Hashes on this thread, as the service's hashing pool does, with the service's
+/// allocator (which decides how the 19 MiB of each hash are obtained and zeroed).
+fn time_argon2(hashes: u32) -> anyhow::Result<()> {
+    use crate::crypto::password::hash_on_this_thread;
+    let password = secrecy::SecretString::from("violet-tunnel-orbit-97-marsh".to_string());
+    hash_on_this_thread(&password)?; // warm-up
+    let n = hashes.max(1);
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        hash_on_this_thread(&password)?;
+    }
+    let ms = start.elapsed().as_secs_f64() * 1000.0 / f64::from(n);
+    println!("{}", serde_json::json!({ "argon2_ms_per_hash": ms }));
     Ok(())
 }

@@ -352,3 +352,26 @@ fn tokio_stream_from(
 ) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+#[test]
+fn admin_time_argon2_prints_the_cost_of_one_hash() {
+    // Needs no store: the addresses below lead nowhere.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user-service"))
+        .args(["admin", "time-argon2", "--hashes", "2"])
+        .env_clear()
+        .env("ENV_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/.env.dev"))
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("REDIS_URL", "redis://127.0.0.1:1/0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ms = v["argon2_ms_per_hash"].as_f64().unwrap();
+    // m=19 MiB, t=2 takes milliseconds on any machine; a figure far outside
+    // means the parameters changed.
+    assert!((1.0..2000.0).contains(&ms), "{ms}");
+}
