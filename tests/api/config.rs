@@ -30,6 +30,17 @@ fn env_files() -> std::path::PathBuf {
     dir
 }
 
+/// What .env.production leaves to the environment, filled with test values.
+const PRODUCTION_SECRETS: [(&str, &str); 7] = [
+        ("APP_ENV", "production"),
+        ("PRODUCTION_DB_PASSWORD", "pw-from-vault"),
+        ("SENTRY_DSN", ""),
+        ("PRODUCTION_JWT_PRIVATE_KEY", "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIKqg0ZQ3zbrb0k7qkQ8i7i0dqS2Qmpe1Lw3RkR3dX0aS\n-----END PRIVATE KEY-----"),
+        ("PRODUCTION_JWT_PREVIOUS_PUBLIC_KEYS", ""),
+        ("PRODUCTION_CREDENTIALS_ENCRYPTION_KEYS", "prd-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+        ("PRODUCTION_API_KEY_HASH_SECRET", "0123456789abcdef0123456789abcdef-production"),
+];
+
 #[test]
 fn env_file_selection_follows_env_file_then_dot_env_then_app_env() {
     let dir = tempdir();
@@ -85,16 +96,7 @@ fn the_three_env_files_carry_the_seed_values() {
     assert_eq!(stg.login_max_attempts, 5);
     assert!(stg.problems().is_empty(), "{:?}", stg.problems());
 
-    let prod_secrets = [
-        ("APP_ENV", "production"),
-        ("PRODUCTION_DB_PASSWORD", "pw-from-vault"),
-        ("SENTRY_DSN", ""),
-        ("PRODUCTION_JWT_PRIVATE_KEY", "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIKqg0ZQ3zbrb0k7qkQ8i7i0dqS2Qmpe1Lw3RkR3dX0aS\n-----END PRIVATE KEY-----"),
-        ("PRODUCTION_JWT_PREVIOUS_PUBLIC_KEYS", ""),
-        ("PRODUCTION_CREDENTIALS_ENCRYPTION_KEYS", "prd-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
-        ("PRODUCTION_API_KEY_HASH_SECRET", "0123456789abcdef0123456789abcdef-production"),
-    ];
-    let prd = Settings::load_from(&vars(&prod_secrets), dir).unwrap();
+    let prd = Settings::load_from(&vars(&PRODUCTION_SECRETS), dir).unwrap();
     assert_eq!(prd.user_service_port, 8211);
     assert_eq!(prd.login_max_attempts, 3);
     assert_eq!(prd.password_min_length, 14);
@@ -156,17 +158,15 @@ fn production_refuses_debug_insecure_cookie_wildcard_cors_and_dev_keys() {
 #[test]
 fn production_refuses_plaintext_stores_off_loopback() {
     let dir = &env_files();
-    let mut v = vars(&[
-        ("APP_ENV", "production"),
-        ("PRODUCTION_DB_PASSWORD", "pw-from-vault"),
-        ("SENTRY_DSN", ""),
-        ("PRODUCTION_JWT_PRIVATE_KEY", "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIKqg0ZQ3zbrb0k7qkQ8i7i0dqS2Qmpe1Lw3RkR3dX0aS\n-----END PRIVATE KEY-----"),
-        ("PRODUCTION_JWT_PREVIOUS_PUBLIC_KEYS", ""),
-        ("PRODUCTION_CREDENTIALS_ENCRYPTION_KEYS", "prd-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
-        ("PRODUCTION_API_KEY_HASH_SECRET", "0123456789abcdef0123456789abcdef-production"),
-        ("DATABASE_URL", "postgresql://u:pw@db.internal:5432/prod?sslmode=require"),
-        ("REDIS_URL", "redis://:pw@cache.internal:6379/0"),
-    ]);
+    let mut v = vars(&PRODUCTION_SECRETS);
+    v.insert(
+        "DATABASE_URL".into(),
+        "postgresql://u:pw@db.internal:5432/prod?sslmode=require".into(),
+    );
+    v.insert(
+        "REDIS_URL".into(),
+        "redis://:pw@cache.internal:6379/0".into(),
+    );
     let s = Settings::load_from(&v, dir).unwrap();
     let problems = s.problems().join("\n");
     assert!(

@@ -85,19 +85,7 @@ async fn migrations_apply_from_zero_and_rerun_cleanly() {
 
     // The binary's `migrate` is idempotent too.
     for _ in 0..2 {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_user-service"))
-            .arg("migrate")
-            .env_clear()
-            .env("ENV_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/.env.dev"))
-            .env("DATABASE_URL", url.as_str())
-            .env("REDIS_URL", crate::helpers::redis_url())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_service_ok(&["migrate"], url.as_str(), &crate::helpers::redis_url());
     }
     admin
         .execute(format!(r#"drop database "{name}" with (force)"#).as_str())
@@ -356,22 +344,33 @@ fn tokio_stream_from(
 #[test]
 fn admin_time_argon2_prints_the_cost_of_one_hash() {
     // Needs no store: the addresses below lead nowhere.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user-service"))
-        .args(["admin", "time-argon2", "--hashes", "2"])
-        .env_clear()
-        .env("ENV_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/.env.dev"))
-        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
-        .env("REDIS_URL", "redis://127.0.0.1:1/0")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_service_ok(
+        &["admin", "time-argon2", "--hashes", "2"],
+        "postgres://nobody@127.0.0.1:1/none",
+        "redis://127.0.0.1:1/0",
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ms = v["argon2_ms_per_hash"].as_f64().unwrap();
     // m=19 MiB, t=2 takes milliseconds on any machine; a figure far outside
     // means the parameters changed.
     assert!((1.0..2000.0).contains(&ms), "{ms}");
+}
+
+/// Runs the service binary with `args`, the development env file and these
+/// stores (nothing else from this process's environment); it must succeed.
+fn run_service_ok(args: &[&str], database_url: &str, redis_url: &str) -> std::process::Output {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user-service"))
+        .args(args)
+        .env_clear()
+        .env("ENV_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/.env.dev"))
+        .env("DATABASE_URL", database_url)
+        .env("REDIS_URL", redis_url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
