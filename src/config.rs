@@ -134,6 +134,9 @@ fn default_access_ttl() -> u64 {
 fn default_refresh_ttl() -> u64 {
     30 * 24 * 3600
 }
+fn default_session_idle() -> u64 {
+    1800
+}
 fn default_service_ttl() -> u64 {
     300
 }
@@ -220,6 +223,10 @@ pub struct Settings {
     pub access_token_ttl_seconds: u64,
     #[serde(default = "default_refresh_ttl")]
     pub refresh_token_ttl_seconds: u64,
+    /// A session with no request and no refresh for this long ends (reason
+    /// `idle_timeout`), however long its refresh token would still live.
+    #[serde(default = "default_session_idle")]
+    pub session_idle_timeout_seconds: u64,
     #[serde(default = "default_service_ttl")]
     pub service_token_ttl_seconds: u64,
     #[serde(default = "default_issuer")]
@@ -460,6 +467,11 @@ impl Settings {
         if self.access_token_ttl_seconds == 0 || self.access_token_ttl_seconds > 3600 {
             p.push("ACCESS_TOKEN_TTL_SECONDS must be between 1 and 3600".into());
         }
+        if self.session_idle_timeout_seconds < 60 {
+            // Activity is recorded at most every 30 s (the session cache), so a
+            // shorter window would end sessions that are in use.
+            p.push("SESSION_IDLE_TIMEOUT_SECONDS must be at least 60".into());
+        }
         if self.session_cookie_samesite == SameSite::None && !self.session_cookie_secure {
             p.push("SESSION_COOKIE_SAMESITE=none requires SESSION_COOKIE_SECURE=true".into());
         }
@@ -600,6 +612,10 @@ impl Settings {
             (
                 "REFRESH_TOKEN_TTL_SECONDS",
                 self.refresh_token_ttl_seconds.to_string(),
+            ),
+            (
+                "SESSION_IDLE_TIMEOUT_SECONDS",
+                self.session_idle_timeout_seconds.to_string(),
             ),
             (
                 "SERVICE_TOKEN_TTL_SECONDS",

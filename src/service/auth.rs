@@ -442,7 +442,9 @@ impl Identity {
             return Err(ServiceError::InvalidToken);
         }
         let mut tx = self.db.begin().await?;
-        let Some(row) = sessions::refresh_token_for_update(&mut tx, &sha256(refresh_token)).await?
+        let idle = self.settings.session_idle_timeout_seconds;
+        let Some(row) =
+            sessions::refresh_token_for_update(&mut tx, &sha256(refresh_token), idle).await?
         else {
             return Err(ServiceError::InvalidToken);
         };
@@ -470,12 +472,34 @@ impl Identity {
         if row.expired || !row.session_live {
             return Err(ServiceError::InvalidToken);
         }
+        if row.session_idle {
+            let ended = sessions::revoke(&mut tx, row.session_id, "idle_timeout").await?;
+            audit::insert(
+                &mut tx,
+                &AuditEntry::new("auth.session.idle_timeout", Outcome::Denied)
+                    .actor("user", row.user_id)
+                    .target("session", row.session_id)
+                    .meta(meta)
+                    .details(serde_json::json!({
+                        "session_ended": ended,
+                        "idle_timeout_seconds": idle,
+                    })),
+            )
+            .await?;
+            tx.commit().await.map_err(crate::store::StoreError::from)?;
+            let state = SessionState::Revoked {
+                reason: "idle_timeout".into(),
+            };
+            self.cache_session(row.session_id, &state).await;
+            return Err(ServiceError::InvalidToken);
+        }
         let user = users::by_id(&mut tx, row.user_id)
             .await?
             .filter(|u| u.status == "active")
             .ok_or(ServiceError::InvalidToken)?
             .into_user();
         sessions::mark_refresh_used(&mut tx, row.id).await?;
+        sessions::touch(&mut tx, row.session_id).await?;
         let refresh = new_refresh_token();
         sessions::insert_refresh_token(
             &mut tx,

@@ -231,7 +231,8 @@ impl Identity {
             Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "session cache unavailable, asking PostgreSQL"),
         }
-        let state = match sessions::auth_state(&self.db.pool, sid).await? {
+        let idle = self.settings.session_idle_timeout_seconds;
+        let state = match sessions::auth_state(&self.db.pool, sid, idle).await? {
             None => SessionState::Revoked {
                 reason: "unknown".into(),
             },
@@ -302,7 +303,8 @@ impl Identity {
     /// The session cookie holds the session's current refresh token: it
     /// authenticates browser requests without rotating.
     pub async fn verify_session_cookie(&self, value: &str) -> ServiceResult<Caller> {
-        let row = sessions::refresh_token(&self.db.pool, &sha256(value))
+        let idle = self.settings.session_idle_timeout_seconds;
+        let row = sessions::refresh_token(&self.db.pool, &sha256(value), idle)
             .await?
             .ok_or(ServiceError::InvalidToken)?;
         if row.used || row.expired || !row.session_live {

@@ -39,6 +39,8 @@ pub struct RefreshRow {
     pub used: bool,
     pub expired: bool,
     pub session_live: bool,
+    /// Live, but unseen for longer than the idle timeout asked about.
+    pub session_idle: bool,
     pub session_expires_at: DateTime<Utc>,
 }
 
@@ -86,32 +88,41 @@ pub async fn insert_refresh_token(
 pub async fn refresh_token_for_update(
     conn: &mut PgConnection,
     token_hash: &[u8],
+    idle_secs: u64,
 ) -> StoreResult<Option<RefreshRow>> {
     Ok(sqlx::query_as::<_, RefreshRow>(
         "select t.id, t.session_id, s.user_id, t.used_at is not null as used,
                 t.expires_at <= now() as expired,
                 (s.revoked_at is null and s.expires_at > now()) as session_live,
+                s.last_seen_at <= now() - make_interval(secs => $2) as session_idle,
                 s.expires_at as session_expires_at
            from refresh_tokens t join sessions s on s.id = t.session_id
           where t.token_hash = $1
           for update of t",
     )
     .bind(token_hash)
+    .bind(idle_secs as f64)
     .fetch_optional(conn)
     .await?)
 }
 
 /// Read-only lookup (the cookie authenticates requests without rotating).
-pub async fn refresh_token(pool: &PgPool, token_hash: &[u8]) -> StoreResult<Option<RefreshRow>> {
+pub async fn refresh_token(
+    pool: &PgPool,
+    token_hash: &[u8],
+    idle_secs: u64,
+) -> StoreResult<Option<RefreshRow>> {
     Ok(sqlx::query_as::<_, RefreshRow>(
         "select t.id, t.session_id, s.user_id, t.used_at is not null as used,
                 t.expires_at <= now() as expired,
                 (s.revoked_at is null and s.expires_at > now()) as session_live,
+                s.last_seen_at <= now() - make_interval(secs => $2) as session_idle,
                 s.expires_at as session_expires_at
            from refresh_tokens t join sessions s on s.id = t.session_id
           where t.token_hash = $1",
     )
     .bind(token_hash)
+    .bind(idle_secs as f64)
     .fetch_optional(pool)
     .await?)
 }
@@ -125,13 +136,28 @@ pub async fn mark_refresh_used(conn: &mut PgConnection, id: Uuid) -> StoreResult
 }
 
 /// The session's state, and marks it seen (called at most once per cache period).
-pub async fn auth_state(pool: &PgPool, id: Uuid) -> StoreResult<Option<SessionAuth>> {
+/// A live session unseen for `idle_secs` is ended here (reason `idle_timeout`),
+/// in the same statement, so every other view of it agrees at once.
+pub async fn auth_state(
+    pool: &PgPool,
+    id: Uuid,
+    idle_secs: u64,
+) -> StoreResult<Option<SessionAuth>> {
     Ok(sqlx::query_as::<_, SessionAuth>(
-        "with touched as (
+        "with idle as (
+             update sessions set revoked_at = now(), revoked_reason = 'idle_timeout'
+              where id = $1 and revoked_at is null and expires_at > now()
+                and last_seen_at <= now() - make_interval(secs => $2)
+             returning id
+         ), touched as (
              update sessions set last_seen_at = now()
               where id = $1 and revoked_at is null and expires_at > now()
+                and last_seen_at > now() - make_interval(secs => $2)
          )
-         select s.user_id, s.revoked_reason, s.revoked_at is not null as revoked,
+         select s.user_id,
+                case when exists (select 1 from idle) then 'idle_timeout'
+                     else s.revoked_reason end as revoked_reason,
+                (s.revoked_at is not null or exists (select 1 from idle)) as revoked,
                 s.expires_at <= now() as expired, u.status as user_status,
                 coalesce(array(select r.name from user_roles ur join roles r on r.id = ur.role_id
                                 where ur.user_id = u.id order by r.name), '{}') as roles
@@ -139,8 +165,18 @@ pub async fn auth_state(pool: &PgPool, id: Uuid) -> StoreResult<Option<SessionAu
           where s.id = $1",
     )
     .bind(id)
+    .bind(idle_secs as f64)
     .fetch_optional(pool)
     .await?)
+}
+
+/// Records activity on a session (a refresh).
+pub async fn touch(conn: &mut PgConnection, id: Uuid) -> StoreResult<()> {
+    sqlx::query("update sessions set last_seen_at = now() where id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Ends one session; returns whether it was live.

@@ -947,6 +947,108 @@ async fn refresh_rotates_and_reuse_revokes_the_session() {
 }
 
 #[tokio::test]
+async fn a_session_idle_past_the_timeout_ends_on_its_next_use() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("SESSION_IDLE_TIMEOUT_SECONDS".into(), "60".into());
+    })
+    .await;
+    let e = email();
+    let user = app.register(&e, STRONG_PASSWORD).await;
+    let user_id: uuid::Uuid = user["id"].as_str().unwrap().parse().unwrap();
+    let session_of = |sid: uuid::Uuid| {
+        let db = app.db.clone();
+        async move {
+            sqlx::query_as::<_, (Option<String>, bool)>(
+                "select revoked_reason, last_seen_at > now() - interval '1 minute'
+                   from sessions where id = $1",
+            )
+            .bind(sid)
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+    let age = |sid: uuid::Uuid| {
+        let db = app.db.clone();
+        async move {
+            sqlx::query(
+                "update sessions set last_seen_at = now() - interval '2 minutes' where id = $1",
+            )
+            .bind(sid)
+            .execute(&db)
+            .await
+            .unwrap();
+        }
+    };
+    let live_session = || {
+        let db = app.db.clone();
+        async move {
+            sqlx::query_scalar::<_, uuid::Uuid>(
+                "select id from sessions where user_id = $1 and revoked_at is null
+                  order by created_at desc limit 1",
+            )
+            .bind(user_id)
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+
+    // Used within the window: refresh works and counts as activity.
+    let (_, refresh1) = login_pair(&app, &e).await;
+    let sid = live_session().await;
+    sqlx::query("update sessions set last_seen_at = now() - interval '50 seconds' where id = $1")
+        .bind(sid)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let res = refresh(&app, &refresh1).await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(
+        session_of(sid).await,
+        (None, true),
+        "refresh marks the session seen"
+    );
+
+    // Idle past the window: the refresh token is refused and the session ends,
+    // audited.
+    age(sid).await;
+    let res = refresh(&app, body["refresh_token"].as_str().unwrap()).await;
+    assert_eq!(res.status(), 401);
+    assert_eq!(session_of(sid).await.0.as_deref(), Some("idle_timeout"));
+    let audited: i64 = sqlx::query_scalar(
+        "select count(*) from audit_logs where action = 'auth.session.idle_timeout'
+            and target_id = $1",
+    )
+    .bind(sid.to_string())
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(audited, 1);
+
+    // An access token of an idle session is refused as soon as its cached state
+    // is looked up again, and the session ends the same way.
+    let (access, _) = login_pair(&app, &e).await;
+    let sid = live_session().await;
+    assert_eq!(
+        get_bearer(&app, "/v1/users/me", &access).await.status(),
+        200
+    );
+    age(sid).await;
+    app.state
+        .identity
+        .forget_user_sessions(user_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        get_bearer(&app, "/v1/users/me", &access).await.status(),
+        401
+    );
+    assert_eq!(session_of(sid).await.0.as_deref(), Some("idle_timeout"));
+}
+
+#[tokio::test]
 async fn refresh_with_no_body_uses_the_session_cookie() {
     let app = TestApp::spawn().await;
     let e = email();

@@ -277,3 +277,22 @@ fn debug_output_of_settings_hides_secrets() {
     );
     assert!(!dbg.contains("MC4CAQAwBQYDK2VwBCIE"));
 }
+
+#[test]
+fn a_session_idle_timeout_under_a_minute_is_refused() {
+    let dir = &env_files();
+    let s = Settings::load_from(
+        &vars(&[
+            ("APP_ENV", "development"),
+            ("SESSION_IDLE_TIMEOUT_SECONDS", "30"),
+        ]),
+        dir,
+    )
+    .unwrap();
+    assert_eq!(
+        s.problems(),
+        ["SESSION_IDLE_TIMEOUT_SECONDS must be at least 60"]
+    );
+    let dev = Settings::load_from(&vars(&[("APP_ENV", "development")]), dir).unwrap();
+    assert_eq!(dev.session_idle_timeout_seconds, 86400);
+}
