@@ -482,7 +482,7 @@ impl Settings {
         if let Some(host) = remote_database_without_verified_tls(self.database_url.expose_secret())
         {
             p.push(format!(
-                "DATABASE_URL points at {host} without sslmode=verify-full or verify-ca, refused in {env}"
+                "DATABASE_URL points at {host} without sslmode=verify-full, refused in {env}"
             ));
         }
         if let Some(host) = remote_redis_without_tls(self.redis_url.expose_secret()) {
@@ -680,33 +680,41 @@ fn is_local_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// The host of a PostgreSQL URL that is neither local nor behind certificate-
-/// verified TLS: passwords and credentials would cross the network readable or
-/// to an impostor. `sslmode=require` encrypts but verifies nobody, so it is not
-/// enough here.
+/// Where DATABASE_URL leads over the network without verified TLS: None for a
+/// Unix socket, loopback, or sslmode=verify-full. The URL is read with sqlx's own
+/// parser, so host, socket and mode are the ones it will use (the last of a
+/// repeated parameter, hostaddr, PGHOST/PGSSLMODE from the environment).
+/// verify-ca is not enough: it checks the chain but not the name, and sqlx adds
+/// sslrootcert to the system's roots, so any public certificate would pass.
 fn remote_database_without_verified_tls(database_url: &str) -> Option<String> {
-    let url = url::Url::parse(database_url).ok()?;
-    let query_host = url
-        .query_pairs()
-        .find(|(k, _)| k == "host")
-        .map(|(_, v)| v.into_owned());
-    let host = query_host.unwrap_or_else(|| url.host_str().unwrap_or_default().to_string());
-    if is_local_host(&host) {
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+    let Ok(opts) = database_url.parse::<PgConnectOptions>() else {
+        return Some("an address that cannot be read".into());
+    };
+    if opts.get_socket().is_some() || is_local_host(opts.get_host()) {
         return None;
     }
-    let verified = url.query_pairs().any(|(k, v)| {
-        (k == "sslmode" || k == "ssl-mode")
-            && matches!(v.to_ascii_lowercase().as_str(), "verify-full" | "verify-ca")
-    });
-    (!verified).then_some(host)
+    (!matches!(opts.get_ssl_mode(), PgSslMode::VerifyFull)).then(|| opts.get_host().to_string())
 }
 
-/// The host of a plaintext Redis URL that is not local.
+/// Where REDIS_URL leads over the network in plaintext: a remote server, or any
+/// Sentinel or Cluster URL without TLS, since those discover the servers they
+/// then talk to (with the password) from the ones named.
 fn remote_redis_without_tls(redis_url: &str) -> Option<String> {
-    let url = url::Url::parse(redis_url).ok()?;
-    let tls = url.scheme().starts_with("rediss") || url.scheme().starts_with("valkeys");
-    let host = url.host_str().unwrap_or_default().to_string();
-    (!tls && !is_local_host(&host)).then_some(host)
+    use fred::types::config::{Config, ServerConfig};
+    let Ok(config) = Config::from_url(redis_url) else {
+        return Some("an address that cannot be read".into());
+    };
+    if config.tls.is_some() {
+        return None;
+    }
+    let hosts = config.server.hosts();
+    let remote = hosts.iter().find(|h| !is_local_host(&h.host));
+    match (&config.server, remote) {
+        (_, Some(h)) => Some(h.host.to_string()),
+        (ServerConfig::Centralized { .. }, None) => None,
+        (_, None) => Some("the servers a Sentinel or Cluster reports".into()),
+    }
 }
 
 pub fn mask_url(url: &str) -> String {
@@ -748,7 +756,8 @@ mod tests {
             ("postgresql://u:p@localhost:5432/db", None),
             ("postgresql://u:p@127.0.0.1/db", None),
             ("postgresql://u:p@[::1]:5432/db", None),
-            ("postgresql://u@/db?host=/run/postgresql", None),
+            ("postgresql://u@localhost/db?host=/run/postgresql", None),
+            ("postgres:///db?host=/run/postgresql&user=u", None),
             ("postgresql://u:p@db.internal/db", Some("db.internal")),
             (
                 "postgresql://u:p@db.internal/db?sslmode=require",
@@ -761,12 +770,25 @@ mod tests {
             ("postgresql://u:p@db.internal/db?sslmode=verify-full", None),
             (
                 "postgresql://u:p@db.internal/db?sslmode=verify-ca&sslrootcert=/ca.pem",
-                None,
+                Some("db.internal"),
             ),
             (
                 "postgresql://u:p@localhost/db?host=db.internal",
                 Some("db.internal"),
             ),
+            (
+                "postgresql://u:p@localhost/db?hostaddr=10.0.0.5",
+                Some("10.0.0.5"),
+            ),
+            (
+                "postgresql://u:p@localhost/db?host=localhost&host=db.internal",
+                Some("db.internal"),
+            ),
+            (
+                "postgresql://u:p@db.internal/db?sslmode=verify-full&sslmode=disable",
+                Some("db.internal"),
+            ),
+            ("not a url", Some("an address that cannot be read")),
         ] {
             assert_eq!(
                 remote_database_without_verified_tls(url).as_deref(),
@@ -782,7 +804,23 @@ mod tests {
                 "redis-cluster://cache.internal:6379",
                 Some("cache.internal"),
             ),
+            (
+                "redis-cluster://localhost:6379?node=cache.internal:6379",
+                Some("cache.internal"),
+            ),
+            (
+                "redis-cluster://localhost:6379",
+                Some("the servers a Sentinel or Cluster reports"),
+            ),
+            (
+                "redis-sentinel://localhost:26379/0?sentinelServiceName=m",
+                Some("the servers a Sentinel or Cluster reports"),
+            ),
             ("rediss://:pw@cache.internal:6380/0", None),
+            (
+                "rediss-cluster://cache.internal:6380?node=other.internal:6380",
+                None,
+            ),
             ("valkeys://cache.internal:6380/0", None),
         ] {
             assert_eq!(remote_redis_without_tls(url).as_deref(), refused, "{url}");
