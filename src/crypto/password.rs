@@ -63,7 +63,14 @@ fn start_pool(n: usize) -> mpsc::Sender<Job> {
                         .map_err(|_| ())
                         .and_then(|r| r.recv().map_err(|_| ()));
                     match job {
-                        Ok(job) => job(),
+                        // A panicking hash must not take the thread with it: the
+                        // pool would shrink until every login failed.
+                        Ok(job) => {
+                            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err()
+                            {
+                                tracing::error!("a password-hashing job panicked");
+                            }
+                        }
                         Err(()) => break,
                     }
                 }
@@ -78,6 +85,7 @@ fn start_pool(n: usize) -> mpsc::Sender<Job> {
 /// SCHED_IDLE for the calling thread (Linux applies it per thread): the kernel
 /// runs it when the core would otherwise idle, and gives it only a sliver (weight
 /// 3 against a normal thread's 1024) while the async workers have work.
+#[cfg(target_os = "linux")]
 fn lower_this_threads_priority() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler reads `param`, which outlives the call, and
@@ -103,6 +111,10 @@ pub fn hash_on_this_thread(password: &SecretString) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("argon2 hash failed: {e}"))
 }
 
+/// Elsewhere the hashing threads keep the normal priority.
+#[cfg(not(target_os = "linux"))]
+fn lower_this_threads_priority() {}
+
 #[derive(Clone)]
 pub struct PasswordHasher {
     permits: Arc<Semaphore>,
@@ -127,11 +139,17 @@ impl PasswordHasher {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> anyhow::Result<T> {
-        let _permit = self.permits.acquire().await?;
-        let (done, result) = tokio::sync::oneshot::channel();
+        // The permit travels with the job: a caller that gives up (the client hung
+        // up) frees its place only when the job is done or skipped, so the queue
+        // never holds more than `max_concurrency` jobs.
+        let permit = self.permits.clone().acquire_owned().await?;
+        let (done, result) = tokio::sync::oneshot::channel::<T>();
         self.jobs
             .send(Box::new(move || {
-                let _ = done.send(f());
+                if !done.is_closed() {
+                    let _ = done.send(f());
+                }
+                drop(permit);
             }))
             .map_err(|_| anyhow::anyhow!("the password-hashing pool has stopped"))?;
         result
@@ -174,6 +192,7 @@ mod tests {
     use super::*;
 
     /// The scheduling policy of thread `tid`, from /proc (field 41 of its stat).
+    #[cfg(target_os = "linux")]
     fn policy(tid: i32) -> i32 {
         let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
         let rest = stat.rsplit_once(')').unwrap().1;
@@ -184,6 +203,7 @@ mod tests {
             .unwrap()
     }
 
+    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn hashing_runs_below_the_workers_priority() {
         let h = PasswordHasher::new(Some(1));
@@ -196,6 +216,43 @@ mod tests {
         assert_ne!(hashing, worker);
         assert_eq!(policy(hashing), libc::SCHED_IDLE);
         assert_eq!(policy(worker), libc::SCHED_OTHER);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_leaves_the_pool_working() {
+        let h = PasswordHasher::new(Some(1));
+        let lost = h.run(|| -> u32 { panic!("boom") }).await;
+        assert!(lost.is_err());
+        // The one thread survived and still takes jobs.
+        assert_eq!(h.run(|| 7).await.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_job_is_skipped_and_frees_its_place() {
+        let h = PasswordHasher::new(Some(1));
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        // Occupy the only thread, then queue a job whose caller gives up.
+        let busy = tokio::spawn({
+            let h = h.clone();
+            async move { h.run(move || hold.recv().is_ok()).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let abandoned = tokio::spawn({
+            let (h, ran) = (h.clone(), ran.clone());
+            async move {
+                h.run(move || ran.store(true, std::sync::atomic::Ordering::SeqCst))
+                    .await
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        abandoned.abort();
+        let _ = abandoned.await;
+        release.send(()).unwrap();
+        assert!(busy.await.unwrap().unwrap());
+        // The next job runs: the abandoned one was skipped, its permit returned.
+        assert_eq!(h.run(|| 1).await.unwrap(), 1);
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[tokio::test]
