@@ -191,14 +191,40 @@ async fn service_token_by_form_or_json_and_invalid_client() {
     assert_eq!(body["token_type"], "Bearer");
     assert_eq!(body["expires_in"], 300);
     assert_eq!(body["scope"], "auth:verify users:read");
-    // The secret is stored only as an argon2id hash.
+    // The secret is stored only as its SHA-256 (it is 256 random bits).
     let hash: String =
         sqlx::query_scalar("select secret_hash from service_clients where client_id = $1")
             .bind(&client_id)
             .fetch_one(&app.db)
             .await
             .unwrap();
-    assert!(hash.starts_with("$argon2id$") && !hash.contains(&secret));
+    assert!(hash.starts_with("$sha256$") && !hash.contains(&secret));
+    assert_eq!(hash.len(), "$sha256$".len() + 64);
+
+    // A secret stored as argon2id (before SHA-256 storage) still works.
+    let legacy = user_service::crypto::password::hash_on_this_thread(&secrecy::SecretString::from(
+        secret.clone(),
+    ))
+    .unwrap();
+    sqlx::query("update service_clients set secret_hash = $2 where client_id = $1")
+        .bind(&client_id)
+        .bind(&legacy)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    for (s, status) in [(secret.as_str(), 200), ("wrong-secret", 401)] {
+        let res = reqwest::Client::new()
+            .post(app.url("/v1/auth/token"))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id.as_str()),
+                ("client_secret", s),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status, "legacy argon2 secret, {s}");
+    }
 
     for (id, s) in [
         (client_id.as_str(), "wrong-secret"),
