@@ -2,7 +2,7 @@
 //! and holds a certificate from a private CA made here: Redis over rediss:// with
 //! REDIS_TLS_CA_FILE, PostgreSQL with sslmode=verify-full and sslrootcert.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -81,19 +81,19 @@ impl Drop for Server {
     }
 }
 
-/// redis-server with its plaintext port off and TLS on `port`.
+/// redis-server with its plaintext port off and TLS on `port`. None only when
+/// there is no redis-server, or one built without TLS; any other failure to
+/// start fails the test.
 async fn tls_redis(pki: &Pki) -> Option<(Server, u16)> {
     let port = free_port();
-    let child = Command::new("redis-server")
+    let log = pki.dir.join("redis.log");
+    let spawned = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", "0", "--save", ""])
         .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--save",
-            "",
             "--appendonly",
             "no",
+            "--logfile",
+            &log.display().to_string(),
         ])
         .args(["--tls-port", &port.to_string()])
         .args(["--tls-cert-file", &pki.path("server.pem")])
@@ -101,10 +101,26 @@ async fn tls_redis(pki: &Pki) -> Option<(Server, u16)> {
         .args(["--tls-ca-cert-file", &pki.path("ca.pem")])
         .args(["--tls-auth-clients", "no"])
         .stdout(Stdio::null())
-        .spawn()
-        .ok()?;
-    let server = Server(child);
-    wait_for_port(port).await.then_some((server, port))
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut server = match spawned {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("redis-server: {e}"),
+        Ok(child) => Server(child),
+    };
+    if wait_for_port(port).await {
+        return Some((server, port));
+    }
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    let mut err = String::new();
+    if let Some(mut stderr) = server.0.stderr.take() {
+        use std::io::Read as _;
+        let _ = stderr.read_to_string(&mut err);
+    }
+    if format!("{said}{err}").contains("not built with TLS") {
+        return None;
+    }
+    panic!("redis-server with TLS did not start:\n{said}\n{err}");
 }
 
 /// What /health says of Redis, once it stops changing (the client connects in the
@@ -129,7 +145,7 @@ async fn redis_health(app: &TestApp, want: &str) -> String {
 async fn redis_over_tls_trusts_the_configured_ca_and_nothing_else() {
     let pki = Pki::new();
     let Some((_redis, port)) = tls_redis(&pki).await else {
-        eprintln!("SKIPPED redis_over_tls…: redis-server with TLS did not start");
+        eprintln!("SKIPPED redis_over_tls…: no redis-server, or one without TLS");
         return;
     };
     let url = format!("rediss://127.0.0.1:{port}/0");
@@ -176,101 +192,107 @@ async fn redis_over_tls_trusts_the_configured_ca_and_nothing_else() {
 }
 
 /// A PostgreSQL cluster of the test's own: TLS on, and pg_hba allowing TCP only
-/// over TLS (hostssl). initdb refuses to run as root, so as root it runs as the
-/// `postgres` user.
+/// over TLS (hostssl). initdb refuses to run as root, so as root every server
+/// command runs as the `postgres` user. Started and stopped with pg_ctl.
 struct TlsPostgres {
-    _server: Server,
+    bin: PathBuf,
+    as_root: bool,
     port: u16,
     dir: PathBuf,
 }
 
 impl TlsPostgres {
+    /// None only when the machine has no PostgreSQL server binaries; any other
+    /// failure fails the test.
     async fn start(pki: &Pki) -> Option<TlsPostgres> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()?
             .filter_map(|e| e.ok())
             .map(|e| e.path().join("bin"))
-            .find(|b| b.join("initdb").exists())?;
-        let dir = std::env::temp_dir().join(format!("us-tls-pg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).ok()?;
-        for f in ["server.pem", "server.key"] {
-            std::fs::copy(pki.dir.join(f), dir.join(f)).ok()?;
-        }
-        let data = dir.join("data");
+            .find(|b| b.join("initdb").exists() && b.join("pg_ctl").exists())?;
         let as_root = Command::new("id")
             .arg("-u")
             .output()
-            .is_ok_and(|o| o.stdout.starts_with(b"0"));
-        let run = |program: &Path| {
-            if as_root {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(program);
-                c
-            } else {
-                Command::new(program)
-            }
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        let dir = std::env::temp_dir().join(format!("us-tls-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["server.pem", "server.key"] {
+            std::fs::copy(pki.dir.join(f), dir.join(f)).unwrap();
+        }
+        let pg = TlsPostgres {
+            bin,
+            as_root,
+            port: free_port(),
+            dir,
         };
         if as_root {
-            let owned = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !owned {
-                return None;
-            }
+            pg.must(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&pg.dir),
+            );
         }
         // The key must be private to its owner, or PostgreSQL refuses it.
-        Command::new("chmod")
-            .arg("600")
-            .arg(dir.join("server.key"))
-            .status()
-            .ok()?;
-        let init = run(&bin.join("initdb"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .ok()?;
-        if !init.success() {
-            return None;
-        }
+        pg.must(
+            Command::new("chmod")
+                .arg("600")
+                .arg(pg.dir.join("server.key")),
+        );
+        pg.must(pg.tool("initdb").arg("-D").arg(pg.data()).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        ]));
         std::fs::write(
-            data.join("pg_hba.conf"),
+            pg.data().join("pg_hba.conf"),
             "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
         )
-        .ok()?;
-        let port = free_port();
-        let child = run(&bin.join("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", dir.display()))
-            .args(["-c", "ssl=on"])
-            .arg("-c")
-            .arg(format!(
-                "ssl_cert_file={}",
-                dir.join("server.pem").display()
-            ))
-            .arg("-c")
-            .arg(format!("ssl_key_file={}", dir.join("server.key").display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let server = Server(child);
-        // Listening is not accepting yet: wait until a query goes through.
-        if !wait_for_port(port).await {
-            return None;
+        .unwrap();
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c ssl=on \
+             -c ssl_cert_file={} -c ssl_key_file={}",
+            pg.port,
+            pg.dir.display(),
+            pg.dir.join("server.pem").display(),
+            pg.dir.join("server.key").display(),
+        );
+        pg.must(
+            pg.tool("pg_ctl")
+                .arg("-D")
+                .arg(pg.data())
+                .arg("-l")
+                .arg(pg.dir.join("server.log"))
+                .args(["-w", "-t", "30", "-o", &options, "start"]),
+        );
+        Some(pg)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn tool(&self, name: &str) -> Command {
+        let program = self.bin.join(name);
+        if self.as_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
         }
-        Some(TlsPostgres {
-            _server: server,
-            port,
-            dir,
-        })
+    }
+
+    fn must(&self, command: &mut Command) {
+        let out = command.output().unwrap();
+        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        assert!(
+            out.status.success(),
+            "{command:?}: {}{}\n{log}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn url(&self, query: &str) -> String {
@@ -283,6 +305,12 @@ impl TlsPostgres {
 
 impl Drop for TlsPostgres {
     fn drop(&mut self) {
+        let _ = self
+            .tool("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "stop"])
+            .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -315,7 +343,7 @@ async fn connects_over_tls(database_url: &str) -> Result<bool, String> {
 async fn postgres_over_verified_tls() {
     let pki = Pki::new();
     let Some(pg) = TlsPostgres::start(&pki).await else {
-        eprintln!("SKIPPED postgres_over_verified_tls: no PostgreSQL server binaries to start");
+        eprintln!("SKIPPED postgres_over_verified_tls: no PostgreSQL server binaries");
         return;
     };
     let ca = pki.path("ca.pem");
