@@ -80,10 +80,14 @@ struct ServiceGrant {
     exp: i64,
 }
 
-/// Verified service tokens, keyed by the whole token string. A hit needs the
-/// same 64-bit hash (under a per-process random seed) *and* byte-equal text, so
-/// it cannot be reached by a forged token; a fast non-cryptographic hash is
-/// enough here, and SHA-256 of the ~450-byte token was measurable on every call.
+/// Verified service tokens, keyed by the whole token string: a hit needs
+/// byte-equal text, so no forged token reaches one, and a fast seeded hash
+/// (foldhash) replaces the SHA-256 of the ~450-byte token that was measurable on
+/// every call. The key comparison is not constant-time; it can only tell how long
+/// a prefix a probe shares with whichever cached tokens sit on its probe path
+/// (per-process random seed), in nanoseconds far below network jitter, and a
+/// token's secret part, its signature, is at the end. The tokens stay in memory
+/// until they expire, as they did in the request buffers.
 type ServiceTokenCache = MokaCache<Box<str>, Arc<ServiceGrant>, foldhash::fast::RandomState>;
 
 struct UntilExp;
