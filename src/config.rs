@@ -467,11 +467,16 @@ impl Settings {
         if self.access_token_ttl_seconds == 0 || self.access_token_ttl_seconds > 3600 {
             p.push("ACCESS_TOKEN_TTL_SECONDS must be between 1 and 3600".into());
         }
-        if self.session_idle_timeout_seconds < 60 {
-            // Activity is recorded at most every 30 s (the session cache), so a
-            // shorter window would end sessions that are in use.
-            p.push("SESSION_IDLE_TIMEOUT_SECONDS must be at least 60".into());
+        if self.session_idle_timeout_seconds < 120 {
+            // Activity is recorded at most every 30 s (the session cache), so the
+            // real window is the timeout less 30 s; below 120 it would end
+            // sessions that are in use.
+            p.push("SESSION_IDLE_TIMEOUT_SECONDS must be at least 120".into());
         }
+        if self.session_idle_timeout_seconds > self.refresh_token_ttl_seconds {
+            p.push("SESSION_IDLE_TIMEOUT_SECONDS must not exceed REFRESH_TOKEN_TTL_SECONDS".into());
+        }
+
         if self.session_cookie_samesite == SameSite::None && !self.session_cookie_secure {
             p.push("SESSION_COOKIE_SAMESITE=none requires SESSION_COOKIE_SECURE=true".into());
         }
@@ -479,16 +484,20 @@ impl Settings {
             return p;
         }
         let env = self.app_env.as_str();
-        if let Some(host) = remote_database_without_verified_tls(self.database_url.expose_secret())
-        {
-            p.push(format!(
+        // (Development reports an unreadable URL when it connects.)
+        match remote_database_without_verified_tls(self.database_url.expose_secret()) {
+            Err(()) => p.push("DATABASE_URL is not a valid PostgreSQL URL".into()),
+            Ok(Some(host)) => p.push(format!(
                 "DATABASE_URL points at {host} without sslmode=verify-full, refused in {env}"
-            ));
+            )),
+            Ok(None) => {}
         }
-        if let Some(host) = remote_redis_without_tls(self.redis_url.expose_secret()) {
-            p.push(format!(
+        match remote_redis_without_tls(self.redis_url.expose_secret()) {
+            Err(()) => p.push("REDIS_URL is not a valid Redis URL".into()),
+            Ok(Some(host)) => p.push(format!(
                 "REDIS_URL points at {host} without TLS (rediss://), refused in {env}"
-            ));
+            )),
+            Ok(None) => {}
         }
         if self.debug {
             p.push(format!("DEBUG=true is not allowed in {env}"));
@@ -686,35 +695,34 @@ fn is_local_host(host: &str) -> bool {
 /// repeated parameter, hostaddr, PGHOST/PGSSLMODE from the environment).
 /// verify-ca is not enough: it checks the chain but not the name, and sqlx adds
 /// sslrootcert to the system's roots, so any public certificate would pass.
-fn remote_database_without_verified_tls(database_url: &str) -> Option<String> {
+fn remote_database_without_verified_tls(database_url: &str) -> Result<Option<String>, ()> {
     use sqlx::postgres::{PgConnectOptions, PgSslMode};
-    let Ok(opts) = database_url.parse::<PgConnectOptions>() else {
-        return Some("an address that cannot be read".into());
-    };
+    let opts = database_url.parse::<PgConnectOptions>().map_err(|_| ())?;
     if opts.get_socket().is_some() || is_local_host(opts.get_host()) {
-        return None;
+        return Ok(None);
     }
-    (!matches!(opts.get_ssl_mode(), PgSslMode::VerifyFull)).then(|| opts.get_host().to_string())
+    Ok(
+        (!matches!(opts.get_ssl_mode(), PgSslMode::VerifyFull))
+            .then(|| opts.get_host().to_string()),
+    )
 }
 
 /// Where REDIS_URL leads over the network in plaintext: a remote server, or any
 /// Sentinel or Cluster URL without TLS, since those discover the servers they
 /// then talk to (with the password) from the ones named.
-fn remote_redis_without_tls(redis_url: &str) -> Option<String> {
+fn remote_redis_without_tls(redis_url: &str) -> Result<Option<String>, ()> {
     use fred::types::config::{Config, ServerConfig};
-    let Ok(config) = Config::from_url(redis_url) else {
-        return Some("an address that cannot be read".into());
-    };
+    let config = Config::from_url(redis_url).map_err(|_| ())?;
     if config.tls.is_some() {
-        return None;
+        return Ok(None);
     }
     let hosts = config.server.hosts();
     let remote = hosts.iter().find(|h| !is_local_host(&h.host));
-    match (&config.server, remote) {
+    Ok(match (&config.server, remote) {
         (_, Some(h)) => Some(h.host.to_string()),
         (ServerConfig::Centralized { .. }, None) => None,
         (_, None) => Some("the servers a Sentinel or Cluster reports".into()),
-    }
+    })
 }
 
 pub fn mask_url(url: &str) -> String {
@@ -788,14 +796,17 @@ mod tests {
                 "postgresql://u:p@db.internal/db?sslmode=verify-full&sslmode=disable",
                 Some("db.internal"),
             ),
-            ("not a url", Some("an address that cannot be read")),
         ] {
             assert_eq!(
-                remote_database_without_verified_tls(url).as_deref(),
+                remote_database_without_verified_tls(url)
+                    .unwrap()
+                    .as_deref(),
                 refused,
                 "{url}"
             );
         }
+        assert_eq!(remote_database_without_verified_tls("not a url"), Err(()));
+        assert_eq!(remote_redis_without_tls("not a url"), Err(()));
         for (url, refused) in [
             ("redis://localhost:6379/0", None),
             ("redis://:pw@127.0.0.1:6379/0", None),
@@ -823,7 +834,11 @@ mod tests {
             ),
             ("valkeys://cache.internal:6380/0", None),
         ] {
-            assert_eq!(remote_redis_without_tls(url).as_deref(), refused, "{url}");
+            assert_eq!(
+                remote_redis_without_tls(url).unwrap().as_deref(),
+                refused,
+                "{url}"
+            );
         }
     }
 

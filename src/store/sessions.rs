@@ -98,7 +98,7 @@ pub async fn refresh_token_for_update(
                 s.expires_at as session_expires_at
            from refresh_tokens t join sessions s on s.id = t.session_id
           where t.token_hash = $1
-          for update of t",
+          for update of t, s",
     )
     .bind(token_hash)
     .bind(idle_secs as f64)
@@ -137,7 +137,10 @@ pub async fn mark_refresh_used(conn: &mut PgConnection, id: Uuid) -> StoreResult
 
 /// The session's state, and marks it seen (called at most once per cache period).
 /// A live session unseen for `idle_secs` is ended here (reason `idle_timeout`),
-/// in the same statement, so every other view of it agrees at once.
+/// in the same statement, so every other view of it agrees at once. The verdict
+/// comes from the statement's snapshot, not from which UPDATE fired: a request
+/// racing another over the same idle session (its UPDATE finds the row already
+/// revoked) still answers "ended".
 pub async fn auth_state(
     pool: &PgPool,
     id: Uuid,
@@ -155,9 +158,12 @@ pub async fn auth_state(
                 and last_seen_at > now() - make_interval(secs => $2)
          )
          select s.user_id,
-                case when exists (select 1 from idle) then 'idle_timeout'
-                     else s.revoked_reason end as revoked_reason,
-                (s.revoked_at is not null or exists (select 1 from idle)) as revoked,
+                case when s.revoked_at is null and s.expires_at > now()
+                          and s.last_seen_at <= now() - make_interval(secs => $2)
+                     then 'idle_timeout' else s.revoked_reason end as revoked_reason,
+                (s.revoked_at is not null
+                 or (s.expires_at > now()
+                     and s.last_seen_at <= now() - make_interval(secs => $2))) as revoked,
                 s.expires_at <= now() as expired, u.status as user_status,
                 coalesce(array(select r.name from user_roles ur join roles r on r.id = ur.role_id
                                 where ur.user_id = u.id order by r.name), '{}') as roles

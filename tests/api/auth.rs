@@ -225,6 +225,14 @@ async fn service_token_by_form_or_json_and_invalid_client() {
             .unwrap();
         assert_eq!(res.status(), status, "legacy argon2 secret, {s}");
     }
+    // Its first good use re-stored it in the fast form.
+    let upgraded: String =
+        sqlx::query_scalar("select secret_hash from service_clients where client_id = $1")
+            .bind(&client_id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(upgraded, hash);
 
     for (id, s) in [
         (client_id.as_str(), "wrong-secret"),
@@ -975,7 +983,7 @@ async fn refresh_rotates_and_reuse_revokes_the_session() {
 #[tokio::test]
 async fn a_session_idle_past_the_timeout_ends_on_its_next_use() {
     let app = TestApp::spawn_with(|v| {
-        v.insert("SESSION_IDLE_TIMEOUT_SECONDS".into(), "60".into());
+        v.insert("SESSION_IDLE_TIMEOUT_SECONDS".into(), "120".into());
     })
     .await;
     let e = email();
@@ -985,7 +993,7 @@ async fn a_session_idle_past_the_timeout_ends_on_its_next_use() {
         let db = app.db.clone();
         async move {
             sqlx::query_as::<_, (Option<String>, bool)>(
-                "select revoked_reason, last_seen_at > now() - interval '1 minute'
+                "select revoked_reason, last_seen_at > now() - interval '5 seconds'
                    from sessions where id = $1",
             )
             .bind(sid)
@@ -1020,14 +1028,39 @@ async fn a_session_idle_past_the_timeout_ends_on_its_next_use() {
         }
     };
 
-    // Used within the window: refresh works and counts as activity.
-    let (_, refresh1) = login_pair(&app, &e).await;
+    let nearly_idle = |sid: uuid::Uuid| {
+        let db = app.db.clone();
+        async move {
+            sqlx::query(
+                "update sessions set last_seen_at = now() - interval '110 seconds' where id = $1",
+            )
+            .bind(sid)
+            .execute(&db)
+            .await
+            .unwrap();
+        }
+    };
+
+    // Used within the window: a request with the access token counts as activity
+    // (when its state is read from PostgreSQL), and so does a refresh.
+    let (access0, refresh1) = login_pair(&app, &e).await;
     let sid = live_session().await;
-    sqlx::query("update sessions set last_seen_at = now() - interval '50 seconds' where id = $1")
-        .bind(sid)
-        .execute(&app.db)
+    nearly_idle(sid).await;
+    app.state
+        .identity
+        .forget_user_sessions(user_id)
         .await
         .unwrap();
+    assert_eq!(
+        get_bearer(&app, "/v1/users/me", &access0).await.status(),
+        200
+    );
+    assert_eq!(
+        session_of(sid).await,
+        (None, true),
+        "a request marks the session seen"
+    );
+    nearly_idle(sid).await;
     let res = refresh(&app, &refresh1).await;
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();

@@ -279,7 +279,7 @@ fn debug_output_of_settings_hides_secrets() {
 }
 
 #[test]
-fn a_session_idle_timeout_under_a_minute_is_refused() {
+fn a_session_idle_timeout_outside_two_minutes_to_the_refresh_ttl_is_refused() {
     let dir = &env_files();
     let s = Settings::load_from(
         &vars(&[
@@ -291,7 +291,19 @@ fn a_session_idle_timeout_under_a_minute_is_refused() {
     .unwrap();
     assert_eq!(
         s.problems(),
-        ["SESSION_IDLE_TIMEOUT_SECONDS must be at least 60"]
+        ["SESSION_IDLE_TIMEOUT_SECONDS must be at least 120"]
+    );
+    let s = Settings::load_from(
+        &vars(&[
+            ("APP_ENV", "development"),
+            ("SESSION_IDLE_TIMEOUT_SECONDS", "99999999999"),
+        ]),
+        dir,
+    )
+    .unwrap();
+    assert_eq!(
+        s.problems(),
+        ["SESSION_IDLE_TIMEOUT_SECONDS must not exceed REFRESH_TOKEN_TTL_SECONDS"]
     );
     let dev = Settings::load_from(&vars(&[("APP_ENV", "development")]), dir).unwrap();
     assert_eq!(dev.session_idle_timeout_seconds, 86400);
