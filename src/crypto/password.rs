@@ -228,31 +228,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_abandoned_job_is_skipped_and_frees_its_place() {
+    async fn an_abandoned_job_keeps_its_place_until_it_is_done() {
         let h = PasswordHasher::new(Some(1));
         let (release, hold) = std::sync::mpsc::channel::<()>();
-        // Occupy the only thread, then queue a job whose caller gives up.
-        let busy = tokio::spawn({
-            let h = h.clone();
-            async move { h.run(move || hold.recv().is_ok()).await }
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        // A job that runs until released, whose caller gives up meanwhile (a
+        // client hanging up during its login).
         let abandoned = tokio::spawn({
-            let (h, ran) = (h.clone(), ran.clone());
+            let h = h.clone();
             async move {
-                h.run(move || ran.store(true, std::sync::atomic::Ordering::SeqCst))
-                    .await
+                h.run(move || {
+                    let _ = started.send(());
+                    hold.recv().is_ok()
+                })
+                .await
             }
         });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        running.await.unwrap();
         abandoned.abort();
         let _ = abandoned.await;
+        // Its permit went with the job: nothing more is queued while it runs.
+        let next = tokio::time::timeout(std::time::Duration::from_millis(200), h.run(|| 1)).await;
+        assert!(
+            next.is_err(),
+            "a second job was admitted while the first still ran"
+        );
         release.send(()).unwrap();
-        assert!(busy.await.unwrap().unwrap());
-        // The next job runs: the abandoned one was skipped, its permit returned.
-        assert_eq!(h.run(|| 1).await.unwrap(), 1);
-        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), h.run(|| 2)).await;
+        assert_eq!(next.unwrap().unwrap(), 2);
     }
 
     #[tokio::test]

@@ -65,7 +65,6 @@ impl LocalCounters {
     }
 }
 
-/// A new opaque refresh token: 256 random bits, base64url.
 /// Stored form of a client secret: `$sha256$` and the digest in hex.
 fn sha256_secret_hash(secret: &str) -> String {
     let digest = sha256(secret);
@@ -88,6 +87,7 @@ fn secret_matches(presented: &str, stored: &str) -> bool {
     candidate.len() == stored.len() && bool::from(candidate.as_bytes().ct_eq(stored.as_bytes()))
 }
 
+/// A new opaque refresh token: 256 random bits, base64url.
 fn new_refresh_token() -> String {
     use base64::Engine as _;
     let mut b = [0u8; 32];
@@ -584,12 +584,25 @@ impl Identity {
             .filter(|c| c.status == "active")
             .and_then(|c| c.secret_hash.clone());
         let ok = match hash {
-            // Secrets issued before SHA-256 storage: argon2, on the hashing pool.
-            Some(phc) if phc.starts_with("$argon2") => self
-                .hasher
-                .verify(SecretString::from(client_secret), Some(phc))
-                .await
-                .map_err(ServiceError::internal)?,
+            // Secrets issued before SHA-256 storage: argon2, on the hashing pool,
+            // once; a match re-stores the secret in the fast form.
+            Some(phc) if phc.starts_with("$argon2") => {
+                let ok = self
+                    .hasher
+                    .verify(SecretString::from(client_secret.clone()), Some(phc.clone()))
+                    .await
+                    .map_err(ServiceError::internal)?;
+                if ok {
+                    service_clients::upgrade_secret_hash(
+                        &self.db.pool,
+                        client_id,
+                        &phc,
+                        &sha256_secret_hash(&client_secret),
+                    )
+                    .await?;
+                }
+                ok
+            }
             // Unknown or inactive clients compare against a value nothing
             // matches, at the same (tiny) cost.
             stored => secret_matches(

@@ -67,6 +67,26 @@ pub async fn set_secret(
     Ok(n > 0)
 }
 
+/// Replaces a secret's stored form by another of the same secret (not a
+/// rotation), unless the secret changed meanwhile.
+pub async fn upgrade_secret_hash(
+    pool: &PgPool,
+    client_id: &str,
+    old_hash: &str,
+    new_hash: &str,
+) -> StoreResult<()> {
+    sqlx::query(
+        "update service_clients set secret_hash = $3
+          where client_id = $1 and secret_hash = $2",
+    )
+    .bind(client_id)
+    .bind(old_hash)
+    .bind(new_hash)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Scopes a service client may be given: the catalog plus the service scopes.
 pub async fn known_scopes(pool: &PgPool) -> StoreResult<Vec<String>> {
     Ok(sqlx::query_scalar::<_, String>("select name from scopes")
