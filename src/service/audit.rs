@@ -82,4 +82,15 @@ impl AuditEntry {
         self.details = details;
         self
     }
+
+    /// Adds one field to the details object.
+    pub fn detail(mut self, key: &str, value: impl Into<Value>) -> Self {
+        if !self.details.is_object() {
+            self.details = Value::Object(Default::default());
+        }
+        if let Value::Object(fields) = &mut self.details {
+            fields.insert(key.to_string(), value.into());
+        }
+        self
+    }
 }

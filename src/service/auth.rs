@@ -471,49 +471,20 @@ impl Identity {
             return Err(ServiceError::InvalidToken);
         };
         if row.used {
-            let ended = sessions::revoke(&mut tx, row.session_id, "refresh_reuse").await?;
-            audit::insert(
-                &mut tx,
-                &AuditEntry::new("auth.refresh.reused", Outcome::Denied)
-                    .actor("user", row.user_id)
-                    .target("session", row.session_id)
-                    .meta(meta)
-                    .details(serde_json::json!({ "session_ended": ended })),
-            )
-            .await?;
-            tx.commit().await.map_err(crate::store::StoreError::from)?;
-            self.cache_session(
-                row.session_id,
-                &SessionState::Revoked {
-                    reason: "refresh_reuse".into(),
-                },
-            )
-            .await;
-            return Err(ServiceError::InvalidToken);
+            let audit = AuditEntry::new("auth.refresh.reused", Outcome::Denied);
+            return self
+                .end_session_on_refresh(tx, &row, "refresh_reuse", audit, meta)
+                .await;
         }
         if row.expired || !row.session_live {
             return Err(ServiceError::InvalidToken);
         }
         if row.session_idle {
-            let ended = sessions::revoke(&mut tx, row.session_id, "idle_timeout").await?;
-            audit::insert(
-                &mut tx,
-                &AuditEntry::new("auth.session.idle_timeout", Outcome::Denied)
-                    .actor("user", row.user_id)
-                    .target("session", row.session_id)
-                    .meta(meta)
-                    .details(serde_json::json!({
-                        "session_ended": ended,
-                        "idle_timeout_seconds": idle,
-                    })),
-            )
-            .await?;
-            tx.commit().await.map_err(crate::store::StoreError::from)?;
-            let state = SessionState::Revoked {
-                reason: "idle_timeout".into(),
-            };
-            self.cache_session(row.session_id, &state).await;
-            return Err(ServiceError::InvalidToken);
+            let audit = AuditEntry::new("auth.session.idle_timeout", Outcome::Denied)
+                .details(serde_json::json!({ "idle_timeout_seconds": idle }));
+            return self
+                .end_session_on_refresh(tx, &row, "idle_timeout", audit, meta)
+                .await;
         }
         let user = users::by_id(&mut tx, row.user_id)
             .await?
@@ -532,6 +503,35 @@ impl Identity {
         .await?;
         tx.commit().await.map_err(crate::store::StoreError::from)?;
         self.tokens_for(user, row.session_id, refresh)
+    }
+
+    /// A refresh that ends its session (token reuse, idle timeout): revoke and
+    /// audit in one transaction, then the tombstone for every replica; the
+    /// caller gets 401 invalid_token.
+    async fn end_session_on_refresh(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        row: &sessions::RefreshRow,
+        reason: &str,
+        audit: AuditEntry,
+        meta: &RequestMeta,
+    ) -> ServiceResult<LoginTokens> {
+        let ended = sessions::revoke(&mut tx, row.session_id, reason).await?;
+        audit::insert(
+            &mut tx,
+            &audit
+                .actor("user", row.user_id)
+                .target("session", row.session_id)
+                .meta(meta)
+                .detail("session_ended", ended),
+        )
+        .await?;
+        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        let state = SessionState::Revoked {
+            reason: reason.into(),
+        };
+        self.cache_session(row.session_id, &state).await;
+        Err(ServiceError::InvalidToken)
     }
 
     /// Ends the caller's session at once (every replica sees the tombstone).

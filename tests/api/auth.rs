@@ -1002,13 +1002,16 @@ async fn a_session_idle_past_the_timeout_ends_on_its_next_use() {
             .unwrap()
         }
     };
-    let age = |sid: uuid::Uuid| {
+    // Moves the session's last activity `secs` into the past (timeout: 120 s).
+    let seen_ago = |sid: uuid::Uuid, secs: f64| {
         let db = app.db.clone();
         async move {
             sqlx::query(
-                "update sessions set last_seen_at = now() - interval '2 minutes' where id = $1",
+                "update sessions set last_seen_at = now() - make_interval(secs => $2)
+                  where id = $1",
             )
             .bind(sid)
+            .bind(secs)
             .execute(&db)
             .await
             .unwrap();
@@ -1028,16 +1031,18 @@ async fn a_session_idle_past_the_timeout_ends_on_its_next_use() {
         }
     };
 
-    let nearly_idle = |sid: uuid::Uuid| {
-        let db = app.db.clone();
+    // GET /v1/users/me with `access` after `secs` without activity, its session's
+    // state read from PostgreSQL (the Redis copy dropped).
+    let me_after = |sid: uuid::Uuid, secs: f64, access: &str| {
+        let (app, access) = (&app, access.to_string());
         async move {
-            sqlx::query(
-                "update sessions set last_seen_at = now() - interval '110 seconds' where id = $1",
-            )
-            .bind(sid)
-            .execute(&db)
-            .await
-            .unwrap();
+            seen_ago(sid, secs).await;
+            app.state
+                .identity
+                .forget_user_sessions(user_id)
+                .await
+                .unwrap();
+            get_bearer(app, "/v1/users/me", &access).await.status()
         }
     };
 
@@ -1045,22 +1050,13 @@ async fn a_session_idle_past_the_timeout_ends_on_its_next_use() {
     // (when its state is read from PostgreSQL), and so does a refresh.
     let (access0, refresh1) = login_pair(&app, &e).await;
     let sid = live_session().await;
-    nearly_idle(sid).await;
-    app.state
-        .identity
-        .forget_user_sessions(user_id)
-        .await
-        .unwrap();
-    assert_eq!(
-        get_bearer(&app, "/v1/users/me", &access0).await.status(),
-        200
-    );
+    assert_eq!(me_after(sid, 110.0, &access0).await, 200);
     assert_eq!(
         session_of(sid).await,
         (None, true),
         "a request marks the session seen"
     );
-    nearly_idle(sid).await;
+    seen_ago(sid, 110.0).await;
     let res = refresh(&app, &refresh1).await;
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
@@ -1072,7 +1068,7 @@ async fn a_session_idle_past_the_timeout_ends_on_its_next_use() {
 
     // Idle past the window: the refresh token is refused and the session ends,
     // audited.
-    age(sid).await;
+    seen_ago(sid, 180.0).await;
     let res = refresh(&app, body["refresh_token"].as_str().unwrap()).await;
     assert_eq!(res.status(), 401);
     assert_eq!(session_of(sid).await.0.as_deref(), Some("idle_timeout"));
@@ -1094,16 +1090,7 @@ async fn a_session_idle_past_the_timeout_ends_on_its_next_use() {
         get_bearer(&app, "/v1/users/me", &access).await.status(),
         200
     );
-    age(sid).await;
-    app.state
-        .identity
-        .forget_user_sessions(user_id)
-        .await
-        .unwrap();
-    assert_eq!(
-        get_bearer(&app, "/v1/users/me", &access).await.status(),
-        401
-    );
+    assert_eq!(me_after(sid, 180.0, &access).await, 401);
     assert_eq!(session_of(sid).await.0.as_deref(), Some("idle_timeout"));
 }
 
