@@ -137,7 +137,7 @@ pub async fn mark_refresh_used(conn: &mut PgConnection, id: Uuid) -> StoreResult
 
 /// The session's state, and marks it seen (called at most once per cache period).
 /// A live session unseen for `idle_secs` is ended here (reason `idle_timeout`),
-/// in the same statement, so every other view of it agrees at once. The verdict
+/// and audited, in the same statement, so every other view of it agrees at once. The verdict
 /// comes from the statement's snapshot, not from which UPDATE fired: a request
 /// racing another over the same idle session (its UPDATE finds the row already
 /// revoked) still answers "ended".
@@ -151,7 +151,14 @@ pub async fn auth_state(
              update sessions set revoked_at = now(), revoked_reason = 'idle_timeout'
               where id = $1 and revoked_at is null and expires_at > now()
                 and last_seen_at <= now() - make_interval(secs => $2)
-             returning id
+             returning id, user_id
+         ), audited as (
+             insert into audit_logs
+                    (actor_type, actor_id, action, target_type, target_id, outcome, details)
+             select 'user', user_id::text, 'auth.session.idle_timeout', 'session', id::text,
+                    'denied', jsonb_build_object('session_ended', true,
+                                                 'idle_timeout_seconds', $2)
+               from idle
          ), touched as (
              update sessions set last_seen_at = now()
               where id = $1 and revoked_at is null and expires_at > now()

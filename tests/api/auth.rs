@@ -1072,15 +1072,21 @@ async fn a_session_idle_past_the_timeout_ends_on_its_next_use() {
     let res = refresh(&app, body["refresh_token"].as_str().unwrap()).await;
     assert_eq!(res.status(), 401);
     assert_eq!(session_of(sid).await.0.as_deref(), Some("idle_timeout"));
-    let audited: i64 = sqlx::query_scalar(
-        "select count(*) from audit_logs where action = 'auth.session.idle_timeout'
-            and target_id = $1",
-    )
-    .bind(sid.to_string())
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
-    assert_eq!(audited, 1);
+    let audited = |sid: uuid::Uuid| {
+        let db = app.db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from audit_logs where action = 'auth.session.idle_timeout'
+                    and target_id = $1 and actor_id = $2",
+            )
+            .bind(sid.to_string())
+            .bind(user_id.to_string())
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(audited(sid).await, 1);
 
     // An access token of an idle session is refused as soon as its cached state
     // is looked up again, and the session ends the same way.
@@ -1092,6 +1098,11 @@ async fn a_session_idle_past_the_timeout_ends_on_its_next_use() {
     );
     assert_eq!(me_after(sid, 180.0, &access).await, 401);
     assert_eq!(session_of(sid).await.0.as_deref(), Some("idle_timeout"));
+    assert_eq!(
+        audited(sid).await,
+        1,
+        "ended on the access path, audited once"
+    );
 }
 
 #[tokio::test]
