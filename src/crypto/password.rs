@@ -115,10 +115,21 @@ pub fn hash_on_this_thread(password: &SecretString) -> anyhow::Result<String> {
 #[cfg(not(target_os = "linux"))]
 fn lower_this_threads_priority() {}
 
+/// How long a hash may wait for the pool before the caller is told to come back
+/// later (503) instead of waiting on: under a login flood the queue would
+/// otherwise grow as fast as clients retry.
+const QUEUE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The pool stayed full for QUEUE_DEADLINE.
+#[derive(Debug, thiserror::Error)]
+#[error("password hashing is busy")]
+pub struct Busy;
+
 #[derive(Clone)]
 pub struct PasswordHasher {
     permits: Arc<Semaphore>,
     jobs: mpsc::Sender<Job>,
+    queue_deadline: std::time::Duration,
 }
 
 impl PasswordHasher {
@@ -132,7 +143,14 @@ impl PasswordHasher {
         Self {
             permits: Arc::new(Semaphore::new(n)),
             jobs: start_pool(n),
+            queue_deadline: QUEUE_DEADLINE,
         }
+    }
+
+    /// The same with another queue deadline (tests).
+    pub fn with_queue_deadline(mut self, deadline: std::time::Duration) -> Self {
+        self.queue_deadline = deadline;
+        self
     }
 
     async fn run<T: Send + 'static>(
@@ -142,7 +160,10 @@ impl PasswordHasher {
         // The permit travels with the job: a caller that gives up (the client hung
         // up) frees its place only when the job is done or skipped, so the queue
         // never holds more than `max_concurrency` jobs.
-        let permit = self.permits.clone().acquire_owned().await?;
+        let permit =
+            tokio::time::timeout(self.queue_deadline, self.permits.clone().acquire_owned())
+                .await
+                .map_err(|_| Busy)??;
         let (done, result) = tokio::sync::oneshot::channel::<T>();
         self.jobs
             .send(Box::new(move || {
@@ -216,6 +237,22 @@ mod tests {
         assert_ne!(hashing, worker);
         assert_eq!(policy(hashing), libc::SCHED_IDLE);
         assert_eq!(policy(worker), libc::SCHED_OTHER);
+    }
+
+    #[tokio::test]
+    async fn a_full_pool_answers_busy_after_the_deadline() {
+        let h =
+            PasswordHasher::new(Some(1)).with_queue_deadline(std::time::Duration::from_millis(100));
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::spawn({
+            let h = h.clone();
+            async move { h.run(move || hold.recv().is_ok()).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let refused = h.run(|| ()).await.unwrap_err();
+        assert!(refused.is::<Busy>(), "{refused}");
+        release.send(()).unwrap();
+        assert!(busy.await.unwrap().unwrap());
     }
 
     #[tokio::test]

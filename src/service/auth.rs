@@ -246,7 +246,7 @@ impl Identity {
             .hasher
             .hash(password)
             .await
-            .map_err(ServiceError::internal)?;
+            .map_err(ServiceError::hashing)?;
         let id = Uuid::now_v7();
         let mut tx = self.db.begin().await?;
         let user = users::insert(&mut tx, id, email.as_str(), name, &hash, roles)
@@ -363,7 +363,7 @@ impl Identity {
             .hasher
             .verify(password, hash)
             .await
-            .map_err(ServiceError::internal)?;
+            .map_err(ServiceError::hashing)?;
         let record = match record {
             Some(r) if ok && r.status == "active" => r,
             other => {
@@ -591,7 +591,7 @@ impl Identity {
                     .hasher
                     .verify(SecretString::from(client_secret.clone()), Some(phc.clone()))
                     .await
-                    .map_err(ServiceError::internal)?;
+                    .map_err(ServiceError::hashing)?;
                 if ok {
                     service_clients::upgrade_secret_hash(
                         &self.db.pool,

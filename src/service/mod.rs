@@ -62,6 +62,16 @@ impl ServiceError {
     pub fn internal(e: impl Into<anyhow::Error>) -> Self {
         Self::Internal(e.into())
     }
+
+    /// A password-hashing failure: 503 when the pool stayed full (come back
+    /// later), 500 otherwise.
+    pub fn hashing(e: anyhow::Error) -> Self {
+        if e.is::<crate::crypto::password::Busy>() {
+            Self::Unavailable("password hashing is busy".into())
+        } else {
+            Self::Internal(e)
+        }
+    }
 }
 
 impl From<crate::store::StoreError> for ServiceError {
@@ -141,5 +151,18 @@ impl Caller {
             Caller::User { key: None, .. } => true,
             Caller::ServiceClient { scopes, .. } => scopes.iter().any(|s| s == scope),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_hashing_pool_is_unavailable_not_internal() {
+        let busy = ServiceError::hashing(anyhow::Error::new(crate::crypto::password::Busy));
+        assert!(matches!(busy, ServiceError::Unavailable(_)), "{busy:?}");
+        let other = ServiceError::hashing(anyhow::anyhow!("argon2 hash failed"));
+        assert!(matches!(other, ServiceError::Internal(_)), "{other:?}");
     }
 }

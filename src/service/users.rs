@@ -186,7 +186,7 @@ impl Identity {
                 .hasher
                 .verify(current.into_secret(), record.password_hash.clone())
                 .await
-                .map_err(ServiceError::internal)?;
+                .map_err(ServiceError::hashing)?;
         if !ok {
             return Err(ServiceError::validation(
                 "current_password",
@@ -199,7 +199,7 @@ impl Identity {
             .hasher
             .hash(new.into_secret())
             .await
-            .map_err(ServiceError::internal)?;
+            .map_err(ServiceError::hashing)?;
         let mut tx = self.db.begin().await?;
         users::lock(&mut tx, user_id).await?;
         users::set_password_hash(&mut tx, user_id, &hash).await?;
