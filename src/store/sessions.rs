@@ -83,27 +83,36 @@ pub async fn insert_refresh_token(
     Ok(())
 }
 
-/// Locks the token row, so two concurrent refreshes with one token serialise and
-/// the second sees it used.
-pub async fn refresh_token_for_update(
-    conn: &mut PgConnection,
-    token_hash: &[u8],
-    idle_secs: u64,
-) -> StoreResult<Option<RefreshRow>> {
-    Ok(sqlx::query_as::<_, RefreshRow>(
+/// The one query behind a refresh token's row (`$1` the token hash, `$2` the
+/// idle timeout in seconds); a macro so the locking variant can extend it with
+/// `concat!`.
+macro_rules! refresh_row_sql {
+    () => {
         "select t.id, t.session_id, s.user_id, t.used_at is not null as used,
                 t.expires_at <= now() as expired,
                 (s.revoked_at is null and s.expires_at > now()) as session_live,
                 s.last_seen_at <= now() - make_interval(secs => $2) as session_idle,
                 s.expires_at as session_expires_at
            from refresh_tokens t join sessions s on s.id = t.session_id
-          where t.token_hash = $1
-          for update of t, s",
+          where t.token_hash = $1"
+    };
+}
+
+/// Locks the token row and its session, so two concurrent refreshes with one
+/// token serialise (the second sees it used) and an ending cannot race a touch;
+/// the read is the same as `refresh_token`.
+pub async fn refresh_token_for_update(
+    conn: &mut PgConnection,
+    token_hash: &[u8],
+    idle_secs: u64,
+) -> StoreResult<Option<RefreshRow>> {
+    Ok(
+        sqlx::query_as::<_, RefreshRow>(concat!(refresh_row_sql!(), " for update of t, s"))
+            .bind(token_hash)
+            .bind(idle_secs as f64)
+            .fetch_optional(conn)
+            .await?,
     )
-    .bind(token_hash)
-    .bind(idle_secs as f64)
-    .fetch_optional(conn)
-    .await?)
 }
 
 /// Read-only lookup (the cookie authenticates requests without rotating).
@@ -112,19 +121,11 @@ pub async fn refresh_token(
     token_hash: &[u8],
     idle_secs: u64,
 ) -> StoreResult<Option<RefreshRow>> {
-    Ok(sqlx::query_as::<_, RefreshRow>(
-        "select t.id, t.session_id, s.user_id, t.used_at is not null as used,
-                t.expires_at <= now() as expired,
-                (s.revoked_at is null and s.expires_at > now()) as session_live,
-                s.last_seen_at <= now() - make_interval(secs => $2) as session_idle,
-                s.expires_at as session_expires_at
-           from refresh_tokens t join sessions s on s.id = t.session_id
-          where t.token_hash = $1",
-    )
-    .bind(token_hash)
-    .bind(idle_secs as f64)
-    .fetch_optional(pool)
-    .await?)
+    Ok(sqlx::query_as::<_, RefreshRow>(refresh_row_sql!())
+        .bind(token_hash)
+        .bind(idle_secs as f64)
+        .fetch_optional(pool)
+        .await?)
 }
 
 pub async fn mark_refresh_used(conn: &mut PgConnection, id: Uuid) -> StoreResult<()> {
