@@ -984,27 +984,15 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     async fn start() -> Option<PrivateRedis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
+        let port = crate::helpers::free_port();
         let child = std::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--port", &port.to_string()])
             .stdout(std::process::Stdio::null())
             .spawn()
             .ok()?;
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Some(PrivateRedis { child, port });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
+        let redis = PrivateRedis { child, port };
+        crate::helpers::wait_for_port(port).await.then_some(redis)
     }
 
     /// CLIENT KILL TYPE pubsub: every subscriber connection is cut (and reconnects).

@@ -379,3 +379,26 @@ pub async fn login_raw(app: &TestApp, email: &str, password: &str) -> reqwest::R
         .await
         .unwrap()
 }
+
+/// A port nothing listens on right now (for a server a test starts itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether something accepts connections on 127.0.0.1:`port` within 5 s.
+pub async fn wait_for_port(port: u16) -> bool {
+    for _ in 0..250 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    false
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use user_service::config::Settings;
 use user_service::store::Db;
 
-use crate::helpers::{test_vars, TestApp};
+use crate::helpers::{free_port, test_vars, wait_for_port, TestApp};
 
 /// A CA, and a server certificate it signed for 127.0.0.1 and localhost, as PEM
 /// files in a folder of their own.
@@ -48,27 +48,6 @@ impl Drop for Pki {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn wait_for_port(port: u16) -> bool {
-    for _ in 0..250 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
 }
 
 /// A child process killed with the test.
