@@ -12,7 +12,9 @@ use user_service::proto::auth_service_client::AuthServiceClient;
 use user_service::proto::user_service_client::UserServiceClient;
 use user_service::proto::{GetUserRequest, VerifyReason, VerifyTokenRequest};
 
-use crate::helpers::{assert_problem, get_bearer, login_raw, test_vars, TestApp, STRONG_PASSWORD};
+use crate::helpers::{
+    assert_problem, get_bearer, login_raw, logout_bearer, test_vars, TestApp, STRONG_PASSWORD,
+};
 
 fn email() -> String {
     format!(
@@ -335,12 +337,7 @@ async fn token_is_refused_right_after_logout_on_rest_and_verify_token() {
     assert!(!ok.session_id.is_empty());
     assert!(ok.expires_at.is_some());
 
-    let res = reqwest::Client::new()
-        .post(app.url("/v1/auth/logout"))
-        .bearer_auth(&access)
-        .send()
-        .await
-        .unwrap();
+    let res = logout_bearer(&app, &access).await;
     assert_eq!(res.status(), 204);
     assert_eq!(audit_count(&app, "auth.logout").await, 1);
 
@@ -385,12 +382,7 @@ async fn logout_is_seen_by_another_replica_at_once() {
         get_bearer(&second, "/v1/users/me", &access).await.status(),
         200
     );
-    let res = reqwest::Client::new()
-        .post(first.url("/v1/auth/logout"))
-        .bearer_auth(&access)
-        .send()
-        .await
-        .unwrap();
+    let res = logout_bearer(&first, &access).await;
     assert_eq!(res.status(), 204);
     let res = get_bearer(&second, "/v1/users/me", &access).await;
     assert_problem(res, 401, "invalid_token").await;
@@ -881,12 +873,7 @@ async fn lockout_holds_when_redis_is_down() {
     let res = login_raw(&app, &e, STRONG_PASSWORD).await;
     assert_problem(res, 401, "invalid_credentials").await;
     // Logout is still immediate.
-    let res = reqwest::Client::new()
-        .post(app.url("/v1/auth/logout"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let res = logout_bearer(&app, &token).await;
     assert_eq!(res.status(), 204);
     assert_eq!(get_bearer(&app, "/v1/users/me", &token).await.status(), 401);
 }

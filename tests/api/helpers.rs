@@ -371,6 +371,16 @@ pub async fn get_bearer(app: &TestApp, path: &str, token: &str) -> reqwest::Resp
 }
 
 /// POST /v1/auth/login, answered as is (no cookie jar, no status check).
+/// POST /v1/auth/logout with a bearer access token.
+pub async fn logout_bearer(app: &TestApp, token: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(app.url("/v1/auth/logout"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
 pub async fn login_raw(app: &TestApp, email: &str, password: &str) -> reqwest::Response {
     reqwest::Client::new()
         .post(app.url("/v1/auth/login"))

@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use crate::helpers::{
-    assert_problem, fresh_database, get_bearer, login_raw, test_vars, TestApp, STRONG_PASSWORD,
+    assert_problem, fresh_database, get_bearer, login_raw, logout_bearer, test_vars, TestApp,
+    STRONG_PASSWORD,
 };
 
 /// Two instances from the same variables (port 0 each): same database, same prefix.
@@ -60,12 +61,7 @@ async fn a_session_ended_on_one_replica_is_refused_by_the_other_within_a_second(
     assert_eq!(me(&first, &access).await.status(), 200);
     assert_eq!(me(&second, &access).await.status(), 200);
 
-    let res = reqwest::Client::new()
-        .post(first.url("/v1/auth/logout"))
-        .bearer_auth(&access)
-        .send()
-        .await
-        .unwrap();
+    let res = logout_bearer(&first, &access).await;
     assert_eq!(res.status(), 204);
     let ended = Instant::now();
     loop {
