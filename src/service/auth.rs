@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::audit::{AuditEntry, Outcome};
 use super::identity::{sha256, Identity, SessionState};
 use super::{Caller, FieldError, RequestMeta, ServiceError, ServiceResult};
+use crate::crypto::client_secret;
 use crate::crypto::jwt::TokenType;
 use crate::domain::email::Email;
 use crate::domain::password::Password;
@@ -63,28 +64,6 @@ impl LocalCounters {
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
     }
-}
-
-/// Stored form of a client secret: `$sha256$` and the digest in hex.
-fn sha256_secret_hash(secret: &str) -> String {
-    let digest = sha256(secret);
-    let mut out = String::with_capacity(8 + 64);
-    out.push_str("$sha256$");
-    for b in digest {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
-}
-
-/// A well-formed stored hash no secret has (its "digest" is not hex).
-const UNMATCHABLE_SECRET_HASH: &str =
-    "$sha256$zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz";
-
-/// Constant-time comparison of a presented secret with its stored `$sha256$` form.
-fn secret_matches(presented: &str, stored: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    let candidate = sha256_secret_hash(presented);
-    candidate.len() == stored.len() && bool::from(candidate.as_bytes().ct_eq(stored.as_bytes()))
 }
 
 /// A new opaque refresh token: 256 random bits, base64url.
@@ -597,7 +576,7 @@ impl Identity {
                         &self.db.pool,
                         client_id,
                         &phc,
-                        &sha256_secret_hash(&client_secret),
+                        &client_secret::hash(&client_secret),
                     )
                     .await?;
                 }
@@ -605,10 +584,7 @@ impl Identity {
             }
             // Unknown or inactive clients compare against a value nothing
             // matches, at the same (tiny) cost.
-            stored => secret_matches(
-                &client_secret,
-                stored.as_deref().unwrap_or(UNMATCHABLE_SECRET_HASH),
-            ),
+            stored => client_secret::matches(&client_secret, stored.as_deref()),
         };
         let Some(client) = client.filter(|_| ok) else {
             return Err(ServiceError::InvalidClient);
@@ -640,7 +616,7 @@ impl Identity {
     /// would starve exactly when VerifyApiKey keeps the core busy, and every
     /// caller's gRPC calls would then fail for want of a token.
     pub(crate) async fn hash_secret(&self, secret: &SecretString) -> ServiceResult<String> {
-        Ok(sha256_secret_hash(secret.expose_secret()))
+        Ok(client_secret::hash(secret.expose_secret()))
     }
 }
 
