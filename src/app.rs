@@ -2,13 +2,11 @@
 //! listener (port 0 works for tests); `run_until_stopped()` serves gRPC and the
 //! JSON gateway on that one port until the shutdown signal, then drains.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
@@ -17,6 +15,11 @@ use crate::config::Settings;
 use crate::shutdown::Shutdown;
 use crate::store::{Cache, Db};
 use crate::{grpc, http};
+
+/// After the grace period, what background tasks still get to flush.
+const FLUSH_MARGIN: Duration = Duration::from_secs(2);
+/// How long each store gets to close at exit.
+const STORE_CLOSE: Duration = Duration::from_secs(1);
 
 /// Everything a request handler may need; cheap to clone (one Arc).
 #[derive(Clone)]
@@ -130,6 +133,11 @@ impl App {
             .merge(http::routes(state.clone()))
             .fallback(http::fallback)
             .method_not_allowed_fallback(http::method_not_allowed)
+            // Client networks are checked before any other work.
+            .layer(axum::middleware::from_fn_with_state(
+                http::network::NetworkGuard::new(&state),
+                http::network::guard,
+            ))
             .layer(axum::middleware::from_fn(http::observe::observe));
 
         Ok(Self {
@@ -184,46 +192,57 @@ impl App {
             })
         };
 
-        tracing::info!(%addr, environment = state.settings.app_env.as_str(), "user-service listening (gRPC + HTTP)");
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+        let fd_limit = crate::server::raise_fd_limit();
+        let limits = crate::server::Limits::from_settings(&state.settings, fd_limit);
+        tracing::info!(
+            %addr,
+            environment = state.settings.app_env.as_str(),
+            fd_limit,
+            max_connections = limits.max_connections,
+            header_read_timeout_s = limits.header_read_timeout.as_secs(),
+            idle_timeout_s = limits.idle_timeout.as_secs(),
+            h2_max_concurrent_streams = limits.h2_max_concurrent_streams,
+            "user-service listening (gRPC + HTTP)"
+        );
         let stop = {
             let (shutdown, health) = (shutdown.clone(), health.clone());
-            async move {
+            tokio::spawn(async move {
                 shutdown.wait().await;
-                // Load balancers see NOT_SERVING before the listener closes.
+                // Load balancers see NOT_SERVING while the connections drain.
                 health.set(false).await;
                 tracing::info!("shutdown signal received, draining");
-            }
+            })
         };
-        let server = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop);
-
-        let outcome = tokio::select! {
-            r = server.into_future() => r.map_err(anyhow::Error::from),
-            _ = async { shutdown.wait().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!(grace_seconds = grace.as_secs(), "grace period over, closing remaining connections");
-                Ok(())
-            }
-        };
+        // Returns by the deadline whatever the requests and the stores do: what
+        // still runs then is dropped, so its transaction rolls back.
+        let deadline =
+            crate::server::serve(listener, router, limits, shutdown.clone(), grace).await;
         shutdown.trigger();
         watcher.abort();
+        stop.abort();
 
-        // Buffered writes (usage logs …) flush now.
+        // Buffered writes (usage logs …) flush now, within a small margin after
+        // the grace period; the stores get a second each to close.
         state.tasks.close();
-        if tokio::time::timeout(grace, state.tasks.wait())
+        if tokio::time::timeout_at(deadline + FLUSH_MARGIN, state.tasks.wait())
             .await
             .is_err()
         {
             tracing::error!("background tasks did not finish within the grace period");
         }
-        state.cache.quit().await;
-        state.db.pool.close().await;
+        if tokio::time::timeout(STORE_CLOSE, state.cache.quit())
+            .await
+            .is_err()
+        {
+            tracing::warn!("redis did not close in time");
+        }
+        if tokio::time::timeout(STORE_CLOSE, state.db.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database pool did not close in time");
+        }
         tracing::info!("stopped");
-        outcome
+        Ok(())
     }
 }

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::domain::network::IpNetworks;
+
 /// The development signing key shipped in `.env.dev`. Public knowledge, so staging
 /// and production refuse to start with it.
 pub const DEV_JWT_PRIVATE_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIHIMUz8yDUrFpm+Ocp16MUk7hqttTC+7qo4AfnKyQunl\n-----END PRIVATE KEY-----";
@@ -215,9 +217,6 @@ pub struct Settings {
     pub password_min_length: usize,
     /// Self sign-up; on in development unless set.
     pub registration_enabled: Option<bool>,
-    /// Honour X-Forwarded-For for the client IP (only behind a trusted proxy).
-    #[serde(default)]
-    pub trust_forwarded_for: bool,
 
     #[serde(default = "default_access_ttl")]
     pub access_token_ttl_seconds: u64,
@@ -251,6 +250,55 @@ pub struct Settings {
     pub usage_log_buffer_capacity: usize,
     #[serde(default = "default_usage_flush_ms")]
     pub usage_log_flush_interval_ms: u64,
+
+    // ---- runtime: client networks, connection limits, database timeouts ----
+    /// Networks whose clients may connect (CIDRs); unset means the environment's
+    /// default (development: loopback and private ranges; elsewhere everyone),
+    /// empty means everyone.
+    pub allowed_client_networks: Option<IpNetworks>,
+    /// Proxies whose X-Forwarded-For is believed (CIDRs); empty: none.
+    #[serde(default)]
+    pub trusted_proxies: IpNetworks,
+    /// Replaced by TRUSTED_PROXIES; read only to say so.
+    pub trust_forwarded_for: Option<String>,
+    /// Server-side bound on every statement (0 turns it off).
+    #[serde(default = "default_statement_timeout_ms")]
+    pub database_statement_timeout_ms: u64,
+    /// How long a request waits for a pooled connection before a 503.
+    #[serde(default = "default_acquire_timeout_ms")]
+    pub database_acquire_timeout_ms: u64,
+    /// Open client connections at most; unset: sized from the file-descriptor limit.
+    pub max_client_connections: Option<usize>,
+    /// A client gets this long to send a request's headers (and its first request).
+    #[serde(default = "default_header_read_timeout")]
+    pub http_header_read_timeout_seconds: u64,
+    /// A connection with no request in flight for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub http_idle_timeout_seconds: u64,
+    /// HTTP/2 PING interval; a peer that does not answer within it is dropped.
+    #[serde(default = "default_h2_keepalive")]
+    pub http2_keepalive_interval_seconds: u64,
+    #[serde(default = "default_h2_streams")]
+    pub http2_max_concurrent_streams: u32,
+}
+
+fn default_statement_timeout_ms() -> u64 {
+    5000
+}
+fn default_acquire_timeout_ms() -> u64 {
+    3000
+}
+fn default_header_read_timeout() -> u64 {
+    10
+}
+fn default_idle_timeout() -> u64 {
+    60
+}
+fn default_h2_keepalive() -> u64 {
+    30
+}
+fn default_h2_streams() -> u32 {
+    100
 }
 
 impl fmt::Debug for Settings {
@@ -425,9 +473,21 @@ impl Settings {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        // Empty values mean "unset" for optional settings (SENTRY_DSN= in a file).
-        let vars = vars.into_iter().filter(|(_, v)| !v.is_empty());
+        // Empty values mean "unset" for optional settings (SENTRY_DSN= in a file),
+        // except ALLOWED_CLIENT_NETWORKS, where empty means everyone.
+        let vars = vars
+            .into_iter()
+            .filter(|(k, v)| !v.is_empty() || k == "ALLOWED_CLIENT_NETWORKS");
         envy::from_iter::<_, Settings>(vars).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// ALLOWED_CLIENT_NETWORKS, or the environment's default when unset.
+    pub fn allowed_client_networks(&self) -> IpNetworks {
+        match (&self.allowed_client_networks, self.app_env) {
+            (Some(n), _) => n.clone(),
+            (None, Environment::Development) => IpNetworks::private_and_loopback(),
+            (None, _) => IpNetworks::default(),
+        }
     }
 
     pub fn registration_enabled(&self) -> bool {
@@ -455,6 +515,25 @@ impl Settings {
     /// Every problem with these settings, one line each. Empty means fine.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
+        // ---- runtime ----
+        if self.trust_forwarded_for.is_some() {
+            p.push(
+                "TRUST_FORWARDED_FOR is replaced by TRUSTED_PROXIES: remove it and list the \
+                 proxies whose X-Forwarded-For counts (CIDRs, e.g. 127.0.0.1/32,::1/128)"
+                    .into(),
+            );
+        }
+        if self.http_header_read_timeout_seconds == 0 || self.http_idle_timeout_seconds == 0 {
+            p.push(
+                "HTTP_HEADER_READ_TIMEOUT_SECONDS and HTTP_IDLE_TIMEOUT_SECONDS must be at least 1"
+                    .into(),
+            );
+        }
+        if self.max_client_connections == Some(0) || self.http2_max_concurrent_streams == 0 {
+            p.push(
+                "MAX_CLIENT_CONNECTIONS and HTTP2_MAX_CONCURRENT_STREAMS must be at least 1".into(),
+            );
+        }
         if self.login_max_attempts == 0 {
             p.push("LOGIN_MAX_ATTEMPTS must be at least 1".into());
         }
@@ -613,7 +692,6 @@ impl Settings {
                 "REGISTRATION_ENABLED",
                 self.registration_enabled().to_string(),
             ),
-            ("TRUST_FORWARDED_FOR", self.trust_forwarded_for.to_string()),
             (
                 "ACCESS_TOKEN_TTL_SECONDS",
                 self.access_token_ttl_seconds.to_string(),
@@ -672,6 +750,42 @@ impl Settings {
             (
                 "USAGE_LOG_FLUSH_INTERVAL_MS",
                 self.usage_log_flush_interval_ms.to_string(),
+            ),
+            // ---- runtime ----
+            (
+                "ALLOWED_CLIENT_NETWORKS",
+                self.allowed_client_networks().to_string(),
+            ),
+            ("TRUSTED_PROXIES", self.trusted_proxies.to_string()),
+            (
+                "DATABASE_STATEMENT_TIMEOUT_MS",
+                self.database_statement_timeout_ms.to_string(),
+            ),
+            (
+                "DATABASE_ACQUIRE_TIMEOUT_MS",
+                self.database_acquire_timeout_ms.to_string(),
+            ),
+            (
+                "MAX_CLIENT_CONNECTIONS",
+                self.max_client_connections
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                "HTTP_HEADER_READ_TIMEOUT_SECONDS",
+                self.http_header_read_timeout_seconds.to_string(),
+            ),
+            (
+                "HTTP_IDLE_TIMEOUT_SECONDS",
+                self.http_idle_timeout_seconds.to_string(),
+            ),
+            (
+                "HTTP2_KEEPALIVE_INTERVAL_SECONDS",
+                self.http2_keepalive_interval_seconds.to_string(),
+            ),
+            (
+                "HTTP2_MAX_CONCURRENT_STREAMS",
+                self.http2_max_concurrent_streams.to_string(),
             ),
         ]
     }

@@ -19,6 +19,7 @@ pub mod domain;
 pub mod grpc;
 pub mod http;
 pub mod proto;
+pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod store;

@@ -116,7 +116,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
 async fn migrate(settings: Settings) -> anyhow::Result<()> {
     telemetry::init_tracing(&settings);
-    let db = store::Db::connect_lazy(&settings)?;
+    let db = store::Db::connect_unbounded(&settings)?;
     db.migrate().await?;
     println!("migrations applied");
     Ok(())

@@ -26,7 +26,7 @@ impl FromRequestParts<AppState> for Authenticated {
         if let Some(value) = parts.headers.get("x-api-key") {
             let key = value.to_str().map_err(|_| ServiceError::InvalidToken)?;
             // Only the address: the rest of the request's metadata is not needed.
-            let ip = super::extract::client_ip(parts, state.settings.trust_forwarded_for);
+            let ip = super::extract::client_ip(parts, &state.settings.trusted_proxies);
             let route = parts
                 .extensions
                 .get::<axum::extract::MatchedPath>()

@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 
 use super::problem::Problem;
 use super::AppState;
+use crate::domain::network::{client_address, IpNetworks};
 use crate::service::{FieldError, RequestMeta};
 
 /// `axum::Json`, but every rejection is problem+json with a stable code.
@@ -130,7 +131,7 @@ where
     }
 }
 
-/// Client IP (X-Forwarded-For only when TRUST_FORWARDED_FOR) and user agent.
+/// Client IP (X-Forwarded-For only from TRUSTED_PROXIES) and user agent.
 pub struct Meta(pub RequestMeta);
 
 impl FromRequestParts<AppState> for Meta {
@@ -140,16 +141,13 @@ impl FromRequestParts<AppState> for Meta {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        Ok(Meta(request_meta(
-            parts,
-            state.settings.trust_forwarded_for,
-        )))
+        Ok(Meta(request_meta(parts, &state.settings.trusted_proxies)))
     }
 }
 
-pub fn request_meta(parts: &Parts, trust_forwarded_for: bool) -> RequestMeta {
+pub fn request_meta(parts: &Parts, trusted_proxies: &IpNetworks) -> RequestMeta {
     RequestMeta {
-        ip: client_ip(parts, trust_forwarded_for),
+        ip: client_ip(parts, trusted_proxies),
         user_agent: parts
             .headers
             .get(axum::http::header::USER_AGENT)
@@ -163,24 +161,21 @@ pub fn request_meta(parts: &Parts, trust_forwarded_for: bool) -> RequestMeta {
     }
 }
 
-/// The caller's address: the peer, or with TRUST_FORWARDED_FOR the last
-/// X-Forwarded-For entry.
-pub fn client_ip(parts: &Parts, trust_forwarded_for: bool) -> Option<IpAddr> {
-    let peer = parts
-        .extensions
+/// The caller's address: the peer, or, when the peer is one of TRUSTED_PROXIES,
+/// the client it names in X-Forwarded-For (see `domain::network::client_address`).
+pub fn client_ip(parts: &Parts, trusted_proxies: &IpNetworks) -> Option<IpAddr> {
+    client_ip_of(&parts.extensions, &parts.headers, trusted_proxies)
+}
+
+/// `client_ip` from a request's extensions (the peer) and headers.
+pub fn client_ip_of(
+    extensions: &axum::http::Extensions,
+    headers: &axum::http::HeaderMap,
+    trusted_proxies: &IpNetworks,
+) -> Option<IpAddr> {
+    let peer = extensions
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    let forwarded = trust_forwarded_for
-        .then(|| {
-            parts
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-                // The proxy appends the address it saw: the last entry is the one
-                // we can trust; earlier ones are whatever the client claimed.
-                .and_then(|v| v.rsplit(',').next())
-                .and_then(|v| v.trim().parse::<IpAddr>().ok())
-        })
-        .flatten();
-    forwarded.or(peer)
+        .map(|c| c.0.ip())?;
+    let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    Some(client_address(peer, forwarded, trusted_proxies))
 }

@@ -10,6 +10,7 @@ pub mod extract;
 pub mod health;
 pub mod list;
 pub mod metrics;
+pub mod network;
 pub mod observe;
 pub mod openapi;
 pub mod problem;

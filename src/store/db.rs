@@ -17,18 +17,35 @@ pub struct Db {
 
 impl Db {
     /// Connects lazily, so the service starts (and reports NOT_SERVING) while the
-    /// database is down, and recovers when it comes back.
+    /// database is down, and recovers when it comes back. Every statement is
+    /// bounded by DATABASE_STATEMENT_TIMEOUT_MS (set at connection start), and a
+    /// request waits at most DATABASE_ACQUIRE_TIMEOUT_MS for a connection.
     pub fn connect_lazy(settings: &Settings) -> anyhow::Result<Self> {
+        Self::connect_with_statement_timeout(settings, settings.database_statement_timeout_ms)
+    }
+
+    /// For migrations and operator commands: no statement timeout (an index
+    /// build may take minutes).
+    pub fn connect_unbounded(settings: &Settings) -> anyhow::Result<Self> {
+        Self::connect_with_statement_timeout(settings, 0)
+    }
+
+    fn connect_with_statement_timeout(
+        settings: &Settings,
+        timeout_ms: u64,
+    ) -> anyhow::Result<Self> {
         let opts: PgConnectOptions = settings
             .database_url
             .expose_secret()
             .parse()
             .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL URL"))?;
-        let opts = opts.application_name("user-service");
+        let opts = opts
+            .application_name("user-service")
+            .options([("statement_timeout", timeout_ms.to_string())]);
         let pool = PgPoolOptions::new()
             .max_connections(settings.database_max_connections)
             .min_connections(0)
-            .acquire_timeout(Duration::from_secs(3))
+            .acquire_timeout(Duration::from_millis(settings.database_acquire_timeout_ms))
             .idle_timeout(Duration::from_secs(300))
             .connect_lazy_with(opts);
         Ok(Self { pool })

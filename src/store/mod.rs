@@ -40,11 +40,33 @@ impl From<sqlx::Error> for StoreError {
             }
             sqlx::Error::Database(db) => match db.constraint() {
                 Some(c) if db.is_unique_violation() => StoreError::Conflict(conflict_message(c)),
-                _ => StoreError::Other(e.into()),
+                _ => match db.code().as_deref().and_then(unavailable_reason) {
+                    Some(reason) => {
+                        tracing::warn!(sqlstate = db.code().as_deref(), error = %db, reason, "database unavailable");
+                        StoreError::Unavailable(format!("database unavailable: {reason}"))
+                    }
+                    None => StoreError::Other(e.into()),
+                },
             },
             _ => StoreError::Other(e.into()),
         }
     }
+}
+
+/// SQLSTATEs that mean "the database cannot serve this now, retry later" rather
+/// than a bug: a statement that ran out of time, a server shutting down or
+/// starting, too many connections.
+fn unavailable_reason(sqlstate: &str) -> Option<&'static str> {
+    Some(match sqlstate {
+        "57014" => "statement timeout (or cancelled)",
+        "57P01" => "server shutting down (admin shutdown)",
+        "57P02" => "server crash shutdown",
+        "57P03" => "server not accepting connections yet",
+        "53300" => "too many connections",
+        "55P03" => "lock not available",
+        s if s.starts_with("08") => "connection failure",
+        _ => return None,
+    })
 }
 
 /// Gives a named unique constraint its meaning for callers.

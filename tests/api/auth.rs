@@ -706,7 +706,7 @@ async fn emails_are_normalised_before_lookup() {
 fn lockout_vars(max: &'static str) -> impl FnOnce(&mut std::collections::HashMap<String, String>) {
     move |v| {
         v.insert("LOGIN_MAX_ATTEMPTS".into(), max.into());
-        v.insert("TRUST_FORWARDED_FOR".into(), "true".into());
+        v.insert("TRUSTED_PROXIES".into(), "127.0.0.1/32".into());
     }
 }
 
