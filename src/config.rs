@@ -269,10 +269,12 @@ pub struct Settings {
     pub database_acquire_timeout_ms: u64,
     /// Open client connections at most; unset: sized from the file-descriptor limit.
     pub max_client_connections: Option<usize>,
-    /// A client gets this long to send a request's headers (and its first request).
+    /// A client gets this long to send a request's headers; it is also how long
+    /// an HTTP/1.1 connection waits for its first or next request.
     #[serde(default = "default_header_read_timeout")]
     pub http_header_read_timeout_seconds: u64,
-    /// A connection with no request in flight for this long is closed.
+    /// A connection with no request in flight for this long is closed (HTTP/2;
+    /// HTTP/1.1 when shorter than the header-read timeout).
     #[serde(default = "default_idle_timeout")]
     pub http_idle_timeout_seconds: u64,
     /// HTTP/2 PING interval; a peer that does not answer within it is dropped.

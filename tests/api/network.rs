@@ -177,9 +177,17 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
     })
     .await;
     assert_eq!(ip_bound_key_status(&elsewhere).await, 401);
-    // Behind a trusted proxy, the address the proxy appended counts.
+    // Behind a trusted proxy, the address the proxy appended counts: for the
+    // client networks (203.0.113.7 is outside development's default) ...
     let proxied = TestApp::spawn_with(|v| {
         v.insert("TRUSTED_PROXIES".into(), "127.0.0.1/32".into());
+    })
+    .await;
+    assert_eq!(ip_bound_key_status(&proxied).await, 403);
+    // ... and for the key bound to it.
+    let proxied = TestApp::spawn_with(|v| {
+        v.insert("TRUSTED_PROXIES".into(), "127.0.0.1/32".into());
+        v.insert("ALLOWED_CLIENT_NETWORKS".into(), String::new());
     })
     .await;
     assert_eq!(ip_bound_key_status(&proxied).await, 200);

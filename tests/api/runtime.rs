@@ -397,9 +397,10 @@ async fn slow_and_silent_connections_are_closed() {
         slow_end < Duration::from_secs(5),
         "slow headers went on for {slow_end:?}"
     );
+    // HTTP/1.1 waits for the next request's headers no longer than for the first.
     assert!(
-        (Duration::from_secs(2)..Duration::from_secs(6)).contains(&kept_end),
-        "idle keep-alive closed after {kept_end:?}"
+        kept_end < Duration::from_secs(4),
+        "idle keep-alive open {kept_end:?}"
     );
     // Meanwhile the service answers.
     assert_eq!(app.get("/health").await.status(), 200);
