@@ -20,6 +20,14 @@ fn client_from(source: &str) -> reqwest::Client {
         .unwrap()
 }
 
+async fn health_from(app: &TestApp, source: &str) -> reqwest::Response {
+    client_from(source)
+        .get(app.url("/health"))
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn register_status(
     app: &TestApp,
     client: &reqwest::Client,
@@ -42,17 +50,8 @@ async fn a_peer_outside_the_allowed_networks_is_refused_before_any_work() {
         );
     })
     .await;
-    let inside = client_from("127.0.0.1");
     let outside = client_from("127.0.0.2");
-    assert_eq!(
-        inside
-            .get(app.url("/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(health_from(&app, "127.0.0.1").await.status(), 200);
     let body = assert_problem(
         outside.get(app.url("/health")).send().await.unwrap(),
         403,
@@ -88,25 +87,22 @@ async fn a_peer_outside_the_allowed_networks_is_refused_before_any_work() {
     let endpoint = tonic::transport::Endpoint::from_shared(app.addr.clone())
         .unwrap()
         .local_address(Some("127.0.0.2".parse().unwrap()));
-    let mut grpc = AuthServiceClient::new(endpoint.connect().await.unwrap());
-    let err = grpc
-        .verify_api_key(VerifyApiKeyRequest {
-            api_key: "sbk_dev_x".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = verify_without_token(endpoint.connect().await.unwrap()).await;
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     // The same call from inside reaches the interceptor (no token: UNAUTHENTICATED).
-    let mut grpc = AuthServiceClient::new(app.channel().await);
-    let err = grpc
+    let err = verify_without_token(app.channel().await).await;
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+}
+
+/// VerifyApiKey with no service token: it can only fail; how is the point.
+async fn verify_without_token(channel: tonic::transport::Channel) -> tonic::Status {
+    AuthServiceClient::new(channel)
         .verify_api_key(VerifyApiKeyRequest {
             api_key: "sbk_dev_x".into(),
             ..Default::default()
         })
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        .unwrap_err()
 }
 
 #[tokio::test]
@@ -125,15 +121,7 @@ async fn development_admits_loopback_and_private_networks_by_default() {
         assert!(nets.contains(ip.parse().unwrap()), "{ip}");
     }
     assert!(!nets.contains("203.0.113.7".parse().unwrap()));
-    assert_eq!(
-        client_from("127.0.0.2")
-            .get(app.url("/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(health_from(&app, "127.0.0.2").await.status(), 200);
     // Empty means everyone.
     let open = TestApp::spawn_with(|v| {
         v.insert("ALLOWED_CLIENT_NETWORKS".into(), String::new());

@@ -65,6 +65,17 @@ async fn until_waiting(database_url: &str) -> Vec<i32> {
     panic!("no request reached the database");
 }
 
+/// Ends the backends waiting on the lock, as the server does on a fast shutdown.
+async fn terminate_waiting(admin: &mut PgConnection, database_url: &str) {
+    for pid in until_waiting(database_url).await {
+        sqlx::query("select pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&mut *admin)
+            .await
+            .unwrap();
+    }
+}
+
 fn login(app_url: String) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
     tokio::spawn(
         reqwest::Client::new()
@@ -102,13 +113,7 @@ async fn a_backend_terminated_by_the_server_answers_unavailable_not_internal() {
     // (what pg_ctl stop -m fast or pg_terminate_backend does: SQLSTATE 57P01).
     let in_flight = login(app.addr.clone());
     let mut admin = PgConnection::connect(&app.database_url).await.unwrap();
-    for pid in until_waiting(&app.database_url).await {
-        sqlx::query("select pg_terminate_backend($1)")
-            .bind(pid)
-            .execute(&mut admin)
-            .await
-            .unwrap();
-    }
+    terminate_waiting(&mut admin, &app.database_url).await;
     assert_problem(in_flight.await.unwrap().unwrap(), 503, "unavailable").await;
 
     // The same over gRPC: UNAVAILABLE.
@@ -119,13 +124,7 @@ async fn a_backend_terminated_by_the_server_answers_unavailable_not_internal() {
             })
             .await
     });
-    for pid in until_waiting(&app.database_url).await {
-        sqlx::query("select pg_terminate_backend($1)")
-            .bind(pid)
-            .execute(&mut admin)
-            .await
-            .unwrap();
-    }
+    terminate_waiting(&mut admin, &app.database_url).await;
     let err = call.await.unwrap().unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     lock.release().await;
