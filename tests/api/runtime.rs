@@ -231,6 +231,7 @@ async fn sigterm_keeps_the_grace_period_when_the_database_stalls() {
     // Released only now: on a service that outlives its grace, the write
     // would go on and commit.
     lock.release().await;
+    eprintln!("exited {took:?} after SIGTERM (grace 2 s)");
     assert_eq!(exited, Some(true), "still running {took:?} after SIGTERM");
     assert!(
         took < Duration::from_secs(2 + 3),
