@@ -3,6 +3,7 @@
 pub mod account;
 pub mod api_key;
 pub mod email;
+pub mod lockout;
 pub mod password;
 pub mod policy;
 pub mod user;

@@ -10,7 +10,7 @@ use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::audit::{AuditEntry, Outcome};
+use super::audit::{AuditEntry, DenialAudit, Outcome};
 use super::invalidation::{Change, Invalidation};
 use super::paging::{self, Page};
 use super::policy::PolicyEngine;
@@ -789,7 +789,16 @@ impl AccountsService {
             Ok(user_id) => Ok(user_id),
             Err(d) => {
                 let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
-                Err(record_denial(&mut conn, caller, meta, account, scope, d).await)
+                Err(record_denial(
+                    &self.policy.denials,
+                    &mut conn,
+                    caller,
+                    meta,
+                    account,
+                    scope,
+                    d,
+                )
+                .await)
             }
         }
     }
@@ -869,6 +878,7 @@ impl AccountsService {
             }
         };
         Ok(Err(record_denial(
+            &self.policy.denials,
             tx,
             caller,
             meta,
@@ -890,7 +900,16 @@ impl AccountsService {
         need: Permission,
         d: Denial,
     ) -> ServiceResult<T> {
-        let err = record_denial(&mut tx, caller, meta, Some(id), need.as_str(), d).await;
+        let err = record_denial(
+            &self.policy.denials,
+            &mut tx,
+            caller,
+            meta,
+            Some(id),
+            need.as_str(),
+            d,
+        )
+        .await;
         self.commit_denial(tx, err).await
     }
 
@@ -920,7 +939,16 @@ impl AccountsService {
         }
         let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
         let d = Denial::forbidden("client_scope", &format!("requires the {scope} scope"));
-        Err(record_denial(&mut conn, caller, meta, account, scope, d).await)
+        Err(record_denial(
+            &self.policy.denials,
+            &mut conn,
+            caller,
+            meta,
+            account,
+            scope,
+            d,
+        )
+        .await)
     }
 
     async fn membership_changed(&self, account: Uuid, user: Uuid) {
@@ -993,6 +1021,7 @@ pub async fn reencrypt_credentials(db: &Db, keys: &KeyRing) -> ServiceResult<Ree
 /// Writes the `authz.denied` row and returns the error the client gets. If the
 /// row cannot be written the request fails anyway, so nothing is lost silently.
 async fn record_denial(
+    denials: &DenialAudit,
     conn: &mut PgConnection,
     caller: &Caller,
     meta: &RequestMeta,
@@ -1012,7 +1041,7 @@ async fn record_denial(
     if let Some(id) = account {
         entry = entry.target(TARGET, id);
     }
-    match audit::insert(conn, &entry).await {
+    match denials.write(conn, entry).await {
         Ok(()) => d.error,
         Err(e) => ServiceError::from(e),
     }

@@ -9,6 +9,7 @@ mod auth;
 mod config;
 mod deploy;
 mod foundation;
+mod lockout;
 mod observability;
 mod openapi;
 mod scale_out;
