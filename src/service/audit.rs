@@ -116,9 +116,12 @@ struct DenialWindow {
     seen: u64,
 }
 
+/// An audit actor: (actor_type, actor_id).
+type Actor = (&'static str, Option<String>);
+
 #[derive(Clone, Default)]
 pub struct DenialAudit {
-    windows: Arc<Mutex<HashMap<(&'static str, Option<String>), DenialWindow>>>,
+    windows: Arc<Mutex<HashMap<Actor, DenialWindow>>>,
 }
 
 impl DenialAudit {

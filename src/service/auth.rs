@@ -188,14 +188,9 @@ impl Identity {
         if !self.settings.registration_enabled() {
             return Err(ServiceError::Forbidden("self sign-up is disabled".into()));
         }
-        if let Some(ip) = meta.ip {
-            self.throttle(
-                &format!("register:ip:{ip}"),
-                self.settings.register_ip_max_per_hour,
-                Duration::from_secs(3600),
-            )
+        let per_hour = self.settings.register_ip_max_per_hour;
+        self.throttle_ip(meta, "register", per_hour, Duration::from_secs(3600))
             .await?;
-        }
         let mut errors = Vec::new();
         let email = Email::parse(&input.email)
             .map_err(|m| errors.push(FieldError::new("email", "invalid", m)))
@@ -339,6 +334,21 @@ impl Identity {
         Ok(())
     }
 
+    /// `throttle` for `what` (login, register …) per client IP; a request with no
+    /// known IP is not throttled here.
+    async fn throttle_ip(
+        &self,
+        meta: &RequestMeta,
+        what: &str,
+        max: u32,
+        window: Duration,
+    ) -> ServiceResult<()> {
+        match meta.ip {
+            Some(ip) => self.throttle(&format!("{what}:ip:{ip}"), max, window).await,
+            None => Ok(()),
+        }
+    }
+
     async fn audit_alone(&self, entry: AuditEntry) {
         let r = async {
             let mut tx = self.db.begin().await?;
@@ -443,14 +453,9 @@ impl Identity {
         let password = Password::candidate(password)
             .map_err(password_error)?
             .into_secret();
-        if let Some(ip) = meta.ip {
-            self.throttle(
-                &format!("login:ip:{ip}"),
-                self.settings.login_ip_max_per_minute,
-                Duration::from_secs(60),
-            )
+        let per_minute = self.settings.login_ip_max_per_minute;
+        self.throttle_ip(meta, "login", per_minute, Duration::from_secs(60))
             .await?;
-        }
         let Ok(email) = Email::parse(email) else {
             let _ = self.hasher.verify(password, None).await;
             return Err(ServiceError::InvalidCredentials);

@@ -4,7 +4,6 @@
 //! and denial audit rows are throttled; an API key edits a profile only with the
 //! scope for it. Fault tests use servers of their own, never the shared ones.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use crate::helpers::{
     assert_problem, free_port, get_bearer, login_raw, test_vars, wait_for_port, TestApp,
     STRONG_PASSWORD,
 };
+use crate::own_postgres::OwnPostgres;
 
 const WRONG: &str = "wrong-password-123";
 
@@ -153,122 +153,14 @@ async fn an_attacker_ip_locks_itself_out_while_the_owner_still_logs_in() {
     assert_eq!(login_from(&app, owner, &e, STRONG_PASSWORD).await, 200);
 }
 
-/// A PostgreSQL cluster of the test's own (the shared one is never stopped),
-/// started and stopped with pg_ctl; as root every server command runs as the
-/// `postgres` user, since initdb refuses root. None when there are no server
-/// binaries.
-struct OwnPostgres {
-    bin: PathBuf,
-    as_root: bool,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl OwnPostgres {
-    fn init() -> Option<OwnPostgres> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .find(|b| b.join("initdb").exists() && b.join("pg_ctl").exists())?;
-        let as_root = Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-        let dir =
-            std::env::temp_dir().join(format!("us-lock-pg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let pg = OwnPostgres {
-            bin,
-            as_root,
-            port: free_port(),
-            dir,
-        };
-        if as_root {
-            pg.run(
-                Command::new("chown")
-                    .args(["-R", "postgres:postgres"])
-                    .arg(&pg.dir),
-            );
-        }
-        pg.run(pg.tool("initdb").arg("-D").arg(pg.dir.join("data")).args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-        ]));
-        pg.start();
-        Some(pg)
-    }
-
-    fn start(&self) {
-        let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}",
-            self.port,
-            self.dir.display(),
-        );
-        self.run(
-            self.tool("pg_ctl")
-                .arg("-D")
-                .arg(self.dir.join("data"))
-                .arg("-l")
-                .arg(self.dir.join("server.log"))
-                .args(["-w", "-t", "30", "-o", &options, "start"]),
-        );
-    }
-
-    fn stop(&self) {
-        self.run(
-            self.tool("pg_ctl")
-                .arg("-D")
-                .arg(self.dir.join("data"))
-                .args(["-w", "-m", "fast", "stop"]),
-        );
-    }
-
-    fn tool(&self, name: &str) -> Command {
-        let program = self.bin.join(name);
-        if self.as_root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        }
-    }
-
-    fn run(&self, command: &mut Command) {
-        let out = command.output().unwrap();
-        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
-        assert!(
-            out.status.success(),
-            "{command:?}: {}{}\n{log}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for OwnPostgres {
-    fn drop(&mut self) {
-        let _ = self
-            .tool("pg_ctl")
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-m", "immediate", "stop"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test]
 async fn logins_answered_503_while_postgres_is_down_do_not_count() {
-    let Some(pg) = OwnPostgres::init() else {
+    let Some(pg) = OwnPostgres::init(|_| {}) else {
         eprintln!("SKIPPED logins_answered_503…: no PostgreSQL server binaries");
         return;
     };
-    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
+    pg.start("");
+    let url = pg.url("");
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     user_service::store::db::MIGRATOR.run(&pool).await.unwrap();
     pool.close().await;
@@ -283,7 +175,7 @@ async fn logins_answered_503_while_postgres_is_down_do_not_count() {
     for res in futures::future::join_all(attempts).await {
         assert_problem(res, 503, "unavailable").await;
     }
-    pg.start();
+    pg.start("");
 
     // Once PostgreSQL is back (the pool reconnects), the right password works.
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -12,5 +12,6 @@ mod foundation;
 mod lockout;
 mod observability;
 mod openapi;
+mod own_postgres;
 mod scale_out;
 mod tls;
