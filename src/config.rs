@@ -163,6 +163,10 @@ fn default_usage_capacity() -> usize {
 fn default_usage_flush_ms() -> u64 {
     1000
 }
+// ---- login lockout and abuse throttles (helper "login") ----
+fn default_login_locked_delay_ms() -> u64 {
+    2000
+}
 
 /// Every setting the service reads. Field names are the lower-cased variable names
 /// (envy's mapping), so `USER_SERVICE_PORT` is `user_service_port`.
@@ -251,6 +255,14 @@ pub struct Settings {
     #[serde(default = "default_usage_flush_ms")]
     pub usage_log_flush_interval_ms: u64,
 
+    // ---- login lockout and abuse throttles (helper "login") ----
+    /// The second check when an account is locked but this client IP never failed
+    /// for it: the password is checked after this wait instead of refused.
+    #[serde(default = "default_login_locked_delay_ms")]
+    pub login_locked_delay_ms: u64,
+    /// Sign-ups per client IP per hour; 0 turns the throttle off (development).
+    #[serde(default)]
+    pub register_ip_max_per_hour: u32,
     // ---- runtime: client networks, connection limits, database timeouts ----
     /// Networks whose clients may connect (CIDRs); unset means the environment's
     /// default (development: loopback and private ranges; elsewhere everyone),
@@ -752,6 +764,15 @@ impl Settings {
             (
                 "USAGE_LOG_FLUSH_INTERVAL_MS",
                 self.usage_log_flush_interval_ms.to_string(),
+            ),
+            // ---- login lockout and abuse throttles (helper "login") ----
+            (
+                "LOGIN_LOCKED_DELAY_MS",
+                self.login_locked_delay_ms.to_string(),
+            ),
+            (
+                "REGISTER_IP_MAX_PER_HOUR",
+                self.register_ip_max_per_hour.to_string(),
             ),
             // ---- runtime ----
             (

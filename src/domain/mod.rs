@@ -3,6 +3,7 @@
 pub mod account;
 pub mod api_key;
 pub mod email;
+pub mod lockout;
 pub mod network;
 pub mod password;
 pub mod policy;

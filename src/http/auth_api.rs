@@ -44,6 +44,7 @@ pub struct RegisterBody {
         (status = 201, description = "The new user", body = User),
         (status = 403, description = "Sign-up is disabled (`forbidden`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Email already registered (`conflict`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many sign-ups from this IP (`rate_limited`, `Retry-After`; REGISTER_IP_MAX_PER_HOUR)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 async fn register(

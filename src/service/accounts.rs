@@ -789,7 +789,9 @@ impl AccountsService {
             Ok(user_id) => Ok(user_id),
             Err(d) => {
                 let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
-                Err(record_denial(&mut conn, caller, meta, account, scope, d).await)
+                Err(self
+                    .record_denial(&mut conn, caller, meta, account, scope, d)
+                    .await)
             }
         }
     }
@@ -868,15 +870,9 @@ impl AccountsService {
                 }
             }
         };
-        Ok(Err(record_denial(
-            tx,
-            caller,
-            meta,
-            Some(id),
-            need.as_str(),
-            denial,
-        )
-        .await))
+        Ok(Err(self
+            .record_denial(tx, caller, meta, Some(id), need.as_str(), denial)
+            .await))
     }
 
     /// Records a refusal found after the transaction had started (the row is
@@ -890,7 +886,9 @@ impl AccountsService {
         need: Permission,
         d: Denial,
     ) -> ServiceResult<T> {
-        let err = record_denial(&mut tx, caller, meta, Some(id), need.as_str(), d).await;
+        let err = self
+            .record_denial(&mut tx, caller, meta, Some(id), need.as_str(), d)
+            .await;
         self.commit_denial(tx, err).await
     }
 
@@ -920,7 +918,9 @@ impl AccountsService {
         }
         let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
         let d = Denial::forbidden("client_scope", &format!("requires the {scope} scope"));
-        Err(record_denial(&mut conn, caller, meta, account, scope, d).await)
+        Err(self
+            .record_denial(&mut conn, caller, meta, account, scope, d)
+            .await)
     }
 
     async fn membership_changed(&self, account: Uuid, user: Uuid) {
@@ -990,31 +990,35 @@ pub async fn reencrypt_credentials(db: &Db, keys: &KeyRing) -> ServiceResult<Ree
     Ok(summary)
 }
 
-/// Writes the `authz.denied` row and returns the error the client gets. If the
-/// row cannot be written the request fails anyway, so nothing is lost silently.
-async fn record_denial(
-    conn: &mut PgConnection,
-    caller: &Caller,
-    meta: &RequestMeta,
-    account: Option<Uuid>,
-    need: &str,
-    d: Denial,
-) -> ServiceError {
-    let mut entry = AuditEntry::new("authz.denied", Outcome::Denied)
-        .by(caller)
-        .meta(meta)
-        .details(json!({
-            "reason": d.reason,
-            "need": need,
-            "decided_by": d.decided_by,
-            "user_id": caller.user_id(),
-        }));
-    if let Some(id) = account {
-        entry = entry.target(TARGET, id);
-    }
-    match audit::insert(conn, &entry).await {
-        Ok(()) => d.error,
-        Err(e) => ServiceError::from(e),
+impl AccountsService {
+    /// Writes the `authz.denied` row (the first ones of a stream: see
+    /// `DenialAudit`) and returns the error the client gets. If the
+    /// row cannot be written the request fails anyway, so nothing is lost silently.
+    async fn record_denial(
+        &self,
+        conn: &mut PgConnection,
+        caller: &Caller,
+        meta: &RequestMeta,
+        account: Option<Uuid>,
+        need: &str,
+        d: Denial,
+    ) -> ServiceError {
+        let mut entry = AuditEntry::new("authz.denied", Outcome::Denied)
+            .by(caller)
+            .meta(meta)
+            .details(json!({
+                "reason": d.reason,
+                "need": need,
+                "decided_by": d.decided_by,
+                "user_id": caller.user_id(),
+            }));
+        if let Some(id) = account {
+            entry = entry.target(TARGET, id);
+        }
+        match self.policy.denials.write(conn, entry).await {
+            Ok(()) => d.error,
+            Err(e) => ServiceError::from(e),
+        }
     }
 }
 

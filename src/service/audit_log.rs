@@ -11,7 +11,7 @@ use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::policy::Resource;
 use crate::store::audit_log;
 pub use crate::store::audit_log::{AuditFilter, AuditRow};
-use crate::store::{audit, Db, StoreError};
+use crate::store::{Db, StoreError};
 
 const SCOPE: &str = "admin:audit";
 
@@ -65,18 +65,20 @@ impl AuditLog {
             return Ok(());
         }
         let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
-        audit::insert(
-            &mut conn,
-            &AuditEntry::new("authz.denied", Outcome::Denied)
-                .by(caller)
-                .meta(meta)
-                .details(json!({
-                    "need": SCOPE,
-                    "reason": if decision.is_some() { "policy" } else { "key_scope_or_not_a_user" },
-                    "decided_by": decision.map(|d| d.decided_by),
-                })),
-        )
-        .await?;
+        self.policy
+            .denials
+            .write(
+                &mut conn,
+                AuditEntry::new("authz.denied", Outcome::Denied)
+                    .by(caller)
+                    .meta(meta)
+                    .details(json!({
+                        "need": SCOPE,
+                        "reason": if decision.is_some() { "policy" } else { "key_scope_or_not_a_user" },
+                        "decided_by": decision.map(|d| d.decided_by),
+                    })),
+            )
+            .await?;
         Err(ServiceError::Forbidden(
             "the admin role is required to read the audit trail".into(),
         ))

@@ -130,7 +130,9 @@ pub struct Identity {
     /// service_token_cache_total{result="hit"|"miss"}, registered once (hot path).
     service_token_hits: metrics::Counter,
     service_token_misses: metrics::Counter,
-    pub(crate) lockout: super::auth::LocalCounters,
+    pub(crate) local_counters: super::auth::LocalCounters,
+    /// Password checks of one user take turns (the lockout count stays exact).
+    pub(crate) login_turns: super::auth::Turns,
     /// Tells every replica's caches (API keys …) that a user changed.
     pub(crate) invalidation: Invalidation,
     /// Profiles by user id for GET /v1/users/me, the gateway's hottest read:
@@ -169,7 +171,8 @@ impl Identity {
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             service_token_hits: metrics::counter!("service_token_cache_total", "result" => "hit"),
             service_token_misses: metrics::counter!("service_token_cache_total", "result" => "miss"),
-            lockout: super::auth::LocalCounters::default(),
+            local_counters: super::auth::LocalCounters::default(),
+            login_turns: super::auth::Turns::default(),
             settings: settings.clone(),
             db,
             cache,

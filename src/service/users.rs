@@ -7,6 +7,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::audit::{AuditEntry, Outcome};
+use super::auth::Checked;
 use super::identity::{Identity, SessionState};
 use super::paging;
 use super::{Caller, FieldError, RequestMeta, ServiceError, ServiceResult};
@@ -85,6 +86,10 @@ fn session_user(caller: &Caller) -> ServiceResult<(Uuid, Option<Uuid>)> {
     }
 }
 
+/// The scope an API key needs to edit its owner's profile (migration
+/// 2026120100030102); a login session needs none.
+pub const PROFILE_WRITE: &str = "profile:write";
+
 fn require_admin(caller: &Caller) -> ServiceResult<()> {
     if caller.has_role("admin") && caller.key_allows_scope("admin:users") {
         Ok(())
@@ -129,6 +134,12 @@ impl Identity {
         full_name: Option<String>,
     ) -> ServiceResult<User> {
         let id = caller.user_id().ok_or(ServiceError::InvalidToken)?;
+        // A session may edit its own profile; an API key only with the scope.
+        if !caller.key_allows_scope(PROFILE_WRITE) {
+            return Err(ServiceError::Forbidden(format!(
+                "this API key lacks the {PROFILE_WRITE} scope"
+            )));
+        }
         let Some(raw) = full_name else {
             return Ok(User::clone(&*self.me(caller).await?));
         };
@@ -174,27 +185,27 @@ impl Identity {
         let new = self.parse_new_password(new_password, &email, &record.full_name)?;
         // The current-password check counts against the same lockout as login, so
         // a stolen token cannot be used to guess the password.
-        let key = Self::lockout_key(email.as_str());
-        let (n, _) = self
-            .count_attempt(
-                &key,
-                std::time::Duration::from_secs(self.settings.login_lockout_seconds),
+        let failed = AuditEntry::new("user.password.change_failed", Outcome::Failure)
+            .by(caller)
+            .target("user", user_id)
+            .meta(meta)
+            .details(serde_json::json!({ "reason": "wrong_password" }));
+        let checked = self
+            .check_password_guarded(
+                meta,
+                user_id,
+                record.password_hash.clone(),
+                current.into_secret(),
+                failed,
             )
-            .await;
-        let ok = n <= i64::from(self.settings.login_max_attempts)
-            && self
-                .hasher
-                .verify(current.into_secret(), record.password_hash.clone())
-                .await
-                .map_err(ServiceError::hashing)?;
-        if !ok {
+            .await?;
+        if checked != Checked::Right {
             return Err(ServiceError::validation(
                 "current_password",
                 "incorrect",
                 "current password is incorrect",
             ));
         }
-        self.reset_attempts(&key).await;
         let hash = self
             .hasher
             .hash(new.into_secret())

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod audit_log;
 pub mod bus;
 pub mod db;
+pub mod login_failures;
 pub mod policies;
 pub mod redis;
 pub mod service_clients;
