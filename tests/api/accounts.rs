@@ -1844,6 +1844,14 @@ async fn openapi_documents_the_account_routes() {
         ),
         ("/v1/users/me/accounts", &["get"][..]),
         ("/v1/admin/audit-logs", &["get"][..]),
+        ("/v1/trading-accounts/{id}/invitations", &["get"][..]),
+        (
+            "/v1/trading-accounts/{id}/invitations/{invitation_id}",
+            &["delete"][..],
+        ),
+        ("/v1/users/me/invitations", &["get"][..]),
+        ("/v1/users/me/invitations/{id}/accept", &["post"][..]),
+        ("/v1/users/me/invitations/{id}/decline", &["post"][..]),
     ] {
         for m in methods {
             assert!(paths[path][m].is_object(), "{m} {path} is documented");
@@ -1854,4 +1862,6 @@ async fn openapi_documents_the_account_routes() {
     let account = &schemas["AccountBody"]["properties"];
     assert!(account["credentials_hint"].is_object());
     assert!(account.get("api_key").is_none() && account.get("api_secret").is_none());
+    // Adding a member is documented as an invitation (202).
+    assert!(paths["/v1/trading-accounts/{id}/members"]["post"]["responses"]["202"].is_object());
 }
