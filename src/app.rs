@@ -44,6 +44,8 @@ pub struct AppInner {
     pub invalidation: crate::service::invalidation::Invalidation,
     /// API keys and VerifyApiKey (cached, with the usage buffer).
     pub api_keys: crate::service::api_keys::ApiKeyService,
+    /// Invitations to trading accounts: membership only with the invitee's consent.
+    pub invitations: crate::service::invitations::InvitationsService,
 }
 
 impl Deref for AppState {
@@ -95,6 +97,8 @@ impl App {
             invalidation.clone(),
         );
         let audit_log = crate::service::audit_log::AuditLog::new(db.clone(), policy.clone());
+        let invitations =
+            crate::service::invitations::InvitationsService::new(db.clone(), accounts.clone());
         let api_keys = crate::service::api_keys::ApiKeyService::new(
             &settings,
             db.clone(),
@@ -115,6 +119,7 @@ impl App {
             audit_log,
             invalidation,
             api_keys,
+            invitations,
         }));
         state
             .invalidation

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod auth_api;
 pub mod extract;
 pub mod health;
+pub mod invitations;
 pub mod list;
 pub mod metrics;
 pub mod network;
@@ -41,6 +42,7 @@ pub fn routes(state: AppState) -> Router {
         .merge(accounts::routes())
         .merge(admin_audit::routes())
         .merge(api_keys::routes())
+        .merge(invitations::routes())
         .merge(users::routes())
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(cors)

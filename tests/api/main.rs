@@ -3,12 +3,15 @@
 
 mod helpers;
 
+mod account_races;
+mod account_rules;
 mod accounts;
 mod api_keys;
 mod auth;
 mod config;
 mod deploy;
 mod foundation;
+mod invitations;
 mod lockout;
 mod network;
 mod observability;
