@@ -251,6 +251,12 @@ pub struct Settings {
     pub usage_log_buffer_capacity: usize,
     #[serde(default = "default_usage_flush_ms")]
     pub usage_log_flush_interval_ms: u64,
+
+    // --- deploy: database roles ---
+    /// The schema owner's URL, used only by `user-service migrate`. The service
+    /// connects with DATABASE_URL, a role that may insert into audit_logs but not
+    /// alter it (deploy/postgres/roles.sql). Unset: migrate uses DATABASE_URL.
+    pub database_migration_url: Option<SecretString>,
 }
 
 impl fmt::Debug for Settings {
@@ -542,7 +548,41 @@ impl Settings {
             )),
             Some(_) => {}
         }
+        p.extend(self.database_role_problems());
         p
+    }
+
+    /// Staging and production: the migration role travels like DATABASE_URL (verified
+    /// TLS off the host) and is not the service's own role, which must not be able
+    /// to alter audit_logs. Whether DATABASE_URL's role owns the table is checked
+    /// against the database when `serve` starts.
+    fn database_role_problems(&self) -> Vec<String> {
+        let env = self.app_env.as_str();
+        let Some(migration) = &self.database_migration_url else {
+            return Vec::new();
+        };
+        let migration = migration.expose_secret();
+        match remote_database_without_verified_tls(migration) {
+            Err(()) => return vec!["DATABASE_MIGRATION_URL is not a valid PostgreSQL URL".into()],
+            Ok(Some(host)) => {
+                return vec![format!(
+                    "DATABASE_MIGRATION_URL points at {host} without sslmode=verify-full, refused in {env}"
+                )]
+            }
+            Ok(None) => {}
+        }
+        let user = |url: &str| {
+            url.parse::<sqlx::postgres::PgConnectOptions>()
+                .map(|o| o.get_username().to_string())
+                .ok()
+        };
+        match (user(migration), user(self.database_url.expose_secret())) {
+            (Some(owner), Some(app)) if owner == app => vec![format!(
+                "DATABASE_URL uses the migration role {app:?}: the service could alter audit_logs; \
+                 connect it as its own role (deploy/postgres/roles.sql), refused in {env}"
+            )],
+            _ => Vec::new(),
+        }
     }
 
     /// Fails with every problem listed when the settings are unsafe to run.
@@ -672,6 +712,14 @@ impl Settings {
             (
                 "USAGE_LOG_FLUSH_INTERVAL_MS",
                 self.usage_log_flush_interval_ms.to_string(),
+            ),
+            // --- deploy: database roles ---
+            (
+                "DATABASE_MIGRATION_URL",
+                self.database_migration_url
+                    .as_ref()
+                    .map(|u| mask_url(u.expose_secret()))
+                    .unwrap_or_default(),
             ),
         ]
     }

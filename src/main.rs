@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use user_service::app::App;
-use user_service::config::Settings;
+use user_service::config::{Environment, Settings};
 use user_service::{shutdown, store, telemetry};
 
 /// mimalloc instead of glibc malloc: a request allocates and frees dozens of small
@@ -81,7 +81,20 @@ fn check_config(settings: &Settings) -> ExitCode {
     for (k, v) in settings.effective() {
         println!("{k}={v}");
     }
-    let problems = settings.problems();
+    let mut problems = settings.problems();
+    // deploy: the service's database role, checked against the database itself.
+    if settings.app_env != Environment::Development {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(audit_role_problem(settings)))
+        {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(problem))) => problems.push(problem),
+            Ok(Err(unchecked)) => println!("warning: {unchecked}"),
+            Err(e) => println!("warning: cannot start a runtime to check the database role: {e}"),
+        }
+    }
     for p in &problems {
         println!("error: {p}");
     }
@@ -105,6 +118,15 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
+    if settings.app_env != Environment::Development {
+        match audit_role_problem(&settings).await {
+            Ok(None) => {}
+            Ok(Some(problem)) => anyhow::bail!(problem),
+            // The service starts while the database is down (NOT_SERVING until it
+            // is back), so a check that cannot run now does not stop it.
+            Err(unchecked) => tracing::warn!("{unchecked}"),
+        }
+    }
     let app = App::build(settings).await?;
     let stop = app.shutdown();
     tokio::spawn(async move {
@@ -114,9 +136,35 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     app.run_until_stopped().await
 }
 
+/// Staging and production: audit_logs is append-only against the service itself
+/// only if DATABASE_URL's role cannot switch its triggers off. Ok(Some) names the
+/// problem; Err says the check could not run (database unreachable).
+async fn audit_role_problem(settings: &Settings) -> Result<Option<String>, String> {
+    let db = store::Db::connect_lazy(settings).map_err(|e| e.to_string())?;
+    let checked = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        store::audit::connected_role_can_alter(&db.pool),
+    )
+    .await;
+    db.pool.close().await;
+    match checked {
+        Ok(Ok(None)) => Ok(None),
+        Ok(Ok(Some(why))) => Ok(Some(format!(
+            "DATABASE_URL: {why}, so the service could disable the audit log's triggers; \
+             connect as the application role and migrate with DATABASE_MIGRATION_URL \
+             (deploy/postgres/roles.sql), refused in {}",
+            settings.app_env.as_str()
+        ))),
+        Ok(Err(e)) => Err(format!(
+            "cannot check DATABASE_URL's role against audit_logs: {e}"
+        )),
+        Err(_) => Err("cannot check DATABASE_URL's role against audit_logs: timed out".into()),
+    }
+}
+
 async fn migrate(settings: Settings) -> anyhow::Result<()> {
     telemetry::init_tracing(&settings);
-    let db = store::Db::connect_lazy(&settings)?;
+    let db = store::Db::connect_migrator(&settings)?;
     db.migrate().await?;
     println!("migrations applied");
     Ok(())
