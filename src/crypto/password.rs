@@ -334,7 +334,10 @@ mod tests {
         })
         .join()
         .unwrap();
-        assert!(!lowered, "SCHED_IDLE was refused, yet reported as in effect");
+        assert!(
+            !lowered,
+            "SCHED_IDLE was refused, yet reported as in effect"
+        );
     }
 
     #[tokio::test]

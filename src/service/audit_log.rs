@@ -127,7 +127,10 @@ pub async fn verify_chain(db: &Db) -> Result<ChainReport, StoreError> {
             } else if link.prev_hash != prev {
                 Some("prev_hash is not the previous row's row_hash".to_string())
             } else if link.recomputed != link.row_hash {
-                Some("row_hash does not match the row's contents: changed after it was written".into())
+                Some(
+                    "row_hash does not match the row's contents: changed after it was written"
+                        .into(),
+                )
             } else {
                 None
             };

@@ -42,8 +42,9 @@ impl Db {
             Some(url) => {
                 let mut owner = settings.clone();
                 owner.database_url = url.clone();
-                Self::connect_lazy(&owner)
-                    .map_err(|_| anyhow::anyhow!("DATABASE_MIGRATION_URL is not a valid PostgreSQL URL"))
+                Self::connect_lazy(&owner).map_err(|_| {
+                    anyhow::anyhow!("DATABASE_MIGRATION_URL is not a valid PostgreSQL URL")
+                })
             }
         }
     }

@@ -564,9 +564,7 @@ fn groups_with_sched_setscheduler(group: &str) -> bool {
         }
         let members = analyze(g)?;
         for m in members {
-            if m == "sched_setscheduler"
-                || (m.starts_with('@') && expand(&m, analyze, seen)?)
-            {
+            if m == "sched_setscheduler" || (m.starts_with('@') && expand(&m, analyze, seen)?) {
                 return Some(true);
             }
         }
@@ -607,8 +605,16 @@ fn the_syscall_filter_reading_matches_systemd() {
         "sched_setscheduler",
         f
     ));
-    assert!(!syscall_allowed(&lines(&["@basic-io"]), "sched_setscheduler", f));
-    assert!(syscall_allowed(&lines(&["~@privileged"]), "sched_setscheduler", f));
+    assert!(!syscall_allowed(
+        &lines(&["@basic-io"]),
+        "sched_setscheduler",
+        f
+    ));
+    assert!(syscall_allowed(
+        &lines(&["~@privileged"]),
+        "sched_setscheduler",
+        f
+    ));
     assert!(syscall_allowed(&[], "sched_setscheduler", f));
 }
 
@@ -627,7 +633,11 @@ fn systemd_units_let_the_hashing_threads_lower_their_priority() {
             .collect();
         assert!(!filters.is_empty(), "{}: no SystemCallFilter", rel(unit));
         assert!(
-            syscall_allowed(&filters, "sched_setscheduler", &groups_with_sched_setscheduler),
+            syscall_allowed(
+                &filters,
+                "sched_setscheduler",
+                &groups_with_sched_setscheduler
+            ),
             "{}: SystemCallFilter denies sched_setscheduler ({filters:?})",
             rel(unit)
         );
@@ -640,7 +650,9 @@ fn systemd_units_let_the_hashing_threads_lower_their_priority() {
         };
         assert_eq!(get("RestrictRealtime"), Some("yes"), "{}", rel(unit));
         assert!(
-            filters.iter().any(|f| f.starts_with('~') && f.contains("@privileged")),
+            filters
+                .iter()
+                .any(|f| f.starts_with('~') && f.contains("@privileged")),
             "{}",
             rel(unit)
         );
@@ -710,11 +722,16 @@ fn install_steps_never_overwrite_an_existing_secrets_file() {
     let readme = std::fs::read_to_string(repo().join("deploy/README.md")).unwrap();
     let commands = shell_commands(&readme);
     assert!(
-        commands.iter().any(|c| c.contains("production.env.example")),
+        commands
+            .iter()
+            .any(|c| c.contains("production.env.example")),
         "the README no longer installs the secrets file: {commands:?}"
     );
     let bad = secrets_overwrites(&commands);
-    assert!(bad.is_empty(), "overwrites an existing secrets file: {bad:?}");
+    assert!(
+        bad.is_empty(),
+        "overwrites an existing secrets file: {bad:?}"
+    );
     // Scripts too.
     for dir in ["scripts", "deploy"] {
         let mut files = Vec::new();
@@ -754,7 +771,10 @@ impl Directive {
         self.block.as_deref().unwrap_or(&[])
     }
     fn all(&self, name: &str) -> Vec<&Directive> {
-        self.children().iter().filter(|d| d.name() == name).collect()
+        self.children()
+            .iter()
+            .filter(|d| d.name() == name)
+            .collect()
     }
     fn value(&self, name: &str) -> Option<String> {
         self.all(name).first().map(|d| d.args())
@@ -853,7 +873,10 @@ fn nginx_sites_hide_reflection_and_the_version_and_use_modern_ciphers() {
     for env in ["staging", "production"] {
         let conf = nginx_conf(&format!("user-service-{env}.conf"));
         let servers: Vec<&Directive> = conf.iter().filter(|d| d.name() == "server").collect();
-        assert!(servers.len() >= 2, "{env}: expected an :80 and a :443 server");
+        assert!(
+            servers.len() >= 2,
+            "{env}: expected an :80 and a :443 server"
+        );
         for server in &servers {
             assert_eq!(
                 server.value("server_tokens").as_deref(),
@@ -918,9 +941,9 @@ fn nginx_default_server_drops_unknown_host_names() {
         let server = servers
             .iter()
             .find(|s| {
-                s.all("listen").iter().any(|l| {
-                    l.words[1] == port && l.words.iter().any(|w| w == "default_server")
-                })
+                s.all("listen")
+                    .iter()
+                    .any(|l| l.words[1] == port && l.words.iter().any(|w| w == "default_server"))
             })
             .unwrap_or_else(|| panic!("no default_server on {port}"));
         assert_eq!(server.value("return").as_deref(), Some("444"), ":{port}");
@@ -1080,9 +1103,15 @@ fn the_deployment_and_the_migration_job_run_one_image_tag() {
     let deployment = image_of("", "Deployment");
     let job = image_of("migrate", "Job");
     assert_eq!(deployment.len(), 1);
-    assert_eq!(job, deployment, "the Job runs another image than the Deployment");
+    assert_eq!(
+        job, deployment,
+        "the Job runs another image than the Deployment"
+    );
     // No tag in the manifests: the one tag is the shared component's.
-    assert!(!deployment[0].contains(':'), "{deployment:?} carries its own tag");
+    assert!(
+        !deployment[0].contains(':'),
+        "{deployment:?} carries its own tag"
+    );
     let mut tags = Vec::new();
     let mut kustomizations = Vec::new();
     files_under(&repo().join("deploy/k8s"), &mut kustomizations);
@@ -1153,7 +1182,10 @@ fn forwarded_addresses_count_only_from_the_ingress_behind_a_network_policy() {
         .expect("TRUSTED_PROXIES set");
     for cidr in proxies.split(',').map(str::trim) {
         let net: ipnet::IpNet = cidr.parse().unwrap_or_else(|_| panic!("{cidr}"));
-        assert!(net.prefix_len() > 0, "TRUSTED_PROXIES trusts everyone: {cidr}");
+        assert!(
+            net.prefix_len() > 0,
+            "TRUSTED_PROXIES trusts everyone: {cidr}"
+        );
     }
     let policy = kustomization_resources("")
         .into_iter()
@@ -1207,7 +1239,10 @@ fn forwarded_addresses_count_only_from_the_ingress_behind_a_network_policy() {
 #[test]
 fn the_metrics_token_comes_from_the_secret_and_the_scraper_sends_it() {
     let config = k8s("configmap.yaml").remove(0);
-    assert!(config["data"].get("METRICS_TOKEN").is_none(), "a secret in plain config");
+    assert!(
+        config["data"].get("METRICS_TOKEN").is_none(),
+        "a secret in plain config"
+    );
     let secret = k8s("secret.example.yaml")
         .into_iter()
         .find(|s| s["metadata"]["name"].as_str() == Some("user-service"))
@@ -1233,7 +1268,11 @@ fn the_metrics_token_comes_from_the_secret_and_the_scraper_sends_it() {
         .expect("the Deployment passes METRICS_TOKEN");
     let r = &token["valueFrom"]["secretKeyRef"];
     assert_eq!(r["name"].as_str(), Some("user-service"));
-    assert_ne!(r["optional"].as_bool(), Some(true), "a pod nobody can scrape");
+    assert_ne!(
+        r["optional"].as_bool(),
+        Some(true),
+        "a pod nobody can scrape"
+    );
     let monitor = k8s("servicemonitor.yaml").remove(0);
     let endpoint = &monitor["spec"]["endpoints"][0];
     assert_eq!(endpoint["path"].as_str(), Some("/metrics"));

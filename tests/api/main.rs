@@ -5,6 +5,7 @@ mod helpers;
 
 mod accounts;
 mod api_keys;
+mod audit_chain;
 mod auth;
 mod config;
 mod deploy;
