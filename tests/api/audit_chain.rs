@@ -239,62 +239,22 @@ async fn the_service_role_cannot_alter_the_audit_log_and_tampering_is_found() {
         assert_eq!(report["rows"], 5);
 
         // The owner changes row 3 with the trigger off, and puts it back on.
-        let mut owner = PgConnection::connect(&roles.owner_url()).await.unwrap();
-        owner
-            .execute("alter table audit_logs disable trigger audit_logs_no_update_delete")
-            .await
-            .unwrap();
-        let tampered: i64 = sqlx::query_scalar(
-            "update audit_logs set details = '{\"n\": 99}' where chain_seq = 3 returning id",
-        )
-        .fetch_one(&mut owner)
-        .await
-        .unwrap();
-        owner
-            .execute("alter table audit_logs enable trigger audit_logs_no_update_delete")
-            .await
-            .unwrap();
-        let (code, report, stderr) = verify(&roles);
-        assert_eq!(code, Some(1), "{report}");
-        assert_eq!(report["ok"], false);
-        assert_eq!(report["broken"]["id"], tampered);
-        assert_eq!(report["broken"]["position"], 3);
+        behind_the_triggers(&roles, "update audit_logs set details = '{\"n\": 99}' where chain_seq = 3").await;
+        let report = assert_broken_at(&roles, 3).await;
         assert_eq!(report["rows"], 2, "two intact rows before it");
-        assert!(
-            stderr.contains(&format!("row id {tampered} (position 3)")),
-            "{stderr}"
-        );
 
         // Recomputing the tampered row's own hash moves the break to the next row.
-        owner
-            .execute("alter table audit_logs disable trigger audit_logs_no_update_delete")
-            .await
-            .unwrap();
-        owner
-            .execute(
-                r#"update audit_logs set row_hash = sha256(coalesce(prev_hash, '\x'::bytea) || convert_to(concat_ws(E'\x1f',
-                      chain_seq::text, to_char(occurred_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'),
-                      actor_type, coalesce(actor_id, ''), action,
-                      coalesce(target_type, ''), coalesce(target_id, ''), outcome,
-                      coalesce(ip, ''), coalesce(user_agent, ''), details::text), 'UTF8'))
-                    where chain_seq = 3"#,
-            )
-            .await
-            .unwrap();
-        owner
-            .execute("alter table audit_logs enable trigger audit_logs_no_update_delete")
-            .await
-            .unwrap();
-        let next: i64 = sqlx::query_scalar("select id from audit_logs where chain_seq = 4")
-            .fetch_one(&mut owner)
-            .await
-            .unwrap();
-        owner.close().await.ok();
-        let (code, report, stderr) = verify(&roles);
-        assert_eq!(code, Some(1), "{report}");
-        assert_eq!(report["broken"]["id"], next);
-        assert_eq!(report["broken"]["position"], 4);
-        assert!(stderr.contains(&format!("row id {next} (position 4)")), "{stderr}");
+        behind_the_triggers(
+            &roles,
+            r#"update audit_logs set row_hash = sha256(coalesce(prev_hash, '\x'::bytea) || convert_to(concat_ws(E'\x1f',
+                  chain_seq::text, to_char(occurred_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'),
+                  actor_type, coalesce(actor_id, ''), action,
+                  coalesce(target_type, ''), coalesce(target_id, ''), outcome,
+                  coalesce(ip, ''), coalesce(user_agent, ''), details::text), 'UTF8'))
+                where chain_seq = 3"#,
+        )
+        .await;
+        assert_broken_at(&roles, 4).await;
     })
     .await;
 }
@@ -305,26 +265,46 @@ async fn a_row_removed_from_the_middle_of_the_chain_is_found() {
         let mut app = PgConnection::connect(&roles.app_url()).await.unwrap();
         write_rows(&mut app, 4).await;
         app.close().await.ok();
-        let mut owner = PgConnection::connect(&roles.owner_url()).await.unwrap();
-        owner
-            .execute("alter table audit_logs disable trigger audit_logs_no_update_delete")
-            .await
-            .unwrap();
-        owner
-            .execute("delete from audit_logs where chain_seq = 2")
-            .await
-            .unwrap();
-        let after: i64 = sqlx::query_scalar("select id from audit_logs where chain_seq = 3")
-            .fetch_one(&mut owner)
-            .await
-            .unwrap();
-        owner.close().await.ok();
-        let (code, report, _) = verify(&roles);
-        assert_eq!(code, Some(1), "{report}");
-        assert_eq!(report["broken"]["id"], after);
-        assert_eq!(report["broken"]["position"], 3);
+        behind_the_triggers(&roles, "delete from audit_logs where chain_seq = 2").await;
+        assert_broken_at(&roles, 3).await;
     })
     .await;
+}
+
+/// `sql` as the owner with the append-only trigger switched off, then back on:
+/// what a service connected as the owner could do.
+async fn behind_the_triggers(roles: &Roles, sql: &str) {
+    let mut owner = PgConnection::connect(&roles.owner_url()).await.unwrap();
+    for step in [
+        "alter table audit_logs disable trigger audit_logs_no_update_delete",
+        sql,
+        "alter table audit_logs enable trigger audit_logs_no_update_delete",
+    ] {
+        owner.execute(step).await.unwrap();
+    }
+    owner.close().await.ok();
+}
+
+/// verify-audit-chain exits 1 naming the row at chain `position` (its id and
+/// position) as the first broken link; returns its JSON report.
+async fn assert_broken_at(roles: &Roles, position: i64) -> serde_json::Value {
+    let mut app = PgConnection::connect(&roles.app_url()).await.unwrap();
+    let id: i64 = sqlx::query_scalar("select id from audit_logs where chain_seq = $1")
+        .bind(position)
+        .fetch_one(&mut app)
+        .await
+        .unwrap();
+    app.close().await.ok();
+    let (code, report, stderr) = verify(roles);
+    assert_eq!(code, Some(1), "{report}");
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["broken"]["id"], id, "{report}");
+    assert_eq!(report["broken"]["position"], position, "{report}");
+    assert!(
+        stderr.contains(&format!("row id {id} (position {position})")),
+        "{stderr}"
+    );
+    report
 }
 
 /// Staging settings with key material of its own (not the development keys).
