@@ -659,6 +659,52 @@ fn systemd_units_let_the_hashing_threads_lower_their_priority() {
     }
 }
 
+/// Where systemd-analyze is installed: `verify` finds nothing but the binary that
+/// is not installed here, and the offline security rating stays "OK" (below 2).
+#[test]
+fn systemd_analyze_accepts_the_units_when_it_is_installed() {
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no systemd-analyze");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("us-units-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for unit in deploy_files(&[".service"]) {
+        let copy = dir.join(unit.file_name().unwrap());
+        std::fs::copy(&unit, &copy).unwrap();
+        let verify = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&copy)
+            .output()
+            .unwrap();
+        let complaints: Vec<String> = String::from_utf8_lossy(&verify.stderr)
+            .lines()
+            .filter(|l| !l.contains("is not executable"))
+            .map(str::to_string)
+            .collect();
+        assert!(complaints.is_empty(), "{}: {complaints:?}", rel(&unit));
+        let security = std::process::Command::new("systemd-analyze")
+            .args(["security", "--offline=true"])
+            .arg(&copy)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&security.stdout);
+        let level: f64 = out
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|rest| rest.split(": ").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{}: no rating in {out}", rel(&unit)));
+        assert!(level < 2.0, "{}: exposure {level}", rel(&unit));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn metrics_report_whether_hashing_runs_at_low_priority() {
     let app = crate::helpers::TestApp::spawn().await;
