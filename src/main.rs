@@ -136,30 +136,15 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     app.run_until_stopped().await
 }
 
-/// Staging and production: audit_logs is append-only against the service itself
-/// only if DATABASE_URL's role cannot switch its triggers off. Ok(Some) names the
-/// problem; Err says the check could not run (database unreachable).
+/// Staging and production: whether DATABASE_URL's role could switch the audit
+/// log's triggers off (service::audit_log::append_only_problem), with one short-lived
+/// connection.
 async fn audit_role_problem(settings: &Settings) -> Result<Option<String>, String> {
     let db = store::Db::connect_lazy(settings).map_err(|e| e.to_string())?;
-    let checked = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        store::audit::connected_role_can_alter(&db.pool),
-    )
-    .await;
+    let checked =
+        user_service::service::audit_log::append_only_problem(&db, settings.app_env.as_str()).await;
     db.pool.close().await;
-    match checked {
-        Ok(Ok(None)) => Ok(None),
-        Ok(Ok(Some(why))) => Ok(Some(format!(
-            "DATABASE_URL: {why}, so the service could disable the audit log's triggers; \
-             connect as the application role and migrate with DATABASE_MIGRATION_URL \
-             (deploy/postgres/roles.sql), refused in {}",
-            settings.app_env.as_str()
-        ))),
-        Ok(Err(e)) => Err(format!(
-            "cannot check DATABASE_URL's role against audit_logs: {e}"
-        )),
-        Err(_) => Err("cannot check DATABASE_URL's role against audit_logs: timed out".into()),
-    }
+    checked
 }
 
 async fn migrate(settings: Settings) -> anyhow::Result<()> {

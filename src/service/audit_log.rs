@@ -149,3 +149,28 @@ pub async fn verify_chain(db: &Db) -> Result<ChainReport, StoreError> {
         }
     }
 }
+
+/// audit_logs is append-only against the service itself only if the role it
+/// connects as cannot switch the triggers off: not the owner, not a member of the
+/// owner's role, not a superuser. Ok(Some) names the problem (staging and
+/// production refuse it); Err says the check could not run (database unreachable,
+/// or no answer within 5 s).
+pub async fn append_only_problem(db: &Db, env: &str) -> Result<Option<String>, String> {
+    let checked = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        audit::connected_role_can_alter(&db.pool),
+    )
+    .await;
+    match checked {
+        Ok(Ok(None)) => Ok(None),
+        Ok(Ok(Some(why))) => Ok(Some(format!(
+            "DATABASE_URL: {why}, so the service could disable the audit log's triggers; \
+             connect as the application role and migrate with DATABASE_MIGRATION_URL \
+             (deploy/postgres/roles.sql), refused in {env}"
+        ))),
+        Ok(Err(e)) => Err(format!(
+            "cannot check DATABASE_URL's role against audit_logs: {e}"
+        )),
+        Err(_) => Err("cannot check DATABASE_URL's role against audit_logs: timed out".into()),
+    }
+}
