@@ -279,67 +279,6 @@ mod tests {
         assert!(h.runs_at_low_priority());
     }
 
-    /// A seccomp filter on the calling thread (and the threads it starts later)
-    /// that fails sched_setscheduler with EPERM, as systemd's `~@resources` does.
-    #[cfg(target_os = "linux")]
-    fn deny_sched_setscheduler_here() {
-        let stmt = |code: u32, k: u32| libc::sock_filter {
-            code: code as u16,
-            jt: 0,
-            jf: 0,
-            k,
-        };
-        let filter = [
-            // seccomp_data.nr, at offset 0.
-            stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
-            libc::sock_filter {
-                code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-                jt: 0,
-                jf: 1,
-                k: libc::SYS_sched_setscheduler as u32,
-            },
-            stmt(
-                libc::BPF_RET | libc::BPF_K,
-                libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
-            ),
-            stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
-        ];
-        let prog = libc::sock_fprog {
-            len: filter.len() as u16,
-            filter: filter.as_ptr() as *mut libc::sock_filter,
-        };
-        // SAFETY: prctl reads `prog` and the filter it points to, both alive for
-        // the call; the filter binds only this thread and those it creates.
-        unsafe {
-            assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-            assert_eq!(
-                libc::prctl(
-                    libc::PR_SET_SECCOMP,
-                    libc::SECCOMP_MODE_FILTER,
-                    &prog as *const libc::sock_fprog
-                ),
-                0,
-                "{}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn a_sandbox_refusing_sched_idle_is_reported_not_silent() {
-        let lowered = std::thread::spawn(|| {
-            deny_sched_setscheduler_here();
-            PasswordHasher::new(Some(2)).runs_at_low_priority()
-        })
-        .join()
-        .unwrap();
-        assert!(
-            !lowered,
-            "SCHED_IDLE was refused, yet reported as in effect"
-        );
-    }
-
     #[tokio::test]
     async fn a_full_pool_answers_busy_after_the_deadline() {
         let h =

@@ -716,6 +716,110 @@ async fn metrics_report_whether_hashing_runs_at_low_priority() {
     );
 }
 
+/// Installs, in the calling process (a child before exec), a seccomp filter that
+/// fails sched_setscheduler with EPERM, as systemd's `~@resources` did.
+///
+/// # Safety
+/// Only async-signal-safe calls (prctl) on stack data: fit for `pre_exec`.
+unsafe fn deny_sched_setscheduler() -> std::io::Result<()> {
+    let stmt = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let filter = [
+        // seccomp_data.nr, at offset 0; the call → EPERM, the rest → allowed.
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+        stmt(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            0,
+            1,
+            libc::SYS_sched_setscheduler as u32,
+        ),
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            0,
+            0,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prctl reads `prog` and the filter, both alive for the calls.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The binary in a sandbox that refuses SCHED_IDLE (the shipped units' old filter):
+/// it starts, warns once, and /metrics says 0.
+#[tokio::test]
+async fn a_sandbox_refusing_sched_idle_gets_a_warning_and_a_metric() {
+    use std::os::unix::process::CommandExt as _;
+    let port = crate::helpers::free_port();
+    let mut vars = test_vars(&crate::helpers::fresh_database().await);
+    vars.insert("USER_SERVICE_PORT".into(), port.to_string());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_user-service"));
+    cmd.arg("serve")
+        .current_dir(std::env::temp_dir())
+        .env_clear()
+        .envs(vars)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: the closure only calls prctl (async-signal-safe) on its own stack.
+    unsafe {
+        cmd.pre_exec(|| deny_sched_setscheduler());
+    }
+    let mut child = cmd.spawn().unwrap();
+    let up = crate::helpers::wait_for_port(port).await;
+    let metrics = if up {
+        reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    } else {
+        String::new()
+    };
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(up, "did not start under the filter:\n{log}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "password_hashing_low_priority 0"),
+        "{metrics}"
+    );
+    assert!(
+        log.contains("password-hashing threads run at normal priority (SCHED_IDLE refused)"),
+        "no start-up warning:\n{log}"
+    );
+    assert_eq!(
+        log.matches("SCHED_IDLE refused").count(),
+        1,
+        "one warning, not one per thread:\n{log}"
+    );
+}
+
 // --- README: the secrets file is never overwritten ------------------------------
 
 /// Shell commands in a Markdown file's ```sh blocks, backslash continuations
