@@ -255,6 +255,11 @@ pub struct Settings {
     #[serde(default = "default_usage_flush_ms")]
     pub usage_log_flush_interval_ms: u64,
 
+    // --- deploy: database roles ---
+    /// The schema owner's URL, used only by `user-service migrate`. The service
+    /// connects with DATABASE_URL, a role that may insert into audit_logs but not
+    /// alter it (deploy/postgres/roles.sql). Unset: migrate uses DATABASE_URL.
+    pub database_migration_url: Option<SecretString>,
     // ---- login lockout and abuse throttles (helper "login") ----
     /// The second check when an account is locked but this client IP never failed
     /// for it: the password is checked after this wait instead of refused.
@@ -635,7 +640,41 @@ impl Settings {
             )),
             Some(_) => {}
         }
+        p.extend(self.database_role_problems());
         p
+    }
+
+    /// Staging and production: the migration role travels like DATABASE_URL (verified
+    /// TLS off the host) and is not the service's own role, which must not be able
+    /// to alter audit_logs. Whether DATABASE_URL's role owns the table is checked
+    /// against the database when `serve` starts.
+    fn database_role_problems(&self) -> Vec<String> {
+        let env = self.app_env.as_str();
+        let Some(migration) = &self.database_migration_url else {
+            return Vec::new();
+        };
+        let migration = migration.expose_secret();
+        match remote_database_without_verified_tls(migration) {
+            Err(()) => return vec!["DATABASE_MIGRATION_URL is not a valid PostgreSQL URL".into()],
+            Ok(Some(host)) => {
+                return vec![format!(
+                    "DATABASE_MIGRATION_URL points at {host} without sslmode=verify-full, refused in {env}"
+                )]
+            }
+            Ok(None) => {}
+        }
+        let user = |url: &str| {
+            url.parse::<sqlx::postgres::PgConnectOptions>()
+                .map(|o| o.get_username().to_string())
+                .ok()
+        };
+        match (user(migration), user(self.database_url.expose_secret())) {
+            (Some(owner), Some(app)) if owner == app => vec![format!(
+                "DATABASE_URL uses the migration role {app:?}: the service could alter audit_logs; \
+                 connect it as its own role (deploy/postgres/roles.sql), refused in {env}"
+            )],
+            _ => Vec::new(),
+        }
     }
 
     /// Fails with every problem listed when the settings are unsafe to run.
@@ -809,6 +848,14 @@ impl Settings {
             (
                 "HTTP2_MAX_CONCURRENT_STREAMS",
                 self.http2_max_concurrent_streams.to_string(),
+            ),
+            // --- deploy: database roles ---
+            (
+                "DATABASE_MIGRATION_URL",
+                self.database_migration_url
+                    .as_ref()
+                    .map(|u| mask_url(u.expose_secret()))
+                    .unwrap_or_default(),
             ),
         ]
     }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use user_service::app::App;
-use user_service::config::Settings;
+use user_service::config::{Environment, Settings};
 use user_service::{shutdown, store, telemetry};
 
 /// mimalloc instead of glibc malloc: a request allocates and frees dozens of small
@@ -81,7 +81,20 @@ fn check_config(settings: &Settings) -> ExitCode {
     for (k, v) in settings.effective() {
         println!("{k}={v}");
     }
-    let problems = settings.problems();
+    let mut problems = settings.problems();
+    // deploy: the service's database role, checked against the database itself.
+    if settings.app_env != Environment::Development {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(audit_role_problem(settings)))
+        {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(problem))) => problems.push(problem),
+            Ok(Err(unchecked)) => println!("warning: {unchecked}"),
+            Err(e) => println!("warning: cannot start a runtime to check the database role: {e}"),
+        }
+    }
     for p in &problems {
         println!("error: {p}");
     }
@@ -105,6 +118,15 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
+    if settings.app_env != Environment::Development {
+        match audit_role_problem(&settings).await {
+            Ok(None) => {}
+            Ok(Some(problem)) => anyhow::bail!(problem),
+            // The service starts while the database is down (NOT_SERVING until it
+            // is back), so a check that cannot run now does not stop it.
+            Err(unchecked) => tracing::warn!("{unchecked}"),
+        }
+    }
     let app = App::build(settings).await?;
     let stop = app.shutdown();
     tokio::spawn(async move {
@@ -114,9 +136,20 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     app.run_until_stopped().await
 }
 
+/// Staging and production: whether DATABASE_URL's role could switch the audit
+/// log's triggers off (service::audit_log::append_only_problem), with one short-lived
+/// connection.
+async fn audit_role_problem(settings: &Settings) -> Result<Option<String>, String> {
+    let db = store::Db::connect_lazy(settings).map_err(|e| e.to_string())?;
+    let checked =
+        user_service::service::audit_log::append_only_problem(&db, settings.app_env.as_str()).await;
+    db.pool.close().await;
+    checked
+}
+
 async fn migrate(settings: Settings) -> anyhow::Result<()> {
     telemetry::init_tracing(&settings);
-    let db = store::Db::connect_unbounded(&settings)?;
+    let db = store::Db::connect_migrator(&settings)?;
     db.migrate().await?;
     println!("migrations applied");
     Ok(())

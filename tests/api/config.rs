@@ -102,11 +102,12 @@ fn the_three_env_files_carry_the_seed_values() {
     assert_eq!(prd.password_min_length, 14);
     assert!(!prd.registration_enabled());
     assert!(prd.problems().is_empty(), "{:?}", prd.problems());
-    // ${PRODUCTION_DB_PASSWORD} was expanded into DATABASE_URL.
+    // ${PRODUCTION_DB_PASSWORD} was expanded into DATABASE_URL, the service's own
+    // role (the owner `stocksblitz` only migrates, deploy/postgres/roles.sql).
     let shown: HashMap<_, _> = prd.effective().into_iter().collect();
     assert_eq!(
         shown["DATABASE_URL"],
-        "postgresql://stocksblitz:***@localhost:8203/stocksblitz_unified_production"
+        "postgresql://user_service_app:***@localhost:8203/stocksblitz_unified_production"
     );
 }
 

@@ -7,6 +7,7 @@ mod account_races;
 mod account_rules;
 mod accounts;
 mod api_keys;
+mod audit_chain;
 mod auth;
 mod config;
 mod deploy;
