@@ -130,6 +130,10 @@ impl App {
             .merge(http::routes(state.clone()))
             .fallback(http::fallback)
             .method_not_allowed_fallback(http::method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(
+                http::edge::EdgePolicy::new(&state.settings),
+                http::edge::edge,
+            ))
             .layer(axum::middleware::from_fn(http::observe::observe));
 
         Ok(Self {
