@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 
 use super::problem::Problem;
 use super::AppState;
-use crate::service::{FieldError, RequestMeta};
+use crate::service::{FieldError, RequestMeta, ServiceError};
 
 /// `axum::Json`, but every rejection is problem+json with a stable code, and a
 /// body that does not fit the type names the JSON path of the field (`email`,
@@ -37,7 +37,7 @@ where
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(body_problem)?;
-        parse_json(&bytes).map(Json)
+        Ok(Json(parse_json(&bytes)?))
     }
 }
 
@@ -77,24 +77,23 @@ pub fn body_problem(rej: BytesRejection) -> Problem {
 }
 
 /// A JSON body into `T`; failures name the JSON path of the bad field.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ServiceError> {
+    let invalid = |e: FieldError| ServiceError::Validation(vec![e]);
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let inner = e.inner();
-        match inner.classify() {
-            serde_json::error::Category::Data => {
-                Problem::validation(vec![field_error(e.path(), &inner.to_string())])
-            }
+        invalid(match inner.classify() {
+            serde_json::error::Category::Data => field_error(e.path(), &inner.to_string()),
             _ => malformed_json(inner),
-        }
+        })
     })?;
-    de.end().map_err(|e| malformed_json(&e))?;
+    de.end().map_err(|e| invalid(malformed_json(&e)))?;
     Ok(value)
 }
 
 /// Not JSON at all (or cut short): where, never what.
-fn malformed_json(e: &serde_json::Error) -> Problem {
-    Problem::validation(vec![FieldError::new(
+fn malformed_json(e: &serde_json::Error) -> FieldError {
+    FieldError::new(
         "body",
         "invalid_json",
         format!(
@@ -102,18 +101,19 @@ fn malformed_json(e: &serde_json::Error) -> Problem {
             e.line(),
             e.column()
         ),
-    )])
+    )
 }
 
-/// A query string or form body into `T`; failures name the bad field.
-pub fn parse_urlencoded<T: DeserializeOwned>(input: &[u8], whole: &str) -> Result<T, Problem> {
+/// A query string or form body into `T`; failures name the bad field (`whole`
+/// when the input as a whole is wrong).
+pub fn parse_urlencoded<T: DeserializeOwned>(input: &[u8], whole: &str) -> Result<T, ServiceError> {
     let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(input));
     serde_path_to_error::deserialize(de).map_err(|e| {
         let mut fe = field_error(e.path(), &e.inner().to_string());
         if fe.field == "body" {
             fe.field = whole.to_string();
         }
-        Problem::validation(vec![fe])
+        ServiceError::Validation(vec![fe])
     })
 }
 
@@ -137,9 +137,14 @@ fn field_error(path: &serde_path_to_error::Path, message: &str) -> FieldError {
             .and_then(|rest| rest.split('`').next())
             .map(str::to_string)
     };
-    let expected = message
-        .split_once(", expected ")
-        .map(|(_, e)| format!("expected {e}"));
+    // "expected struct LoginBody": the Rust type's name is no business of clients.
+    let expected = message.split_once(", expected ").map(|(_, e)| {
+        if e.starts_with("struct ") || e.starts_with("a map") {
+            "expected an object".to_string()
+        } else {
+            format!("expected {e}")
+        }
+    });
     let join = |name: &str| {
         let segs = path.rsplit('.').next().unwrap_or("");
         if path.is_empty() {
@@ -163,6 +168,13 @@ fn field_error(path: &serde_path_to_error::Path, message: &str) -> FieldError {
             join(&name),
             "duplicate_field",
             "is given more than once".to_string(),
+        )
+    } else if path.is_empty() {
+        // The body as a whole (an array, a string …) where an object belongs.
+        (
+            path.clone(),
+            "invalid_type",
+            "expected an object".to_string(),
         )
     } else if message.starts_with("invalid type: ") {
         let text = expected.unwrap_or_else(|| "has the wrong type".into());
@@ -228,7 +240,7 @@ where
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let query = parts.uri.query().unwrap_or("");
-        parse_urlencoded(query.as_bytes(), "query").map(Query)
+        Ok(Query(parse_urlencoded(query.as_bytes(), "query")?))
     }
 }
 
@@ -285,4 +297,129 @@ pub fn client_ip(parts: &Parts, trust_forwarded_for: bool) -> Option<IpAddr> {
         })
         .flatten();
     forwarded.or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        name: String,
+        scopes: Vec<String>,
+        #[serde(default)]
+        limits: Option<Inner>,
+        #[serde(default)]
+        role: Option<Role>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        per_minute: u32,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Role {
+        Viewer,
+        Trader,
+    }
+
+    fn failure(body: &str) -> (String, &'static str, String) {
+        let p = Problem::from(parse_json::<Outer>(body.as_bytes()).unwrap_err());
+        let e = p.errors.unwrap().remove(0);
+        let text = format!("{} {} {}", p.detail, e.field, e.message);
+        assert!(!text.contains("SECRET"), "value leaked: {text}");
+        (e.field, e.code, e.message)
+    }
+
+    #[test]
+    fn failures_name_the_path_and_never_the_value() {
+        let cases = [
+            (r#"{"name": 7, "scopes": []}"#, "name", "invalid_type"),
+            (
+                r#"{"name": "n", "scopes": ["a", 1234]}"#,
+                "scopes[1]",
+                "invalid_type",
+            ),
+            (r#"{"scopes": ["SECRET"]}"#, "name", "required"),
+            (
+                r#"{"name": "SECRET", "scopes": [], "api_secret": 1}"#,
+                "api_secret",
+                "unknown_field",
+            ),
+            (
+                r#"{"name": "n", "scopes": [], "limits": {}}"#,
+                "limits.per_minute",
+                "required",
+            ),
+            (
+                r#"{"name": "n", "scopes": [], "limits": "SECRET"}"#,
+                "limits",
+                "invalid_type",
+            ),
+            (
+                r#"{"name": "n", "scopes": [], "limits": {"per_minute": "SECRET"}}"#,
+                "limits.per_minute",
+                "invalid_type",
+            ),
+            (
+                r#"{"name": "n", "scopes": [], "limits": {"per_minute": 1, "x": "SECRET"}}"#,
+                "limits.x",
+                "unknown_field",
+            ),
+            (
+                r#"{"name": "n", "scopes": [], "role": "SECRET"}"#,
+                "role",
+                "invalid",
+            ),
+            (r#"["SECRET"]"#, "body", "invalid_type"),
+            (r#"{"name": "SECRET", "#, "body", "invalid_json"),
+            (
+                r#"{"name": "n", "scopes": []} "SECRET""#,
+                "body",
+                "invalid_json",
+            ),
+        ];
+        for (body, field, code) in cases {
+            let got = failure(body);
+            assert_eq!((got.0.as_str(), got.1), (field, code), "{body}: {got:?}");
+        }
+        // The unknown key's name is the field; it is not the value, yet a long one
+        // is cut so a client cannot make the answer grow with it.
+        let long = format!(
+            r#"{{"name": "n", "scopes": [], "{}": 1}}"#,
+            "k".repeat(5000)
+        );
+        assert!(failure(&long).0.len() <= MAX_FIELD_LEN);
+        // What was expected is kept: it comes from the type, not the input.
+        assert_eq!(
+            failure(r#"{"name": 7, "scopes": []}"#).2,
+            "expected a string"
+        );
+        let inner = failure(r#"{"name": "n", "scopes": [], "limits": 1}"#).2;
+        assert_eq!(inner, "expected an object");
+        assert!(failure(r#"{"name": "n", "scopes": [], "role": "x"}"#)
+            .2
+            .contains("`viewer`"));
+    }
+
+    #[test]
+    fn query_strings_name_the_parameter() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Q {
+            limit: Option<u32>,
+        }
+        let p = Problem::from(parse_urlencoded::<Q>(b"limit=SECRET", "query").unwrap_err());
+        let e = &p.errors.as_ref().unwrap()[0];
+        assert_eq!((e.field.as_str(), e.code), ("limit", "invalid"));
+        assert!(!format!("{p:?}").contains("SECRET"));
+    }
 }

@@ -224,66 +224,44 @@ async fn check_security_headers(app: &TestApp, hsts: bool) {
     assert_no_store("api key", res.headers());
 
     let (client_id, secret) = app.service_client(&["auth:verify"]).await;
-    let res = c
-        .post(app.url("/v1/auth/token"))
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", client_id.as_str()),
-            ("client_secret", secret.as_str()),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let res = app.service_token_raw(&client_id, &secret).await;
     assert_eq!(res.status(), 200);
     assert_security_headers("service token", res.headers(), hsts);
     assert_no_store("service token", res.headers());
 
     // Errors of every kind.
-    let res = c.get(app.url("/no/such/route")).send().await.unwrap();
-    assert_security_headers("404", res.headers(), hsts);
-    assert_problem(res, 404, "not_found").await;
-    let res = c.get(app.url("/v1/users/me")).send().await.unwrap();
-    assert_security_headers("401", res.headers(), hsts);
-    assert_problem(res, 401, "invalid_token").await;
-    let res = c.delete(app.url("/v1/auth/login")).send().await.unwrap();
-    assert_security_headers("405", res.headers(), hsts);
-    assert_problem(res, 405, "method_not_allowed").await;
-    let res = c
-        .post(app.url("/v1/auth/login"))
-        .header("content-type", "application/json")
-        .body(vec![b' '; 2 * 1024 * 1024])
-        .send()
-        .await
-        .unwrap();
-    assert_security_headers("413", res.headers(), hsts);
-    assert_problem(res, 413, "payload_too_large").await;
-    let res = c
-        .post(app.url("/v1/auth/login"))
-        .header("content-type", "text/plain")
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_security_headers("415", res.headers(), hsts);
-    assert_problem(res, 415, "unsupported_media_type").await;
-    let res = c
-        .post(app.url("/v1/auth/login"))
-        .json(&json!({"email": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_security_headers("400", res.headers(), hsts);
-    assert_problem(res, 400, "validation_failed").await;
-    let res = c
-        .post(app.url("/v1/auth/token"))
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", client_id.as_str()),
-            ("client_secret", "wrong"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let login = app.url("/v1/auth/login");
+    let errors = [
+        (c.get(app.url("/no/such/route")), 404, "not_found"),
+        (c.get(app.url("/v1/users/me")), 401, "invalid_token"),
+        (c.delete(&login), 405, "method_not_allowed"),
+        (
+            c.post(&login)
+                .header("content-type", "application/json")
+                .body(vec![b' '; 2 * 1024 * 1024]),
+            413,
+            "payload_too_large",
+        ),
+        (
+            c.post(&login)
+                .header("content-type", "text/plain")
+                .body("{}"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            c.post(&login).json(&json!({"email": 1})),
+            400,
+            "validation_failed",
+        ),
+    ];
+    for (req, status, code) in errors {
+        let res = req.send().await.unwrap();
+        assert_security_headers(code, res.headers(), hsts);
+        assert_no_store(code, res.headers());
+        assert_problem(res, status, code).await;
+    }
+    let res = app.service_token_raw(&client_id, "wrong").await;
     assert_security_headers("invalid_client", res.headers(), hsts);
     assert_no_store("invalid_client", res.headers());
     assert_problem(res, 401, "invalid_client").await;
