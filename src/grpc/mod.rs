@@ -113,3 +113,30 @@ pub fn routes(state: AppState) -> anyhow::Result<(Routes, Health)> {
         ));
     Ok((routes, Health { reporter }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::known_rpc;
+
+    #[test]
+    fn known_rpcs_are_the_served_methods_only() {
+        for path in [
+            "/stocksblitz.user.v1.AuthService/VerifyApiKey",
+            "/stocksblitz.user.v1.AccountService/CheckAccountAccess",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(known_rpc(path), Some(path));
+        }
+        for path in [
+            "/stocksblitz.user.v1.AuthService/Nope",
+            "/stocksblitz.user.v1.AuthService/",
+            "/stocksblitz.x.Y/VerifyApiKey",
+            "/grpc.health.v1.Health/Check/extra",
+            "/v1/users/me",
+        ] {
+            assert_eq!(known_rpc(path), None, "{path}");
+        }
+    }
+}
