@@ -138,10 +138,15 @@ impl App {
             .merge(http::routes(state.clone()))
             .fallback(http::fallback)
             .method_not_allowed_fallback(http::method_not_allowed)
-            // Client networks are checked before any other work.
+            // Client networks are checked before any other work; the edge layer
+            // outside it still puts the security headers on that refusal.
             .layer(axum::middleware::from_fn_with_state(
                 http::network::NetworkGuard::new(&state),
                 http::network::guard,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                http::edge::EdgePolicy::new(&state.settings),
+                http::edge::edge,
             ))
             .layer(axum::middleware::from_fn(http::observe::observe));
 

@@ -1,5 +1,6 @@
 //! /v1/auth/* and the JWKS document: translate wire bodies, call `Identity`.
 
+use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -167,11 +168,7 @@ async fn refresh(
         cookie_value(&parts, state.settings.session_cookie_name())
             .ok_or(ServiceError::InvalidToken)?
     } else {
-        serde_json::from_slice::<RefreshBody>(&bytes)
-            .map_err(|e| {
-                Problem::validation(vec![FieldError::new("body", "invalid", e.to_string())])
-            })?
-            .refresh_token
+        super::extract::parse_json::<RefreshBody>(&bytes)?.refresh_token
     };
     let tokens = state.identity.refresh(&meta, &token).await?;
     Ok(token_response(&state, tokens))
@@ -241,12 +238,10 @@ async fn token(State(state): State<AppState>, req: Request) -> Result<Response, 
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let body: TokenBody = if is_form {
-        axum::Form::<TokenBody>::from_request(req, &state)
+        let bytes = Bytes::from_request(req, &state)
             .await
-            .map_err(|e| {
-                Problem::validation(vec![FieldError::new("body", "invalid", e.body_text())])
-            })?
-            .0
+            .map_err(super::extract::body_problem)?;
+        super::extract::parse_urlencoded(&bytes, "body")?
     } else {
         Json::<TokenBody>::from_request(req, &state).await?.0
     };

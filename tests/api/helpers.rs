@@ -334,20 +334,25 @@ impl TestApp {
     /// A service token with these scopes, through POST /v1/auth/token.
     pub async fn service_token(&self, scopes: &[&str]) -> String {
         let (client_id, secret) = self.service_client(scopes).await;
-        let res = reqwest::Client::new()
-            .post(self.url("/v1/auth/token"))
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", client_id.as_str()),
-                ("client_secret", secret.as_str()),
-            ])
-            .send()
-            .await
-            .unwrap();
+        let res = self.service_token_raw(&client_id, &secret).await;
         let status = res.status().as_u16();
         let body: serde_json::Value = res.json().await.unwrap();
         assert_eq!(status, 200, "service token: {body}");
         body["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// POST /v1/auth/token (client credentials as a form), answered as is.
+    pub async fn service_token_raw(&self, client_id: &str, secret: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(self.url("/v1/auth/token"))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id),
+                ("client_secret", secret),
+            ])
+            .send()
+            .await
+            .unwrap()
     }
 
     /// A gRPC channel that sends `authorization: Bearer <token>` on every call:
