@@ -9,6 +9,7 @@ mod auth;
 mod config;
 mod deploy;
 mod foundation;
+mod hostile_input;
 mod observability;
 mod openapi;
 mod scale_out;
