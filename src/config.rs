@@ -904,6 +904,7 @@ impl Settings {
 mod dev_secrets {
     use std::collections::HashMap;
     use std::io::Write as _;
+    use std::os::fd::AsRawFd as _;
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
     use std::path::Path;
 
@@ -974,7 +975,12 @@ mod dev_secrets {
             .mode(0o600)
             .open(&lock_path)
             .map_err(|e| io_error(&lock_path, e))?;
-        lock.lock().map_err(|e| io_error(&lock_path, e))?;
+        // flock(2) rather than File::lock, which is newer than the crate's MSRV. The
+        // lock is released when `lock` is dropped (the descriptor closes).
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io_error(&lock_path, std::io::Error::last_os_error()));
+        }
         // Another process may have written it while this one waited.
         let existing = std::fs::read_to_string(path).unwrap_or_default();
         let mut values = parse_env_file_all(&existing, "", &HashMap::new()).0;
