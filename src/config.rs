@@ -286,6 +286,8 @@ pub enum ConfigError {
     },
     #[error("cannot read {file}: {message}")]
     Read { file: String, message: String },
+    #[error("cannot write {file}: {message}")]
+    Write { file: String, message: String },
     #[error("invalid setting: {0}")]
     Invalid(String),
     #[error("{}", .0.iter().map(|p| format!("error: {p}")).collect::<Vec<_>>().join("\n"))]
@@ -912,7 +914,7 @@ mod dev_secrets {
     use crate::crypto::key_material;
 
     fn io_error(path: &Path, e: std::io::Error) -> ConfigError {
-        ConfigError::Read {
+        ConfigError::Write {
             file: path.display().to_string(),
             message: e.to_string(),
         }
@@ -926,7 +928,10 @@ mod dev_secrets {
                 Ok(Some(parse_env_file_all(&content, &name, &HashMap::new()).0))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_error(path, e)),
+            Err(e) => Err(ConfigError::Read {
+                file: path.display().to_string(),
+                message: e.to_string(),
+            }),
         }
     }
 
