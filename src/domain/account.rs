@@ -409,14 +409,11 @@ impl MemberTarget {
     pub fn parse(user_id: Option<Uuid>, email: Option<&str>) -> Result<Self, FieldError> {
         match (user_id, email.map(str::trim)) {
             (Some(id), None) => Ok(MemberTarget::UserId(id)),
-            (None, Some(e)) if e.contains('@') && e.len() <= 320 => {
-                Ok(MemberTarget::Email(e.to_string()))
-            }
-            (None, Some(_)) => Err(FieldError::new(
-                "email",
-                "invalid",
-                "must be an email address",
-            )),
+            // The same rules and normal form as sign-up, so a NUL byte or an
+            // invisible character is refused here rather than sent to the lookup.
+            (None, Some(e)) => crate::domain::email::Email::parse(e)
+                .map(|e| MemberTarget::Email(e.as_str().to_string()))
+                .map_err(|m| FieldError::new("email", "invalid", m)),
             _ => Err(FieldError::new(
                 "user_id",
                 "required",

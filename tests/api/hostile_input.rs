@@ -219,6 +219,21 @@ async fn hostile_filters_cursors_and_dates_on_every_list_answer_400_naming_the_f
             )),
         }
     }
+    // Adding a member by an email carrying NUL or an invisible character.
+    for email in ["a\0b@example.com", "bo\u{200B}b@example.com"] {
+        let res = app
+            .http
+            .post(app.url(&format!("/v1/trading-accounts/{account}/members")))
+            .bearer_auth(&token)
+            .json(&json!({"email": email, "role": "viewer"}))
+            .send()
+            .await
+            .unwrap();
+        match refused_field(res).await {
+            Ok(f) if f == "email" => {}
+            other => wrong.push(format!("member add email={email:?}: {other:?}")),
+        }
+    }
     assert!(
         wrong.is_empty(),
         "{} of {}:\n{}",
