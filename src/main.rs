@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use user_service::app::App;
-use user_service::config::{Environment, Settings};
+use user_service::config::{ConfigError, Environment, Settings};
 use user_service::{shutdown, store, telemetry};
 
 /// mimalloc instead of glibc malloc: a request allocates and frees dozens of small
@@ -35,17 +35,21 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::CheckConfig = command {
+        return check_config();
+    }
     let settings = match Settings::load() {
         Ok(s) => s,
+        Err(e @ ConfigError::Insecure(_)) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(1);
         }
     };
-    let command = cli.command.unwrap_or(Command::Serve);
-    if let Command::CheckConfig = command {
-        return check_config(&settings);
-    }
     if let Err(e) = settings.validate() {
         eprintln!("{e}");
         return ExitCode::from(1);
@@ -77,17 +81,30 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_config(settings: &Settings) -> ExitCode {
+/// Every problem in one pass: what loading found (unset `${VAR}`s, bad values,
+/// placeholders) and what validation finds in the rest.
+fn check_config() -> ExitCode {
+    let vars: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let loaded = std::env::current_dir()
+        .map_err(|e| e.to_string())
+        .and_then(|dir| Settings::inspect_from(&vars, &dir).map_err(|e| e.to_string()));
+    let (settings, mut problems) = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            println!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
     for (k, v) in settings.effective() {
         println!("{k}={v}");
     }
-    let mut problems = settings.problems();
+    problems.extend(settings.problems());
     // deploy: the service's database role, checked against the database itself.
     if settings.app_env != Environment::Development {
         match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map(|rt| rt.block_on(audit_role_problem(settings)))
+            .map(|rt| rt.block_on(audit_role_problem(&settings)))
         {
             Ok(Ok(None)) => {}
             Ok(Ok(Some(problem))) => problems.push(problem),

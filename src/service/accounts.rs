@@ -318,6 +318,9 @@ impl AccountsService {
         id: Uuid,
         patch: AccountPatch,
     ) -> ServiceResult<TradingAccount> {
+        if let Some(at) = patch.subscription_expires_at {
+            paging::check_time("subscription_expires_at", at)?;
+        }
         let mut tx = self.db.begin().await?;
         let g = match self
             .authorize(&mut tx, caller, meta, id, Permission::Manage, true)

@@ -699,7 +699,9 @@ impl ApiKeyService {
         }
 
         if let Some(t) = input.expires_at {
-            if t <= Utc::now() {
+            if let Err(ServiceError::Validation(e)) = paging::check_time("expires_at", Some(t)) {
+                errors.extend(e);
+            } else if t <= Utc::now() {
                 errors.push(FieldError::new(
                     "expires_at",
                     "in_past",

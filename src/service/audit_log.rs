@@ -37,6 +37,13 @@ impl AuditLog {
         self.require_auditor(caller, meta).await?;
         let limit = paging::limit(limit)?;
         let before = cursor.map(paging::decode_key).transpose()?;
+        let filter = AuditFilter {
+            action: paging::text_filter("action", filter.action)?,
+            actor_id: paging::text_filter("actor_id", filter.actor_id)?,
+            target_id: paging::text_filter("target_id", filter.target_id)?,
+            since: paging::check_time("since", filter.since)?,
+            until: paging::check_time("until", filter.until)?,
+        };
         if let (Some(s), Some(u)) = (filter.since, filter.until) {
             if s > u {
                 return Err(ServiceError::validation(

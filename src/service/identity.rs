@@ -415,6 +415,10 @@ mod tests {
         let vars = [
             ("DATABASE_URL", "postgres://x@127.0.0.1:1/x"),
             ("REDIS_URL", "redis://127.0.0.1:1/0"),
+            (
+                "JWT_PRIVATE_KEY",
+                &crate::crypto::key_material::generate_signing_key_pem(),
+            ),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
         let settings = Settings::from_vars(vars).unwrap();

@@ -58,12 +58,11 @@ fn decode_cursor(c: &str) -> ServiceResult<(DateTime<Utc>, Uuid)> {
         || ServiceError::validation("cursor", "invalid", "cursor is not one this service issued");
     let raw = paging::decode(c).map_err(|_| bad())?;
     let (t, id) = raw.split_once('|').ok_or_else(bad)?;
-    Ok((
-        DateTime::parse_from_rfc3339(t)
-            .map_err(|_| bad())?
-            .with_timezone(&Utc),
-        id.parse().map_err(|_| bad())?,
-    ))
+    let at = DateTime::parse_from_rfc3339(t)
+        .map_err(|_| bad())?
+        .with_timezone(&Utc);
+    paging::check_time("cursor", Some(at)).map_err(|_| bad())?;
+    Ok((at, id.parse().map_err(|_| bad())?))
 }
 
 fn tx_err(e: sqlx::Error) -> ServiceError {
@@ -317,8 +316,15 @@ impl Identity {
             }
         }
         let after = f.cursor.as_deref().map(decode_cursor).transpose()?;
-        let email = f.email.as_deref().map(str::trim).filter(|s| !s.is_empty());
-        let rows = users::list(&self.db.pool, email, f.status.as_deref(), after, limit + 1).await?;
+        let email = paging::text_filter("email", f.email.map(|e| e.trim().to_string()))?;
+        let rows = users::list(
+            &self.db.pool,
+            email.as_deref(),
+            f.status.as_deref(),
+            after,
+            limit + 1,
+        )
+        .await?;
         let page = paging::finish(rows, limit, |u| encode_cursor(u.created_at, u.id));
         Ok(Page {
             items: page.items.into_iter().map(|r| r.into_user()).collect(),

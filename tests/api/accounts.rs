@@ -16,7 +16,6 @@ use uuid::Uuid;
 
 use crate::helpers::{assert_problem, AuthedChannel, TestApp};
 
-const DEV_KEY: &str = "dev-2025:ve4sOU9+Oo5nj2ts2u3Hpu4E6kk3oXLKg5gl1V7EP3I=";
 const NEW_KEY: &str = "new:3q2+7wABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhs=";
 
 /// One HTTP call with a bearer token and no cookie jar.
@@ -949,7 +948,8 @@ async fn same_secret_encrypts_differently_and_tampering_fails_closed() {
     let (key1, secret1, kid) = ciphertexts(&app, a).await;
     assert_eq!(put_credentials(&app, &owner, a, creds.clone()).await, 204);
     let (key2, secret2, _) = ciphertexts(&app, a).await;
-    assert_eq!(kid, "dev-2025");
+    let ring = &crate::helpers::test_vars("")["CREDENTIALS_ENCRYPTION_KEYS"];
+    assert_eq!(Some(kid.as_str()), ring.split(':').next());
     assert_ne!(key1, key2, "a fresh nonce per write");
     assert_ne!(secret1, secret2);
     assert_eq!(
@@ -1045,9 +1045,10 @@ async fn reencryption_moves_every_value_to_the_new_key() {
 
     // A replica with the new key first, the old one still present.
     let mut vars = crate::helpers::test_vars(&app.database_url);
+    let old_key = vars["CREDENTIALS_ENCRYPTION_KEYS"].clone();
     vars.insert(
         "CREDENTIALS_ENCRYPTION_KEYS".into(),
-        format!("{NEW_KEY},{DEV_KEY}"),
+        format!("{NEW_KEY},{old_key}"),
     );
     let rotated = TestApp::spawn_vars(vars.clone()).await;
     let summary = rotated

@@ -1480,6 +1480,7 @@ fn cli(app: &TestApp, args: &[&str], stdin: &str) -> (bool, String, String) {
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("ENV_FILE", ".env.dev")
+        .envs(crate::helpers::test_keys().iter().cloned())
         .env("DATABASE_URL", &app.database_url)
         .env("REDIS_URL", crate::helpers::redis_url())
         .env("REDIS_KEY_PREFIX", &app.state.settings.redis_key_prefix)

@@ -98,7 +98,23 @@ pub async fn fresh_database() -> String {
     database_url_for(&name)
 }
 
-/// The development settings from .env.dev, pointed at the test stores.
+/// Key material of this test run: generated once per process, so every app (and
+/// every replica) a test starts shares it, and never a committed key.
+pub fn test_keys() -> &'static [(String, String)] {
+    static KEYS: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        user_service::crypto::key_material::GENERATED_IN_DEVELOPMENT
+            .into_iter()
+            .map(|k| {
+                let v = user_service::crypto::key_material::generate(k).expect("generated");
+                (k.to_string(), v)
+            })
+            .collect()
+    })
+}
+
+/// The development settings from .env.dev and this run's keys, pointed at the
+/// test stores.
 pub fn test_vars(database_url: &str) -> HashMap<String, String> {
     let content = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.dev"))
         .expect(".env.dev readable");
@@ -106,6 +122,7 @@ pub fn test_vars(database_url: &str) -> HashMap<String, String> {
         .expect(".env.dev parses")
         .into_iter()
         .collect();
+    vars.extend(test_keys().iter().cloned());
     vars.insert("DATABASE_URL".into(), database_url.into());
     vars.insert("REDIS_URL".into(), redis_url());
     vars.insert(

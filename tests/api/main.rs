@@ -14,6 +14,7 @@ mod config;
 mod deploy;
 mod edge;
 mod foundation;
+mod hostile_input;
 mod invitations;
 mod lockout;
 mod network;
