@@ -99,17 +99,18 @@ async fn hostile_filters_cursors_and_dates_on_every_list_answer_400_naming_the_f
             assert_eq!(r.status(), 200);
         }
     }
-    for (i, who) in ["viewer", "trader"].iter().enumerate() {
-        let (_, member, _) = app.user_with_token().await;
-        let res = app
-            .http
-            .post(app.url(&format!("/v1/trading-accounts/{account}/members")))
-            .bearer_auth(&token)
-            .json(&json!({"email": member, "role": who}))
-            .send()
-            .await
-            .unwrap();
-        assert!(res.status().is_success(), "member {i}: {}", res.status());
+    // Membership takes the invitee's consent: invite, then accept as the invitee.
+    for who in ["viewer", "trader"] {
+        let (_, member, member_token) = app.user_with_token().await;
+        crate::accounts::add_member(
+            &app,
+            &token,
+            account.parse().unwrap(),
+            &member,
+            who,
+            &member_token,
+        )
+        .await;
     }
     // Usage is written in the background: wait for both rows.
     for _ in 0..100 {
