@@ -15,6 +15,7 @@ mod deploy;
 mod edge;
 mod foundation;
 mod hostile_input;
+mod http2;
 mod invitations;
 mod lockout;
 mod network;
