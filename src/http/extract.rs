@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use axum::body::Bytes;
+use axum::extract::path::ErrorKind;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -206,7 +207,9 @@ fn field_error(path: &serde_path_to_error::Path, message: &str) -> FieldError {
 }
 
 /// A path parameter that must parse (e.g. as a UUID); a bad one is a 404, since
-/// no such resource can exist.
+/// no such resource can exist. A handler asking for parameters its route does
+/// not have is a programming error: logged, and the generic `internal` problem
+/// (never axum's text).
 pub struct Path<T>(pub T);
 
 impl<T, S> FromRequestParts<S> for Path<T>
@@ -219,12 +222,20 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(v)) => Ok(Path(v)),
-            Err(PathRejection::FailedToDeserializePathParams(_)) => Err(Problem::not_found()),
-            Err(e) => Err(Problem::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                e.body_text(),
-            )),
+            Err(PathRejection::FailedToDeserializePathParams(e))
+                if !matches!(
+                    e.kind(),
+                    ErrorKind::WrongNumberOfParameters { .. } | ErrorKind::UnsupportedType { .. }
+                ) =>
+            {
+                Err(Problem::not_found())
+            }
+            Err(e) => Err(ServiceError::Internal(anyhow::anyhow!(
+                "path parameters of {}: {}",
+                parts.uri.path(),
+                e.body_text()
+            ))
+            .into()),
         }
     }
 }
@@ -416,5 +427,42 @@ mod tests {
         let e = &p.errors.as_ref().unwrap()[0];
         assert_eq!((e.field.as_str(), e.code), ("limit", "invalid"));
         assert!(!format!("{p:?}").contains("SECRET"));
+    }
+
+    /// A route whose handler asks for a path parameter the route does not
+    /// have is a programming error: it answers the generic `internal`
+    /// problem, never axum's own text.
+    #[tokio::test]
+    async fn a_path_rejection_other_than_a_bad_value_is_a_generic_internal_problem() {
+        use tower::ServiceExt;
+
+        async fn handler(Path(_id): Path<uuid::Uuid>) -> &'static str {
+            "unreachable"
+        }
+        // A route without parameters (wrong number of parameters) and a
+        // fallback (no parameters at all).
+        let router = axum::Router::new()
+            .route("/no-params", axum::routing::get(handler))
+            .fallback(handler);
+        for uri in ["/no-params", "/elsewhere"] {
+            let res = router
+                .clone()
+                .oneshot(
+                    axum::http::Request::get(uri)
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR, "{uri}");
+            assert_eq!(
+                res.headers()[header::CONTENT_TYPE],
+                "application/problem+json"
+            );
+            let body = axum::body::to_bytes(res.into_body(), 4096).await.unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["code"], "internal", "{uri}");
+            assert_eq!(body["detail"], "internal error", "{uri}: {body}");
+        }
     }
 }
