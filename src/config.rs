@@ -739,6 +739,10 @@ impl Settings {
                 "MAX_CLIENT_CONNECTIONS and HTTP2_MAX_CONCURRENT_STREAMS must be at least 1".into(),
             );
         }
+        if self.http2_keepalive_interval_seconds == 0 {
+            // Also the PING timeout: zero would drop every HTTP/2 connection.
+            p.push("HTTP2_KEEPALIVE_INTERVAL_SECONDS must be at least 1".into());
+        }
         if self.login_max_attempts == 0 {
             p.push("LOGIN_MAX_ATTEMPTS must be at least 1".into());
         }

@@ -197,3 +197,16 @@ async fn sigterm_sends_http2_goaway_and_closes_cleanly() {
     }
     app.stop().await.unwrap();
 }
+
+#[test]
+fn a_zero_keepalive_interval_is_refused_not_a_ping_storm() {
+    // hyper would PING continuously and give each PING zero time to be
+    // answered, dropping every HTTP/2 (gRPC) connection.
+    let mut vars = crate::helpers::test_vars("postgres://unused@127.0.0.1/unused");
+    vars.insert("HTTP2_KEEPALIVE_INTERVAL_SECONDS".into(), "0".into());
+    let settings = user_service::config::Settings::from_vars(vars).unwrap();
+    assert_eq!(
+        settings.problems(),
+        ["HTTP2_KEEPALIVE_INTERVAL_SECONDS must be at least 1"]
+    );
+}
