@@ -144,6 +144,9 @@ impl App {
                 http::network::NetworkGuard::new(&state),
                 http::network::guard,
             ))
+            // Requests the grace period cannot finish answer 503 from here,
+            // with the edge layer's headers.
+            .layer(axum::middleware::from_fn(crate::server::cancel_at_deadline))
             .layer(axum::middleware::from_fn_with_state(
                 http::edge::EdgePolicy::new(&state.settings),
                 http::edge::edge,

@@ -350,15 +350,12 @@ async fn serve_connection(
     let tracked = activity.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut()
+            .insert(CancelAtDeadline(cancel_requests.clone()));
         let in_flight = InFlight::start(&tracked);
         let router = router.clone();
-        let cancel = cancel_requests.clone();
         async move {
-            let grpc = is_grpc(req.headers());
-            let response = tokio::select! {
-                r = router.oneshot(req) => r.unwrap_or_else(|e| match e {}),
-                _ = cancel.cancelled() => cancelled_response(grpc),
-            };
+            let response = router.oneshot(req).await.unwrap_or_else(|e| match e {});
             drop(in_flight);
             Ok::<_, Infallible>(response)
         }
@@ -408,6 +405,28 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Cancelled when the grace period is over; carried by each request to
+/// [`cancel_at_deadline`].
+#[derive(Clone)]
+struct CancelAtDeadline(CancellationToken);
+
+/// Middleware, inside the edge layer so the answer still carries the security
+/// headers: at the end of the grace period the handler is dropped (its
+/// transaction rolls back) and the request answers 503 / `UNAVAILABLE`.
+pub async fn cancel_at_deadline(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let Some(CancelAtDeadline(cancel)) = req.extensions().get::<CancelAtDeadline>().cloned() else {
+        return next.run(req).await;
+    };
+    let grpc = is_grpc(req.headers());
+    tokio::select! {
+        res = next.run(req) => res,
+        _ = cancel.cancelled() => cancelled_response(grpc),
+    }
 }
 
 /// What a request the grace period could not finish answers.

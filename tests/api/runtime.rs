@@ -237,8 +237,22 @@ async fn sigterm_keeps_the_grace_period_when_the_database_stalls() {
         took < Duration::from_secs(2 + 3),
         "exited {took:?} after SIGTERM with a 2 s grace"
     );
-    // The request the grace period could not finish got a real 503.
-    assert_problem(register.await.unwrap().unwrap(), 503, "unavailable").await;
+    // The request the grace period could not finish got a real 503, with the
+    // headers every gateway answer carries (DESIGN §9).
+    let res = register.await.unwrap().unwrap();
+    for (name, value) in [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("cache-control", "no-store"),
+    ] {
+        assert_eq!(
+            res.headers().get(name).and_then(|v| v.to_str().ok()),
+            Some(value),
+            "{name} on the 503 at the deadline: {:?}",
+            res.headers()
+        );
+    }
+    assert_problem(res, 503, "unavailable").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut c = PgConnection::connect(&database_url).await.unwrap();
     let written: i64 = sqlx::query_scalar("select count(*) from users where email = $1")
