@@ -19,7 +19,10 @@ impl From<ServiceError> for Status {
             ServiceError::InvalidClient => Status::unauthenticated("invalid client credentials"),
             ServiceError::Forbidden(detail) => Status::permission_denied(detail),
             ServiceError::NotFound(what) => Status::not_found(format!("{what} not found")),
-            ServiceError::Conflict(detail) => Status::already_exists(detail),
+            ServiceError::Conflict(detail)
+            | ServiceError::Taken {
+                message: detail, ..
+            } => Status::already_exists(detail),
             ServiceError::RateLimited { .. } => {
                 Status::new(Code::ResourceExhausted, "too many requests")
             }

@@ -120,6 +120,10 @@ impl From<ServiceError> for Problem {
             ServiceError::Conflict(detail) => {
                 Problem::new(StatusCode::CONFLICT, "conflict", detail)
             }
+            ServiceError::Taken { field, message } => Problem {
+                errors: Some(vec![FieldError::new(field, "taken", message.clone())]),
+                ..Problem::new(StatusCode::CONFLICT, "conflict", message)
+            },
             ServiceError::RateLimited { retry_after_secs } => Problem {
                 retry_after: Some(retry_after_secs),
                 ..Problem::new(

@@ -43,6 +43,12 @@ pub enum ServiceError {
     NotFound(&'static str),
     #[error("{0}")]
     Conflict(String),
+    /// A conflict caused by one field: 409 naming it with code `taken` (DESIGN §9).
+    #[error("{message}")]
+    Taken {
+        field: &'static str,
+        message: String,
+    },
     #[error("too many requests")]
     RateLimited { retry_after_secs: u64 },
     #[error("service unavailable: {0}")]
@@ -79,6 +85,9 @@ impl From<crate::store::StoreError> for ServiceError {
     fn from(e: crate::store::StoreError) -> Self {
         match e {
             crate::store::StoreError::Conflict(what) => ServiceError::Conflict(what),
+            crate::store::StoreError::Taken { field, message } => {
+                ServiceError::Taken { field, message }
+            }
             crate::store::StoreError::NotFound(what) => ServiceError::NotFound(what),
             crate::store::StoreError::Unavailable(msg) => ServiceError::Unavailable(msg),
             crate::store::StoreError::Other(e) => ServiceError::Internal(e),

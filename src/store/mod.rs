@@ -23,6 +23,13 @@ pub enum StoreError {
     /// A unique or exclusion constraint: the string names what clashed.
     #[error("{0}")]
     Conflict(String),
+    /// A unique constraint on one field the caller chose: the field (its JSON
+    /// name) and what clashed.
+    #[error("{message}")]
+    Taken {
+        field: &'static str,
+        message: String,
+    },
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("{0}")]
@@ -41,7 +48,13 @@ impl From<sqlx::Error> for StoreError {
                 StoreError::Unavailable("database unavailable".into())
             }
             sqlx::Error::Database(db) => match db.constraint() {
-                Some(c) if db.is_unique_violation() => StoreError::Conflict(conflict_message(c)),
+                Some(c) if db.is_unique_violation() => match conflict_field(c) {
+                    Some(field) => StoreError::Taken {
+                        field,
+                        message: conflict_message(c),
+                    },
+                    None => StoreError::Conflict(conflict_message(c)),
+                },
                 _ => match db.code().as_deref().and_then(unavailable_reason) {
                     Some(reason) => {
                         tracing::warn!(sqlstate = db.code().as_deref(), error = %db, reason, "database unavailable");
@@ -67,6 +80,15 @@ fn unavailable_reason(sqlstate: &str) -> Option<&'static str> {
         "53300" => "too many connections",
         "55P03" => "lock not available",
         s if s.starts_with("08") => "connection failure",
+        _ => return None,
+    })
+}
+
+/// The request field a unique constraint holds, where one field decides it.
+fn conflict_field(constraint: &str) -> Option<&'static str> {
+    Some(match constraint {
+        "users_email_lower_key" => "email",
+        "trading_accounts_owner_broker_key" => "broker_user_id",
         _ => return None,
     })
 }

@@ -11,6 +11,7 @@ mod audit_chain;
 mod auth;
 mod browser;
 mod config;
+mod conflicts;
 mod deploy;
 mod edge;
 mod foundation;
