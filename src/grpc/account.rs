@@ -30,7 +30,7 @@ impl AccountService for AccountApi {
     ) -> Result<Response<GetTradingAccountResponse>, Status> {
         let caller = caller(&req)?;
         let meta = request_meta(&req);
-        let account_id = id(&req.get_ref().account_id, "trading account")?;
+        let account_id = id(&req.get_ref().account_id, "account_id")?;
         let account = self
             .state
             .accounts
@@ -49,12 +49,8 @@ impl AccountService for AccountApi {
         let meta = request_meta(&req);
         let r = req.get_ref();
         let permission = permission(&r.permission)?;
-        let parse = |raw: &str, field: &str| {
-            uuid::Uuid::parse_str(raw)
-                .map_err(|_| Status::invalid_argument(format!("{field}: must be a UUID")))
-        };
-        let user_id = parse(&r.user_id, "user_id")?;
-        let account_id = parse(&r.account_id, "account_id")?;
+        let user_id = id(&r.user_id, "user_id")?;
+        let account_id = id(&r.account_id, "account_id")?;
         let (decision, access) = self
             .state
             .accounts
@@ -73,7 +69,7 @@ impl AccountService for AccountApi {
     ) -> Result<Response<GetBrokerCredentialsResponse>, Status> {
         let caller = caller(&req)?;
         let meta = request_meta(&req);
-        let account_id = id(&req.get_ref().account_id, "trading account")?;
+        let account_id = id(&req.get_ref().account_id, "account_id")?;
         let creds = self
             .state
             .accounts

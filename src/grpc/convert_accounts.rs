@@ -41,10 +41,12 @@ pub fn credentials_to_proto(c: BrokerCredentials) -> proto::BrokerCredentials {
     }
 }
 
-/// An id field: a malformed one cannot name anything, so it is NOT_FOUND like an
-/// unknown one (`what` names the kind).
-pub fn id(raw: &str, what: &'static str) -> Result<Uuid, tonic::Status> {
-    Uuid::parse_str(raw).map_err(|_| tonic::Status::not_found(format!("{what} not found")))
+/// An id field (`field` is its name in the request): a malformed one is
+/// INVALID_ARGUMENT on every RPC, a well-formed unknown one is the service's
+/// NOT_FOUND (DESIGN §9).
+pub fn id(raw: &str, field: &'static str) -> Result<Uuid, tonic::Status> {
+    Uuid::parse_str(raw)
+        .map_err(|_| tonic::Status::invalid_argument(format!("{field}: must be a UUID")))
 }
 
 /// `read`, `trade` or `manage`; anything else is INVALID_ARGUMENT.

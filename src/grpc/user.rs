@@ -48,8 +48,7 @@ impl UserService for UserApi {
         req: Request<GetUserRequest>,
     ) -> Result<Response<GetUserResponse>, Status> {
         let caller = require_scope(&req, "users:read")?;
-        let id = uuid::Uuid::parse_str(&req.get_ref().user_id)
-            .map_err(|_| Status::not_found("user not found"))?;
+        let id = super::convert_accounts::id(&req.get_ref().user_id, "user_id")?;
         let user = self.state.identity.get_user(caller, id).await?;
         Ok(Response::new(GetUserResponse {
             user: Some(user_to_proto(&user)),
@@ -62,7 +61,7 @@ impl UserService for UserApi {
     ) -> Result<Response<ListUserAccountsResponse>, Status> {
         let caller = super::convert_accounts::caller(&req)?;
         let meta = super::convert_accounts::request_meta(&req);
-        let user_id = super::convert_accounts::id(&req.get_ref().user_id, "user")?;
+        let user_id = super::convert_accounts::id(&req.get_ref().user_id, "user_id")?;
         let accounts = self
             .state
             .accounts

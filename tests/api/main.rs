@@ -15,6 +15,7 @@ mod conflicts;
 mod deploy;
 mod edge;
 mod foundation;
+mod grpc_ids;
 mod hostile_input;
 mod http2;
 mod invitations;
