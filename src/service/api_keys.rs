@@ -31,10 +31,6 @@ use crate::domain::api_key::{
 use crate::store::api_keys::{self as store, ApiKeyRow, NewApiKey};
 use crate::store::{Cache, Db};
 
-/// Bound on cached verification results (hits and misses): at well under 1 KiB an
-/// entry this stays within a few tens of MiB, and TinyLFU admission keeps a flood
-/// of one-off misses from evicting the keys in real use.
-const CACHE_CAPACITY: u64 = 50_000;
 const MAX_SCOPES: usize = 50;
 /// Requests per minute a key may be limited to, at most.
 const MAX_RATE_LIMIT: i64 = 1_000_000;
@@ -152,6 +148,8 @@ pub struct VerifiedKey {
     pub user: OwnerInfo,
     /// The trading accounts the key may act on, with its owner's access.
     pub accounts: Vec<AccountAccess>,
+    /// When it was read from PostgreSQL (stale-while-revalidate).
+    pub loaded_at: Instant,
 }
 
 #[derive(Clone)]
@@ -160,7 +158,8 @@ enum CacheEntry {
     Key(Arc<VerifiedKey>),
 }
 
-/// Hits live API_KEY_CACHE_TTL_SECONDS, misses API_KEY_NEGATIVE_CACHE_TTL_SECONDS.
+/// Hits are fresh API_KEY_CACHE_TTL_SECONDS and kept CACHE_STALE_SECONDS more
+/// for PostgreSQL outages; misses live API_KEY_NEGATIVE_CACHE_TTL_SECONDS.
 struct EntryExpiry {
     hit: Duration,
     miss: Duration,
@@ -266,6 +265,14 @@ pub struct ApiKeyService {
     /// Per-replica rate-limit counters, used only while Redis is unreachable.
     local_windows: moka::sync::Cache<Uuid, Arc<AtomicU64>>,
     counters: VerifyCounters,
+    /// A hit older than this is read again; if PostgreSQL is unreachable it is
+    /// still answered until `fresh + stale` (revocations received still apply).
+    fresh: Duration,
+    stale: Duration,
+    /// After a failed reload, stale hits are answered at once until this instant
+    /// (millis since `started`) rather than waiting on the database again.
+    db_down_until: AtomicU64,
+    started: Instant,
 }
 
 impl ApiKeyService {
@@ -277,10 +284,14 @@ impl ApiKeyService {
         policy: PolicyEngine,
         accounts: AccountsService,
     ) -> Self {
+        let fresh = Duration::from_secs(settings.api_key_cache_ttl_seconds);
+        let stale = Duration::from_secs(settings.cache_stale_seconds);
+        // TinyLFU admission keeps a flood of one-off misses from evicting the
+        // keys in real use.
         let verified = moka::future::Cache::builder()
-            .max_capacity(CACHE_CAPACITY)
+            .max_capacity(settings.api_key_cache_capacity)
             .expire_after(EntryExpiry {
-                hit: Duration::from_secs(settings.api_key_cache_ttl_seconds),
+                hit: fresh + stale,
                 miss: Duration::from_secs(settings.api_key_negative_cache_ttl_seconds),
             })
             .support_invalidation_closures()
@@ -311,6 +322,10 @@ impl ApiKeyService {
                 .time_to_live(Duration::from_secs(60))
                 .build(),
             counters: VerifyCounters::new(),
+            fresh,
+            stale,
+            db_down_until: AtomicU64::new(0),
+            started: Instant::now(),
         }
     }
 
@@ -442,8 +457,15 @@ impl ApiKeyService {
         // The common case first: a plain get is cheaper than try_get_with's
         // coalescing machinery, and tells a hit from a miss for the metrics.
         if let Some(entry) = self.verified.get(&hash).await {
-            self.counters.cache_hits.increment(1);
-            return Ok(entry);
+            match &entry {
+                CacheEntry::Key(k) if k.loaded_at.elapsed() > self.fresh => {
+                    return self.revalidate(hash, entry).await;
+                }
+                _ => {
+                    self.counters.cache_hits.increment(1);
+                    return Ok(entry);
+                }
+            }
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
         let loaded = self
@@ -471,6 +493,40 @@ impl ApiKeyService {
                 }
                 LoadError::Failed(e) => Err(ServiceError::Internal(anyhow::anyhow!("{e:#}"))),
             },
+        }
+    }
+
+    /// A hit past its fresh time: read again, or, while PostgreSQL is
+    /// unreachable, answer the stale copy within its bound. An invalidation
+    /// removes the entry, so a revoked key never gets here.
+    async fn revalidate(&self, hash: [u8; 32], stale: CacheEntry) -> ServiceResult<CacheEntry> {
+        let now_ms = || self.started.elapsed().as_millis() as u64;
+        let servable = |e: &CacheEntry| {
+            matches!(e, CacheEntry::Key(k) if k.loaded_at.elapsed() <= self.fresh + self.stale)
+        };
+        if self.db_down_until.load(Ordering::Relaxed) > now_ms() && servable(&stale) {
+            metrics::counter!("cache_stale_served_total", "cache" => "api_keys").increment(1);
+            return Ok(stale);
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        match self.load(&hash).await {
+            Ok(entry) => {
+                if self.epoch.load(Ordering::SeqCst) == epoch {
+                    self.verified.insert(hash, entry.clone()).await;
+                }
+                Ok(entry)
+            }
+            Err(ServiceError::Unavailable(m)) => {
+                self.db_down_until.store(now_ms() + 1_000, Ordering::Relaxed);
+                if self.epoch.load(Ordering::SeqCst) == epoch && servable(&stale) {
+                    metrics::counter!("cache_stale_served_total", "cache" => "api_keys")
+                        .increment(1);
+                    Ok(stale)
+                } else {
+                    Err(ServiceError::Unavailable(m))
+                }
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -531,6 +587,7 @@ impl ApiKeyService {
                 created_at: row.user_created_at,
             },
             accounts,
+            loaded_at: Instant::now(),
         })))
     }
 
@@ -920,6 +977,8 @@ fn drop_matching(cache: &moka::future::Cache<[u8; 32], CacheEntry>, change: Chan
             cache.invalidate_all();
             return;
         }
+        // Nothing a key grants: its cached owner name may lag by the cache TTL.
+        Change::Session(_) | Change::Profile(_) => return,
         Change::ApiKey(id) => cache.invalidate_entries_if(
             move |_, e| matches!(e, CacheEntry::Key(k) if k.key.id == id),
         ),

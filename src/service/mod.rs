@@ -12,6 +12,7 @@ pub mod identity;
 pub mod invalidation;
 pub mod paging;
 pub mod policy;
+pub mod swr;
 pub mod users;
 
 use std::net::IpAddr;

@@ -15,3 +15,4 @@ mod openapi;
 mod runtime;
 mod scale_out;
 mod tls;
+mod token_cache;
