@@ -830,7 +830,10 @@ impl Settings {
                 self.http2_max_concurrent_streams.to_string(),
             ),
             // tokens: in-process verification caches
-            ("TOKEN_CACHE_CAPACITY", self.token_cache_capacity.to_string()),
+            (
+                "TOKEN_CACHE_CAPACITY",
+                self.token_cache_capacity.to_string(),
+            ),
             (
                 "API_KEY_CACHE_CAPACITY",
                 self.api_key_cache_capacity.to_string(),

@@ -501,9 +501,7 @@ impl ApiKeyService {
     /// removes the entry, so a revoked key never gets here.
     async fn revalidate(&self, hash: [u8; 32], stale: CacheEntry) -> ServiceResult<CacheEntry> {
         let now_ms = || self.started.elapsed().as_millis() as u64;
-        let servable = |e: &CacheEntry| {
-            matches!(e, CacheEntry::Key(k) if k.loaded_at.elapsed() <= self.fresh + self.stale)
-        };
+        let servable = |e: &CacheEntry| matches!(e, CacheEntry::Key(k) if k.loaded_at.elapsed() <= self.fresh + self.stale);
         if self.db_down_until.load(Ordering::Relaxed) > now_ms() && servable(&stale) {
             metrics::counter!("cache_stale_served_total", "cache" => "api_keys").increment(1);
             return Ok(stale);
@@ -517,7 +515,8 @@ impl ApiKeyService {
                 Ok(entry)
             }
             Err(ServiceError::Unavailable(m)) => {
-                self.db_down_until.store(now_ms() + 1_000, Ordering::Relaxed);
+                self.db_down_until
+                    .store(now_ms() + 1_000, Ordering::Relaxed);
                 if self.epoch.load(Ordering::SeqCst) == epoch && servable(&stale) {
                     metrics::counter!("cache_stale_served_total", "cache" => "api_keys")
                         .increment(1);

@@ -13,12 +13,12 @@ use uuid::Uuid;
 
 use super::invalidation::{Change, Invalidation};
 use super::swr::SwrCache;
-use crate::domain::account::AccountAccess;
-use crate::domain::user::User;
 use super::{Caller, ServiceError, ServiceResult};
 use crate::config::Settings;
 use crate::crypto::jwt::{Claims, JwtError, JwtKeys, TokenType};
 use crate::crypto::password::PasswordHasher;
+use crate::domain::account::AccountAccess;
+use crate::domain::user::User;
 use crate::store::{sessions, Cache, Db};
 
 /// How long Redis keeps a "live" session state.
@@ -221,11 +221,11 @@ impl Identity {
                     sessions.invalidate(&sid);
                     cookies.invalidate_if(move |_, c: &CookieSession| c.session_id == sid);
                 }
-                Change::Account(aid) => token_accounts.invalidate_if(
-                    move |_, list: &Arc<[AccountAccess]>| {
+                Change::Account(aid) => {
+                    token_accounts.invalidate_if(move |_, list: &Arc<[AccountAccess]>| {
                         list.iter().any(|a| a.account.id == aid)
-                    },
-                ),
+                    })
+                }
                 Change::ApiKey(_) => {}
                 Change::Everything => {
                     profiles.invalidate_all();

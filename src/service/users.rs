@@ -98,7 +98,9 @@ impl Identity {
     /// Shared with the profile cache: a hit copies nothing.
     pub async fn me(&self, caller: &Caller) -> ServiceResult<Arc<User>> {
         let id = caller.user_id().ok_or(ServiceError::InvalidToken)?;
-        self.cached_user(id).await?.ok_or(ServiceError::InvalidToken)
+        self.cached_user(id)
+            .await?
+            .ok_or(ServiceError::InvalidToken)
     }
 
     /// A user by id, for service clients holding `users:read`.

@@ -29,7 +29,11 @@ pub async fn without_triggers(db: &PgPool, sql: &str, param: &str) {
         .execute(&mut *tx)
         .await
         .unwrap();
-    sqlx::query(sql).bind(param).execute(&mut *tx).await.unwrap();
+    sqlx::query(sql)
+        .bind(param)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 }
 
@@ -68,7 +72,10 @@ async fn verify_token(v: &mut Verifier, token: &str) -> VerifyTokenResponse {
 }
 
 async fn me_status(app: &TestApp, token: &str) -> u16 {
-    get_bearer(app, "/v1/users/me", token).await.status().as_u16()
+    get_bearer(app, "/v1/users/me", token)
+        .await
+        .status()
+        .as_u16()
 }
 
 /// Both ways in answer `valid` / 200 (twice, so the second is a cache hit).
@@ -104,7 +111,9 @@ async fn send(
     (status, body)
 }
 
-async fn two_replicas(adjust: impl FnOnce(&mut std::collections::HashMap<String, String>)) -> (TestApp, TestApp) {
+async fn two_replicas(
+    adjust: impl FnOnce(&mut std::collections::HashMap<String, String>),
+) -> (TestApp, TestApp) {
     let mut vars = test_vars(&fresh_database().await);
     adjust(&mut vars);
     let first = TestApp::spawn_vars(vars.clone()).await;
@@ -443,7 +452,13 @@ async fn a_database_outage_leaves_recent_keys_and_tokens_verifying_within_a_boun
         })
         .await
     };
-    assert!(verify_key(v.clone(), secret.clone()).await.unwrap().into_inner().valid);
+    assert!(
+        verify_key(v.clone(), secret.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .valid
+    );
 
     // An unrelated write of the key's owner (a new name) keeps the key cached.
     let lookups = app.state.api_keys.db_lookups();
@@ -457,23 +472,45 @@ async fn a_database_outage_leaves_recent_keys_and_tokens_verifying_within_a_boun
     .await;
     assert_eq!(status, 200, "{body}");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(verify_key(v.clone(), secret.clone()).await.unwrap().into_inner().valid);
-    assert_eq!(app.state.api_keys.db_lookups(), lookups, "the key left the cache");
+    assert!(
+        verify_key(v.clone(), secret.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .valid
+    );
+    assert_eq!(
+        app.state.api_keys.db_lookups(),
+        lookups,
+        "the key left the cache"
+    );
 
     let (_, _, t3) = app.user_with_token().await;
     let sid3: Uuid = warm(&app, &mut v, &t3).await.session_id.parse().unwrap();
     let r = warm(&app, &mut v, &t).await;
     assert!(r.valid);
-    assert!(verify_key(v.clone(), secret.clone()).await.unwrap().into_inner().valid);
+    assert!(
+        verify_key(v.clone(), secret.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .valid
+    );
 
     relay.cut();
     let cut = Instant::now();
     // Past the fresh lifetime (1 s): the copies verified before the outage hold.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for _ in 0..3 {
-        assert!(verify_token(&mut v, &t).await.valid, "token dropped in the outage");
+        assert!(
+            verify_token(&mut v, &t).await.valid,
+            "token dropped in the outage"
+        );
         assert_eq!(me_status(&app, &t).await, 200);
-        let r = verify_key(v.clone(), secret.clone()).await.unwrap().into_inner();
+        let r = verify_key(v.clone(), secret.clone())
+            .await
+            .unwrap()
+            .into_inner();
         assert!(r.valid, "key dropped in the outage");
     }
 
