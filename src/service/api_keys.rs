@@ -269,10 +269,8 @@ pub struct ApiKeyService {
     /// still answered until `fresh + stale` (revocations received still apply).
     fresh: Duration,
     stale: Duration,
-    /// After a failed reload, stale hits are answered at once until this instant
-    /// (millis since `started`) rather than waiting on the database again.
-    db_down_until: AtomicU64,
-    started: Instant,
+    /// One stale reload at a time, none for a second after a failure.
+    probe: super::swr::Probe,
 }
 
 impl ApiKeyService {
@@ -324,8 +322,7 @@ impl ApiKeyService {
             counters: VerifyCounters::new(),
             fresh,
             stale,
-            db_down_until: AtomicU64::new(0),
-            started: Instant::now(),
+            probe: Default::default(),
         }
     }
 
@@ -500,14 +497,24 @@ impl ApiKeyService {
     /// unreachable, answer the stale copy within its bound. An invalidation
     /// removes the entry, so a revoked key never gets here.
     async fn revalidate(&self, hash: [u8; 32], stale: CacheEntry) -> ServiceResult<CacheEntry> {
-        let now_ms = || self.started.elapsed().as_millis() as u64;
         let servable = |e: &CacheEntry| matches!(e, CacheEntry::Key(k) if k.loaded_at.elapsed() <= self.fresh + self.stale);
-        if self.db_down_until.load(Ordering::Relaxed) > now_ms() && servable(&stale) {
+        let serve_stale = |e: CacheEntry| {
             metrics::counter!("cache_stale_served_total", "cache" => "api_keys").increment(1);
-            return Ok(stale);
+            Ok(e)
+        };
+        let claimed = self.probe.claim();
+        if !claimed && servable(&stale) {
+            return serve_stale(stale);
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
-        match self.load(&hash).await {
+        let loaded = self.load(&hash).await;
+        if claimed {
+            match &loaded {
+                Err(ServiceError::Unavailable(_)) => self.probe.failed(),
+                _ => self.probe.succeeded(),
+            }
+        }
+        match loaded {
             Ok(entry) => {
                 if self.epoch.load(Ordering::SeqCst) == epoch {
                     self.verified.insert(hash, entry.clone()).await;
@@ -515,12 +522,8 @@ impl ApiKeyService {
                 Ok(entry)
             }
             Err(ServiceError::Unavailable(m)) => {
-                self.db_down_until
-                    .store(now_ms() + 1_000, Ordering::Relaxed);
                 if self.epoch.load(Ordering::SeqCst) == epoch && servable(&stale) {
-                    metrics::counter!("cache_stale_served_total", "cache" => "api_keys")
-                        .increment(1);
-                    Ok(stale)
+                    serve_stale(stale)
                 } else {
                     Err(ServiceError::Unavailable(m))
                 }

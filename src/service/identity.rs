@@ -600,10 +600,7 @@ mod tests {
 
     use super::*;
 
-    /// The interceptor's hot path: a repeat service token must cost a hash and a
-    /// lookup, not an Ed25519 verification.
-    #[tokio::test]
-    async fn repeat_service_tokens_skip_signature_verification() {
+    fn offline_identity() -> Identity {
         let vars = [
             ("DATABASE_URL", "postgres://x@127.0.0.1:1/x"),
             ("REDIS_URL", "redis://127.0.0.1:1/0"),
@@ -612,7 +609,49 @@ mod tests {
         let settings = Settings::from_vars(vars).unwrap();
         let db = Db::connect_lazy(&settings).unwrap();
         let cache = Cache::connect(&settings).unwrap();
-        let id = Identity::new(&settings, db, cache.clone(), Invalidation::new(cache)).unwrap();
+        Identity::new(&settings, db, cache.clone(), Invalidation::new(cache)).unwrap()
+    }
+
+    /// A cached access token is refused in the very second the signature check
+    /// would refuse it (exp plus the verifier's leeway), not when its cache
+    /// entry happens to go.
+    #[tokio::test]
+    async fn cached_access_tokens_expire_to_the_second() {
+        let id = offline_identity();
+        let mut claims = id.jwt.claims(
+            TokenType::Access,
+            Uuid::new_v4().to_string(),
+            Duration::from_secs(300),
+            Some(Uuid::new_v4().to_string()),
+            None,
+        );
+        // Still accepted during this second only.
+        let leeway = crate::crypto::jwt::LEEWAY_SECS as i64;
+        claims.exp = now_secs() - leeway;
+        let token = id.jwt.sign(&claims).unwrap();
+        if id.access_claims(&token).is_err() {
+            return; // the second ended between the two lines: nothing to learn
+        }
+        assert!(id.token_claims.contains_key(&id.token_hash(&token)));
+        while now_secs() <= claims.exp + leeway {
+            assert!(id.access_claims(&token).is_ok());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(id.access_claims(&token).unwrap_err(), TokenRefusal::Expired);
+        // And a token that never verified is never cached.
+        let forged = format!("{token}x");
+        assert_eq!(
+            id.access_claims(&forged).unwrap_err(),
+            TokenRefusal::Invalid
+        );
+        assert!(!id.token_claims.contains_key(&id.token_hash(&forged)));
+    }
+
+    /// The interceptor's hot path: a repeat service token must cost a hash and a
+    /// lookup, not an Ed25519 verification.
+    #[tokio::test]
+    async fn repeat_service_tokens_skip_signature_verification() {
+        let id = offline_identity();
         let claims = id.jwt.claims(
             TokenType::Service,
             "backend".into(),

@@ -13,6 +13,62 @@ use std::time::{Duration, Instant};
 
 use super::{ServiceError, ServiceResult};
 
+/// Who may try the database for a stale entry: one caller at a time (the
+/// others answer the stale copy meanwhile), and nobody for a second after a
+/// failure, so an outage costs one timed-out attempt a second, not one per
+/// request.
+pub struct Probe {
+    /// Millis since `start` until which nobody else should try.
+    busy_until: AtomicU64,
+    start: Instant,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Self {
+            busy_until: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Probe {
+    /// How long a claim holds if its attempt never reports (a cancelled request).
+    const CLAIM: Duration = Duration::from_secs(10);
+    const AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// True when the caller should try the database now (and report back).
+    pub fn claim(&self) -> bool {
+        let now = self.now_ms();
+        let current = self.busy_until.load(Ordering::Acquire);
+        current <= now
+            && self
+                .busy_until
+                .compare_exchange(
+                    current,
+                    now + Self::CLAIM.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    pub fn succeeded(&self) {
+        self.busy_until.store(0, Ordering::Release);
+    }
+
+    pub fn failed(&self) {
+        self.busy_until.store(
+            self.now_ms() + Self::AFTER_FAILURE.as_millis() as u64,
+            Ordering::Release,
+        );
+    }
+}
+
 #[derive(Clone)]
 struct Stamped<V> {
     value: V,
@@ -26,10 +82,7 @@ pub struct SwrCache<K, V> {
     fresh: Duration,
     stale: Duration,
     epoch: Arc<AtomicU64>,
-    /// While set (millis since `start`), loads are not tried: the database just
-    /// failed, so a stale entry is answered at once instead of after a timeout.
-    down_until: Arc<AtomicU64>,
-    start: Instant,
+    probe: Arc<Probe>,
     stale_served: metrics::Counter,
 }
 
@@ -50,14 +103,9 @@ where
             fresh,
             stale,
             epoch: Arc::default(),
-            down_until: Arc::default(),
-            start: Instant::now(),
+            probe: Arc::default(),
             stale_served: metrics::counter!("cache_stale_served_total", "cache" => name),
         }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
     }
 
     /// The cached value while fresh; otherwise `load` runs, and if it finds the
@@ -73,14 +121,22 @@ where
             Some(s) if s.loaded.elapsed() <= self.fresh + self.stale => Some(s.value),
             _ => None,
         };
+        // A stale copy is refreshed by one caller at a time; the rest answer it.
         if let Some(v) = &stale {
-            if self.down_until.load(Ordering::Relaxed) > self.now_ms() {
+            if !self.probe.claim() {
                 self.stale_served.increment(1);
                 return Ok(v.clone());
             }
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
-        match load().await {
+        let loaded = load().await;
+        if stale.is_some() {
+            match &loaded {
+                Err(ServiceError::Unavailable(_)) => self.probe.failed(),
+                _ => self.probe.succeeded(),
+            }
+        }
+        match loaded {
             Ok(v) => {
                 if self.epoch.load(Ordering::SeqCst) == epoch {
                     self.entries.insert(
@@ -93,17 +149,12 @@ where
                 }
                 Ok(v)
             }
-            Err(ServiceError::Unavailable(m)) => {
-                self.down_until
-                    .store(self.now_ms() + 1_000, Ordering::Relaxed);
-                // Only an entry no invalidation has touched since it was read.
-                match stale {
-                    Some(v) if self.epoch.load(Ordering::SeqCst) == epoch => {
-                        self.stale_served.increment(1);
-                        Ok(v)
-                    }
-                    _ => Err(ServiceError::Unavailable(m)),
-                }
+            // Only an entry no invalidation has touched since it was read.
+            Err(ServiceError::Unavailable(_))
+                if stale.is_some() && self.epoch.load(Ordering::SeqCst) == epoch =>
+            {
+                self.stale_served.increment(1);
+                Ok(stale.expect("checked"))
             }
             Err(e) => Err(e),
         }
