@@ -977,13 +977,13 @@ async fn floods_of_made_up_keys_do_not_reach_the_database() {
 }
 
 /// A Redis of this test's own, so cutting its connections disturbs no other test.
-struct PrivateRedis {
+pub struct PrivateRedis {
     child: std::process::Child,
-    port: u16,
+    pub port: u16,
 }
 
 impl PrivateRedis {
-    async fn start() -> Option<PrivateRedis> {
+    pub async fn start() -> Option<PrivateRedis> {
         let port = crate::helpers::free_port();
         let child = std::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -1010,10 +1010,17 @@ impl PrivateRedis {
     }
 }
 
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
+impl PrivateRedis {
+    /// Stops the server (the test's Redis outage).
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -111,6 +111,31 @@ async fn send(
     (status, body)
 }
 
+/// A new user's access token and API key: (token, key id, key).
+async fn user_with_key(app: &TestApp) -> (String, Uuid, String) {
+    let (_, _, token) = app.user_with_token().await;
+    let (status, key) = send(
+        app,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        &token,
+        Some(json!({"name": "k", "scopes": ["orders:read"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{key}");
+    let id = key["id"].as_str().unwrap().parse().unwrap();
+    (token, id, key["key"].as_str().unwrap().to_string())
+}
+
+async fn verify_key(mut v: Verifier, key: String) -> Result<bool, tonic::Status> {
+    v.verify_api_key(VerifyApiKeyRequest {
+        api_key: key,
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().valid)
+}
+
 async fn two_replicas(
     adjust: impl FnOnce(&mut std::collections::HashMap<String, String>),
 ) -> (TestApp, TestApp) {
@@ -293,40 +318,10 @@ async fn every_revocation_reaches_the_other_replica_within_a_second() {
     .await;
 }
 
-/// A Redis of this test's own, which the test stops (never the shared one).
-struct PrivateRedis {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl PrivateRedis {
-    async fn start() -> Option<PrivateRedis> {
-        let port = crate::helpers::free_port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--port", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        let redis = PrivateRedis { child, port };
-        crate::helpers::wait_for_port(port).await.then_some(redis)
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[tokio::test]
 async fn with_redis_down_revocations_still_reach_the_other_replica_within_a_second() {
-    let Some(mut redis) = PrivateRedis::start().await else {
+    // A Redis of this test's own, which it stops (never the shared one).
+    let Some(mut redis) = crate::api_keys::PrivateRedis::start().await else {
         panic!("redis-server is needed for this test");
     };
     let (a, b) = two_replicas(|v| {
@@ -338,27 +333,9 @@ async fn with_redis_down_revocations_still_reach_the_other_replica_within_a_seco
     .await;
     let mut vb = verifier(&b).await;
     let (_, _, t) = a.user_with_token().await;
-    let (_, _, t2) = a.user_with_token().await;
-    let (status, key) = send(
-        &a,
-        reqwest::Method::POST,
-        "/v1/api-keys",
-        &t2,
-        Some(json!({"name": "k", "scopes": ["orders:read"]})),
-    )
-    .await;
-    assert_eq!(status, 201, "{key}");
-    let secret = key["key"].as_str().unwrap().to_string();
-    let key_valid = |mut vb: Verifier, secret: String| async move {
-        vb.verify_api_key(VerifyApiKeyRequest {
-            api_key: secret,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .valid
-    };
+    let (t2, key_id, secret) = user_with_key(&a).await;
+    let key_valid =
+        |vb: Verifier, secret: String| async move { verify_key(vb, secret).await.unwrap() };
     warm(&b, &mut vb, &t).await;
     assert!(key_valid(vb.clone(), secret.clone()).await);
     assert!(key_valid(vb.clone(), secret.clone()).await);
@@ -371,7 +348,7 @@ async fn with_redis_down_revocations_still_reach_the_other_replica_within_a_seco
     let (status, body) = send(
         &a,
         reqwest::Method::DELETE,
-        &format!("/v1/api-keys/{}", key["id"].as_str().unwrap()),
+        &format!("/v1/api-keys/{key_id}"),
         &t2,
         None,
     )
@@ -434,31 +411,8 @@ async fn a_database_outage_leaves_recent_keys_and_tokens_verifying_within_a_boun
     let app = TestApp::spawn_vars(vars).await;
     let mut v = verifier(&app).await;
     let (_, _, t) = app.user_with_token().await;
-    let (_, _, t2) = app.user_with_token().await;
-    let (status, key) = send(
-        &app,
-        reqwest::Method::POST,
-        "/v1/api-keys",
-        &t2,
-        Some(json!({"name": "k", "scopes": ["orders:read"]})),
-    )
-    .await;
-    assert_eq!(status, 201, "{key}");
-    let secret = key["key"].as_str().unwrap().to_string();
-    let verify_key = |mut v: Verifier, secret: String| async move {
-        v.verify_api_key(VerifyApiKeyRequest {
-            api_key: secret,
-            ..Default::default()
-        })
-        .await
-    };
-    assert!(
-        verify_key(v.clone(), secret.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .valid
-    );
+    let (t2, key_id, secret) = user_with_key(&app).await;
+    assert!(verify_key(v.clone(), secret.clone()).await.unwrap());
 
     // An unrelated write of the key's owner (a new name) keeps the key cached.
     let lookups = app.state.api_keys.db_lookups();
@@ -472,13 +426,7 @@ async fn a_database_outage_leaves_recent_keys_and_tokens_verifying_within_a_boun
     .await;
     assert_eq!(status, 200, "{body}");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        verify_key(v.clone(), secret.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .valid
-    );
+    assert!(verify_key(v.clone(), secret.clone()).await.unwrap());
     assert_eq!(
         app.state.api_keys.db_lookups(),
         lookups,
@@ -489,13 +437,7 @@ async fn a_database_outage_leaves_recent_keys_and_tokens_verifying_within_a_boun
     let sid3: Uuid = warm(&app, &mut v, &t3).await.session_id.parse().unwrap();
     let r = warm(&app, &mut v, &t).await;
     assert!(r.valid);
-    assert!(
-        verify_key(v.clone(), secret.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .valid
-    );
+    assert!(verify_key(v.clone(), secret.clone()).await.unwrap());
 
     relay.cut();
     let cut = Instant::now();
@@ -507,11 +449,10 @@ async fn a_database_outage_leaves_recent_keys_and_tokens_verifying_within_a_boun
             "token dropped in the outage"
         );
         assert_eq!(me_status(&app, &t).await, 200);
-        let r = verify_key(v.clone(), secret.clone())
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.valid, "key dropped in the outage");
+        assert!(
+            verify_key(v.clone(), secret.clone()).await.unwrap(),
+            "key dropped in the outage"
+        );
     }
 
     // A revocation received during the outage applies at once: there is nothing
@@ -523,7 +464,6 @@ async fn a_database_outage_leaves_recent_keys_and_tokens_verifying_within_a_boun
         .expect_err("a revoked session is not served stale");
     assert_eq!(err.code(), Code::Unavailable);
     assert_eq!(me_status(&app, &t3).await, 503);
-    let key_id: Uuid = key["id"].as_str().unwrap().parse().unwrap();
     app.state.invalidation.publish(Change::ApiKey(key_id)).await;
     let err = verify_key(v.clone(), secret.clone())
         .await
