@@ -16,16 +16,35 @@ ensure_packages() {
   command -v pg_isready >/dev/null 2>&1 || missing+=(postgresql-client)
   command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust from https://rustup.rs"
   if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      log "installing ${missing[*]}"
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
-        || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; } \
-        || die "apt-get install ${missing[*]} failed"
-    else
-      die "missing packages: ${missing[*]} (as root: apt-get install ${missing[*]})"
-    fi
+    can_apt_install || die "missing packages: ${missing[*]} (as root: apt-get install ${missing[*]})"
+    apt_install "${missing[@]}"
   fi
   PG_BIN=$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1)")
+}
+
+can_apt_install() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }
+
+# apt_install PKG…: installs Debian packages (root), refreshing the lists once if
+# the first try fails.
+apt_install() {
+  log "installing $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; } \
+    || die "apt-get install $* failed"
+}
+
+# Headless Chromium and its WebDriver for the browser test (tests/api/browser.rs).
+# Installed as root; elsewhere that test says SKIPPED.
+ensure_browser() {
+  local missing=()
+  command -v chromium >/dev/null 2>&1 || [ -x /usr/lib/chromium/chromium ] || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || [ -x /usr/lib/chromium/chromedriver ] || missing+=(chromium-driver)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if can_apt_install; then
+    apt_install "${missing[@]}"
+  else
+    log "warning: ${missing[*]} not installed (as root: apt-get install ${missing[*]}); the browser test will be skipped"
+  fi
 }
 
 pg_up() { pg_isready -q -h "$1" -p "$2" -t 1 >/dev/null 2>&1; }

@@ -36,11 +36,16 @@ pub enum AdminCommand {
         #[arg(long, default_value_t = 41)]
         hashes: u32,
     },
+    /// Walk the audit log's hash chain. Prints {"ok": true, "rows"} when every link
+    /// holds; otherwise {"ok": false, "rows", "broken": {"id", "position", "reason"}}
+    /// for the first broken link, and exits 1.
+    VerifyAuditChain,
 }
 
 pub async fn run(settings: Settings, cmd: AdminCommand) -> anyhow::Result<()> {
     match cmd {
         AdminCommand::TimeArgon2 { hashes } => time_argon2(hashes),
+        AdminCommand::VerifyAuditChain => verify_audit_chain(&settings).await,
         AdminCommand::ReencryptCredentials => reencrypt_credentials(&settings).await,
         AdminCommand::CreateUser {
             email,
@@ -177,4 +182,29 @@ fn time_argon2(hashes: u32) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+async fn verify_audit_chain(settings: &Settings) -> anyhow::Result<()> {
+    let db = crate::store::Db::connect_lazy(settings)?;
+    let report = crate::service::audit_log::verify_chain(&db)
+        .await
+        .map_err(|e| anyhow::anyhow!("verify-audit-chain: {e}"))?;
+    db.pool.close().await;
+    println!(
+        "{}",
+        serde_json::json!({
+            "ok": report.broken.is_none(),
+            "rows": report.rows,
+            "broken": report.broken,
+        })
+    );
+    match report.broken {
+        None => Ok(()),
+        Some(b) => anyhow::bail!(
+            "audit chain broken at row id {} (position {}): {}",
+            b.id,
+            b.position,
+            b.reason
+        ),
+    }
 }

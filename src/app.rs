@@ -44,6 +44,8 @@ pub struct AppInner {
     pub invalidation: crate::service::invalidation::Invalidation,
     /// API keys and VerifyApiKey (cached, with the usage buffer).
     pub api_keys: crate::service::api_keys::ApiKeyService,
+    /// Invitations to trading accounts: membership only with the invitee's consent.
+    pub invitations: crate::service::invitations::InvitationsService,
 }
 
 impl Deref for AppState {
@@ -95,6 +97,8 @@ impl App {
             invalidation.clone(),
         );
         let audit_log = crate::service::audit_log::AuditLog::new(db.clone(), policy.clone());
+        let invitations =
+            crate::service::invitations::InvitationsService::new(db.clone(), accounts.clone());
         let api_keys = crate::service::api_keys::ApiKeyService::new(
             &settings,
             db.clone(),
@@ -115,6 +119,7 @@ impl App {
             audit_log,
             invalidation,
             api_keys,
+            invitations,
         }));
         state
             .invalidation
@@ -137,10 +142,15 @@ impl App {
             .merge(http::routes(state.clone()))
             .fallback(http::fallback)
             .method_not_allowed_fallback(http::method_not_allowed)
-            // Client networks are checked before any other work.
+            // Client networks are checked before any other work; the edge layer
+            // outside it still puts the security headers on that refusal.
             .layer(axum::middleware::from_fn_with_state(
                 http::network::NetworkGuard::new(&state),
                 http::network::guard,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                http::edge::EdgePolicy::new(&state.settings),
+                http::edge::edge,
             ))
             .layer(axum::middleware::from_fn(http::observe::observe));
 

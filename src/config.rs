@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::crypto::key_material::{self, Fingerprint};
 use crate::domain::network::IpNetworks;
 
-/// The development signing key shipped in `.env.dev`. Public knowledge, so staging
-/// and production refuse to start with it.
-pub const DEV_JWT_PRIVATE_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIHIMUz8yDUrFpm+Ocp16MUk7hqttTC+7qo4AfnKyQunl\n-----END PRIVATE KEY-----";
-/// Development-only markers: values starting with these are refused outside development.
-pub const DEV_SECRET_MARKER: &str = "dev-";
+/// Where development keeps the key material it generated, under the working
+/// directory: git-ignored, mode 600, shared by every replica started there.
+pub const DEV_SECRETS_FILE: &str = ".secrets/dev.env";
+/// What the example secret files (deploy/) hold until an operator fills them in.
+pub const PLACEHOLDER_MARKER: &str = "REPLACE_ME";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -163,6 +164,10 @@ fn default_usage_capacity() -> usize {
 fn default_usage_flush_ms() -> u64 {
     1000
 }
+// ---- login lockout and abuse throttles (helper "login") ----
+fn default_login_locked_delay_ms() -> u64 {
+    2000
+}
 
 /// Every setting the service reads. Field names are the lower-cased variable names
 /// (envy's mapping), so `USER_SERVICE_PORT` is `user_service_port`.
@@ -251,6 +256,25 @@ pub struct Settings {
     #[serde(default = "default_usage_flush_ms")]
     pub usage_log_flush_interval_ms: u64,
 
+    // --- key material (config helper) ---
+    /// Fingerprints of this checkout's development key material (`.secrets/dev.env`),
+    /// which staging and production refuse like the once-committed keys. Filled by
+    /// loading, never from a variable.
+    #[serde(skip)]
+    pub development_key_fingerprints: Vec<Fingerprint>,
+    // --- deploy: database roles ---
+    /// The schema owner's URL, used only by `user-service migrate`. The service
+    /// connects with DATABASE_URL, a role that may insert into audit_logs but not
+    /// alter it (deploy/postgres/roles.sql). Unset: migrate uses DATABASE_URL.
+    pub database_migration_url: Option<SecretString>,
+    // ---- login lockout and abuse throttles (helper "login") ----
+    /// The second check when an account is locked but this client IP never failed
+    /// for it: the password is checked after this wait instead of refused.
+    #[serde(default = "default_login_locked_delay_ms")]
+    pub login_locked_delay_ms: u64,
+    /// Sign-ups per client IP per hour; 0 turns the throttle off (development).
+    #[serde(default)]
+    pub register_ip_max_per_hour: u32,
     // ---- runtime: client networks, connection limits, database timeouts ----
     /// Networks whose clients may connect (CIDRs); unset means the environment's
     /// default (development: loopback and private ranges; elsewhere everyone),
@@ -360,6 +384,8 @@ pub enum ConfigError {
     },
     #[error("cannot read {file}: {message}")]
     Read { file: String, message: String },
+    #[error("cannot write {file}: {message}")]
+    Write { file: String, message: String },
     #[error("invalid setting: {0}")]
     Invalid(String),
     #[error("{}", .0.iter().map(|p| format!("error: {p}")).collect::<Vec<_>>().join("\n"))]
@@ -393,7 +419,23 @@ pub fn parse_env_file(
     file: &str,
     vars: &HashMap<String, String>,
 ) -> Result<Vec<(String, String)>, ConfigError> {
+    let (values, mut errors) = parse_env_file_all(content, file, vars);
+    if errors.is_empty() {
+        Ok(values)
+    } else {
+        Err(errors.remove(0))
+    }
+}
+
+/// Like [`parse_env_file`], but reads past problems: every bad line and every unset
+/// `${VAR}` is reported (a line with one is left out), so one pass shows them all.
+pub fn parse_env_file_all(
+    content: &str,
+    file: &str,
+    vars: &HashMap<String, String>,
+) -> (Vec<(String, String)>, Vec<ConfigError>) {
     let mut out: Vec<(String, String)> = Vec::new();
+    let mut errors = Vec::new();
     for (idx, raw) in content.lines().enumerate() {
         let line_no = idx + 1;
         let line = raw.trim();
@@ -402,19 +444,21 @@ pub fn parse_env_file(
         }
         let line = line.strip_prefix("export ").unwrap_or(line);
         let Some((key, value)) = line.split_once('=') else {
-            return Err(ConfigError::Syntax {
+            errors.push(ConfigError::Syntax {
                 file: file.into(),
                 line: line_no,
                 message: "expected KEY=value".into(),
             });
+            continue;
         };
         let key = key.trim();
         if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(ConfigError::Syntax {
+            errors.push(ConfigError::Syntax {
                 file: file.into(),
                 line: line_no,
                 message: format!("invalid variable name {key:?}"),
             });
+            continue;
         }
         let value = value.trim();
         let (value, expand) =
@@ -427,48 +471,77 @@ pub fn parse_env_file(
                 let v = value.split(" #").next().unwrap_or("").trim_end();
                 (v.to_string(), true)
             };
-        let value = if expand {
-            expand_vars(&value, |name| {
-                vars.get(name).cloned().or_else(|| {
-                    out.iter()
-                        .rev()
-                        .find(|(k, _)| k == name)
-                        .map(|(_, v)| v.clone())
-                })
+        if !expand {
+            out.push((key.to_string(), value));
+            continue;
+        }
+        let expanded = expand_vars(&value, |name| {
+            vars.get(name).cloned().or_else(|| {
+                out.iter()
+                    .rev()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
             })
-            .map_err(|var| ConfigError::UnsetVariable {
+        });
+        match expanded {
+            Ok(v) => out.push((key.to_string(), v)),
+            Err(unset) => errors.extend(unset.into_iter().map(|var| ConfigError::UnsetVariable {
                 file: file.into(),
                 line: line_no,
                 var,
-            })?
-        } else {
-            value
-        };
-        out.push((key.to_string(), value));
+            })),
+        }
     }
-    Ok(out)
+    (out, errors)
 }
 
-/// Replaces every `${NAME}`; the first unset name is returned as the error.
-fn expand_vars(value: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+/// Replaces every `${NAME}`; the error lists every unset name.
+/// Empty values mean "unset" for optional settings (SENTRY_DSN= in a file),
+/// except ALLOWED_CLIENT_NETWORKS, where empty means everyone.
+fn keep_var((k, v): &(String, String)) -> bool {
+    !v.is_empty() || k == "ALLOWED_CLIENT_NETWORKS"
+}
+
+fn expand_vars(
+    value: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, Vec<String>> {
     let mut out = String::with_capacity(value.len());
+    let mut unset = Vec::new();
     let mut rest = value;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let Some(end) = after.find('}') else {
             out.push_str(&rest[start..]);
-            return Ok(out);
+            rest = "";
+            break;
         };
         let name = &after[..end];
         match lookup(name) {
             Some(v) => out.push_str(&v),
-            None => return Err(name.to_string()),
+            None if !unset.iter().any(|u| u == name) => unset.push(name.to_string()),
+            None => {}
         }
         rest = &after[end + 1..];
     }
     out.push_str(rest);
-    Ok(out)
+    if unset.is_empty() {
+        Ok(out)
+    } else {
+        Err(unset)
+    }
+}
+
+/// An envy error without the value it quotes (the value may be a secret).
+fn describe_envy_error(e: &envy::Error) -> String {
+    match e {
+        envy::Error::MissingValue(field) => format!("{} is required", field.to_ascii_uppercase()),
+        envy::Error::Custom(msg) => match msg.split_once(" while parsing value '") {
+            Some((reason, _)) => reason.to_string(),
+            None => msg.clone(),
+        },
+    }
 }
 
 impl Settings {
@@ -483,24 +556,109 @@ impl Settings {
     }
 
     /// The whole loading rule, with the environment passed in so tests need not
-    /// touch the process environment.
+    /// touch the process environment. Fails with every problem found, loading and
+    /// validation alike (see [`Settings::inspect_from`]).
     pub fn load_from(vars: &HashMap<String, String>, dir: &Path) -> Result<Self, ConfigError> {
+        let (settings, mut problems) = Self::inspect_from(vars, dir)?;
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            problems.extend(settings.problems());
+            Err(ConfigError::Insecure(problems))
+        }
+    }
+
+    /// Reads everything it can and reports each loading problem instead of stopping
+    /// at the first: every unset `${VAR}`, bad line, invalid value, missing required
+    /// setting and unfilled `REPLACE_ME` placeholder (whose setting is then treated
+    /// as unset). Development fills unset key settings from `.secrets/dev.env` under
+    /// `dir`, generating it once. Fails outright only when a file cannot be read or
+    /// written.
+    pub fn inspect_from(
+        vars: &HashMap<String, String>,
+        dir: &Path,
+    ) -> Result<(Self, Vec<String>), ConfigError> {
         let mut merged: HashMap<String, String> = HashMap::new();
+        let mut problems = Vec::new();
         if let Some(path) = choose_env_file(vars, dir) {
             let name = path.display().to_string();
             let content = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
                 file: name.clone(),
                 message: e.to_string(),
             })?;
-            for (k, v) in parse_env_file(&content, &name, vars)? {
-                merged.insert(k, v);
+            let (values, errors) = parse_env_file_all(&content, &name, vars);
+            merged.extend(values);
+            // A file line whose variable is unset does not matter when a process
+            // variable overrides that setting anyway.
+            let lines = content.lines().collect::<Vec<_>>();
+            for e in errors {
+                let overridden = match &e {
+                    ConfigError::UnsetVariable { line, .. } => lines
+                        .get(line - 1)
+                        .and_then(|l| l.trim().trim_start_matches("export ").split_once('='))
+                        .is_some_and(|(k, _)| vars.contains_key(k.trim())),
+                    _ => false,
+                };
+                if !overridden {
+                    problems.push(e.to_string());
+                }
             }
         }
         // Real process variables win over file values and are used as given.
         for (k, v) in vars {
             merged.insert(k.clone(), v.clone());
         }
-        Self::from_vars(merged)
+        let mut placeholders: Vec<String> = merged
+            .iter()
+            .filter(|(_, v)| v.contains(PLACEHOLDER_MARKER))
+            .map(|(k, _)| k.clone())
+            .collect();
+        placeholders.sort();
+        for k in &placeholders {
+            merged.remove(k);
+        }
+
+        let env = merged
+            .get("APP_ENV")
+            .map(|e| Environment::parse(e))
+            .unwrap_or(Some(Environment::Development));
+        let dev_secrets = dir.join(DEV_SECRETS_FILE);
+        let mut development_key_fingerprints = Vec::new();
+        match env {
+            Some(Environment::Development) => {
+                for (k, v) in dev_secrets::fill_unset(&dev_secrets, &merged)? {
+                    merged.insert(k, v);
+                }
+            }
+            Some(_) => {
+                if let Some(dev) = dev_secrets::read(&dev_secrets)? {
+                    let get = |k: &str| dev.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+                    development_key_fingerprints = key_material::fingerprints_of(
+                        get("JWT_PRIVATE_KEY"),
+                        get("JWT_PREVIOUS_PUBLIC_KEYS"),
+                        get("CREDENTIALS_ENCRYPTION_KEYS"),
+                        get("API_KEY_HASH_SECRET"),
+                    );
+                }
+            }
+            None => {}
+        }
+
+        let (mut settings, load_problems) = Self::from_vars_reporting(merged);
+        // Reported for the settings themselves (JWT_PRIVATE_KEY), not for the
+        // variables a file expanded into them (STAGING_JWT_PRIVATE_KEY).
+        let names: Vec<&str> = settings.effective().into_iter().map(|(k, _)| k).collect();
+        problems.extend(
+            placeholders
+                .iter()
+                .filter(|k| names.contains(&k.as_str()))
+                .map(|k| {
+                    format!("{k} still holds the example placeholder {PLACEHOLDER_MARKER}: set a real value")
+                }),
+        );
+        problems.extend(load_problems);
+        settings.development_key_fingerprints = development_key_fingerprints;
+        Ok((settings, problems))
     }
 
     /// Deserializes from a variable map (no file, no expansion).
@@ -510,10 +668,55 @@ impl Settings {
     {
         // Empty values mean "unset" for optional settings (SENTRY_DSN= in a file),
         // except ALLOWED_CLIENT_NETWORKS, where empty means everyone.
-        let vars = vars
-            .into_iter()
-            .filter(|(k, v)| !v.is_empty() || k == "ALLOWED_CLIENT_NETWORKS");
-        envy::from_iter::<_, Settings>(vars).map_err(|e| ConfigError::Invalid(e.to_string()))
+        let vars = vars.into_iter().filter(keep_var);
+        envy::from_iter::<_, Settings>(vars)
+            .map_err(|e| ConfigError::Invalid(describe_envy_error(&e)))
+    }
+
+    /// Deserializes, reporting every invalid value and missing required setting
+    /// rather than the first: each variable is tried on its own, bad ones are left
+    /// out (their defaults apply) and missing required ones are left empty, so the
+    /// effective settings can still be shown.
+    fn from_vars_reporting(vars: HashMap<String, String>) -> (Self, Vec<String>) {
+        let mut vars: Vec<(String, String)> = vars.into_iter().filter(keep_var).collect();
+        vars.sort();
+        let mut problems = Vec::new();
+        if envy::from_iter::<_, Settings>(vars.clone()).is_err() {
+            vars.retain(|(k, v)| {
+                let probe = [("DATABASE_URL", "-"), ("REDIS_URL", "-")]
+                    .into_iter()
+                    .filter(|(name, _)| name != k)
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .chain([(k.clone(), v.clone())]);
+                match envy::from_iter::<_, Settings>(probe) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        problems.push(format!("{k}: {}", describe_envy_error(&e)));
+                        false
+                    }
+                }
+            });
+        }
+        loop {
+            match envy::from_iter::<_, Settings>(vars.clone()) {
+                Ok(s) => return (s, problems),
+                Err(envy::Error::MissingValue(field)) => {
+                    let name = field.to_ascii_uppercase();
+                    problems.push(format!("{name} is required"));
+                    vars.push((name, String::new()));
+                }
+                // Every variable deserialized on its own above; one that fails only
+                // in company is reported as such, and defaults apply.
+                Err(e) => {
+                    problems.push(describe_envy_error(&e));
+                    let defaults = [("DATABASE_URL", ""), ("REDIS_URL", "")]
+                        .map(|(k, v)| (k.to_string(), v.to_string()));
+                    let s =
+                        envy::from_iter::<_, Settings>(defaults).expect("the defaults deserialize");
+                    return (s, problems);
+                }
+            }
+        }
     }
 
     /// ALLOWED_CLIENT_NETWORKS, or the environment's default when unset.
@@ -601,12 +804,15 @@ impl Settings {
         if self.session_cookie_samesite == SameSite::None && !self.session_cookie_secure {
             p.push("SESSION_COOKIE_SAMESITE=none requires SESSION_COOKIE_SECURE=true".into());
         }
+        p.extend(self.key_material_problems());
         if self.app_env == Environment::Development {
             return p;
         }
         let env = self.app_env.as_str();
-        // (Development reports an unreadable URL when it connects.)
+        // (Development reports an unreadable URL when it connects; an empty one is
+        // already reported as missing.)
         match remote_database_without_verified_tls(self.database_url.expose_secret()) {
+            _ if self.database_url.expose_secret().is_empty() => {}
             Err(()) => p.push("DATABASE_URL is not a valid PostgreSQL URL".into()),
             Ok(Some(host)) => p.push(format!(
                 "DATABASE_URL points at {host} without sslmode=verify-full, refused in {env}"
@@ -614,6 +820,7 @@ impl Settings {
             Ok(None) => {}
         }
         match remote_redis_without_tls(self.redis_url.expose_secret()) {
+            _ if self.redis_url.expose_secret().is_empty() => {}
             Err(()) => p.push("REDIS_URL is not a valid Redis URL".into()),
             Ok(Some(host)) => p.push(format!(
                 "REDIS_URL points at {host} without TLS (rediss://), refused in {env}"
@@ -633,37 +840,105 @@ impl Settings {
                 "CORS_ALLOWED_ORIGINS must not contain '*' in {env}"
             ));
         }
-        match &self.jwt_private_key {
-            None => p.push(format!("JWT_PRIVATE_KEY is required in {env}")),
-            Some(k) if k.expose_secret().trim() == DEV_JWT_PRIVATE_KEY => p.push(format!(
-                "JWT_PRIVATE_KEY is the development key, refused in {env}"
-            )),
-            Some(_) => {}
-        }
-        match &self.credentials_encryption_keys {
-            None => p.push(format!("CREDENTIALS_ENCRYPTION_KEYS is required in {env}")),
-            Some(k)
-                if k.expose_secret()
-                    .split(',')
-                    .any(|e| e.trim().starts_with(DEV_SECRET_MARKER)) =>
-            {
-                p.push(format!(
-                    "CREDENTIALS_ENCRYPTION_KEYS holds a development key, refused in {env}"
-                ))
-            }
-            Some(_) => {}
-        }
-        match &self.api_key_hash_secret {
-            None => p.push(format!("API_KEY_HASH_SECRET is required in {env}")),
-            Some(k) if k.expose_secret().starts_with(DEV_SECRET_MARKER) => p.push(format!(
-                "API_KEY_HASH_SECRET is the development secret, refused in {env}"
-            )),
-            Some(k) if k.expose_secret().len() < 32 => p.push(format!(
-                "API_KEY_HASH_SECRET must be at least 32 characters in {env}"
-            )),
-            Some(_) => {}
-        }
         p
+    }
+
+    /// The key settings: each must parse as the service will use it, and outside
+    /// development none may be development material. That is decided on the parsed
+    /// bytes' fingerprints (the signing key's public key, each encryption key's 32
+    /// bytes whatever its id, the hash secret), never on the text, so a different
+    /// PEM layout, label or base64 spelling of a known key is still refused.
+    fn key_material_problems(&self) -> Vec<String> {
+        use key_material::fingerprint;
+        let env = self.app_env.as_str();
+        let known = |fp: &Fingerprint| {
+            self.app_env != Environment::Development
+                && (key_material::was_committed(fp)
+                    || self.development_key_fingerprints.contains(fp))
+        };
+        let refused =
+            |what: String| format!("{what} is development key material, refused in {env}");
+        let mut p = Vec::new();
+        match self.jwt_private_key.as_ref() {
+            None => p.push(format!("JWT_PRIVATE_KEY is required in {env}")),
+            Some(k) => match key_material::parse_signing_key(k.expose_secret()) {
+                Err(e) => p.push(format!("JWT_PRIVATE_KEY {e}")),
+                Ok(k) if known(&fingerprint(&k.public_key)) => {
+                    p.push(refused("JWT_PRIVATE_KEY".into()))
+                }
+                Ok(_) => {}
+            },
+        }
+        if let Some(prev) = &self.jwt_previous_public_keys {
+            match key_material::parse_public_keys(prev) {
+                Err(e) => p.push(format!("JWT_PREVIOUS_PUBLIC_KEYS {e}")),
+                Ok(keys) => {
+                    for (i, k) in keys.iter().enumerate() {
+                        if known(&fingerprint(k)) {
+                            p.push(refused(format!("JWT_PREVIOUS_PUBLIC_KEYS key {}", i + 1)));
+                        }
+                    }
+                }
+            }
+        }
+        match self.credentials_encryption_keys.as_ref() {
+            None => p.push(format!("CREDENTIALS_ENCRYPTION_KEYS is required in {env}")),
+            Some(k) => match key_material::parse_key_ring(k.expose_secret()) {
+                Err(e) => p.push(format!("CREDENTIALS_ENCRYPTION_KEYS: {e}")),
+                Ok(ring) => {
+                    for (kid, key) in &ring {
+                        if known(&fingerprint(key)) {
+                            p.push(refused(format!("CREDENTIALS_ENCRYPTION_KEYS key {kid:?}")));
+                        }
+                    }
+                }
+            },
+        }
+        match self.api_key_hash_secret.as_ref().map(|k| k.expose_secret()) {
+            None => p.push(format!("API_KEY_HASH_SECRET is required in {env}")),
+            Some(k) if known(&key_material::secret_fingerprint(k)) => {
+                p.push(refused("API_KEY_HASH_SECRET".into()))
+            }
+            Some(k) if self.app_env != Environment::Development && k.trim().len() < 32 => p.push(
+                format!("API_KEY_HASH_SECRET must be at least 32 characters in {env}"),
+            ),
+            Some(_) => {}
+        }
+        p.extend(self.database_role_problems());
+        p
+    }
+
+    /// Staging and production: the migration role travels like DATABASE_URL (verified
+    /// TLS off the host) and is not the service's own role, which must not be able
+    /// to alter audit_logs. Whether DATABASE_URL's role owns the table is checked
+    /// against the database when `serve` starts.
+    fn database_role_problems(&self) -> Vec<String> {
+        let env = self.app_env.as_str();
+        let Some(migration) = &self.database_migration_url else {
+            return Vec::new();
+        };
+        let migration = migration.expose_secret();
+        match remote_database_without_verified_tls(migration) {
+            Err(()) => return vec!["DATABASE_MIGRATION_URL is not a valid PostgreSQL URL".into()],
+            Ok(Some(host)) => {
+                return vec![format!(
+                    "DATABASE_MIGRATION_URL points at {host} without sslmode=verify-full, refused in {env}"
+                )]
+            }
+            Ok(None) => {}
+        }
+        let user = |url: &str| {
+            url.parse::<sqlx::postgres::PgConnectOptions>()
+                .map(|o| o.get_username().to_string())
+                .ok()
+        };
+        match (user(migration), user(self.database_url.expose_secret())) {
+            (Some(owner), Some(app)) if owner == app => vec![format!(
+                "DATABASE_URL uses the migration role {app:?}: the service could alter audit_logs; \
+                 connect it as its own role (deploy/postgres/roles.sql), refused in {env}"
+            )],
+            _ => Vec::new(),
+        }
     }
 
     /// Fails with every problem listed when the settings are unsafe to run.
@@ -793,6 +1068,15 @@ impl Settings {
                 "USAGE_LOG_FLUSH_INTERVAL_MS",
                 self.usage_log_flush_interval_ms.to_string(),
             ),
+            // ---- login lockout and abuse throttles (helper "login") ----
+            (
+                "LOGIN_LOCKED_DELAY_MS",
+                self.login_locked_delay_ms.to_string(),
+            ),
+            (
+                "REGISTER_IP_MAX_PER_HOUR",
+                self.register_ip_max_per_hour.to_string(),
+            ),
             // ---- runtime ----
             (
                 "ALLOWED_CLIENT_NETWORKS",
@@ -829,6 +1113,14 @@ impl Settings {
                 "HTTP2_MAX_CONCURRENT_STREAMS",
                 self.http2_max_concurrent_streams.to_string(),
             ),
+            // --- deploy: database roles ---
+            (
+                "DATABASE_MIGRATION_URL",
+                self.database_migration_url
+                    .as_ref()
+                    .map(|u| mask_url(u.expose_secret()))
+                    .unwrap_or_default(),
+            ),
             // tokens: in-process verification caches
             (
                 "TOKEN_CACHE_CAPACITY",
@@ -844,6 +1136,132 @@ impl Settings {
                 self.token_cache_ttl_seconds.to_string(),
             ),
         ]
+    }
+}
+
+/// `.secrets/dev.env`: the development key material generated once per working
+/// directory. Written whole under an exclusive lock and renamed into place, so
+/// replicas starting at the same moment end up with one set of keys.
+mod dev_secrets {
+    use std::collections::HashMap;
+    use std::io::Write as _;
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    use std::path::Path;
+
+    use super::{parse_env_file_all, ConfigError};
+    use crate::crypto::key_material;
+
+    fn io_error(path: &Path, e: std::io::Error) -> ConfigError {
+        ConfigError::Write {
+            file: path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// The file's values, or None when it does not exist.
+    pub(super) fn read(path: &Path) -> Result<Option<Vec<(String, String)>>, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(content) => {
+                let name = path.display().to_string();
+                Ok(Some(parse_env_file_all(&content, &name, &HashMap::new()).0))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ConfigError::Read {
+                file: path.display().to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Values for the key settings `merged` leaves unset: from the file, generated
+    /// into it first when it lacks them.
+    pub(super) fn fill_unset(
+        path: &Path,
+        merged: &HashMap<String, String>,
+    ) -> Result<Vec<(String, String)>, ConfigError> {
+        let unset: Vec<&str> = key_material::GENERATED_IN_DEVELOPMENT
+            .into_iter()
+            .filter(|k| merged.get(*k).is_none_or(|v| v.is_empty()))
+            .collect();
+        if unset.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pick = |values: &[(String, String)]| -> Option<Vec<(String, String)>> {
+            unset
+                .iter()
+                .map(|k| {
+                    values
+                        .iter()
+                        .rev()
+                        .find(|(n, v)| n == k && !v.is_empty())
+                        .cloned()
+                })
+                .collect()
+        };
+        if let Some(found) = read(path)?.as_deref().and_then(pick) {
+            // Tighten a copy made with the wrong mode; not ours to fail on.
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+            return Ok(found);
+        }
+
+        let dir = path.parent().expect("the file lives in .secrets/");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io_error(dir, e))?;
+        let lock_path = path.with_extension("env.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| io_error(&lock_path, e))?;
+        // flock(2) rather than File::lock, which is newer than the crate's MSRV. The
+        // lock is released when `lock` is dropped (the descriptor closes).
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io_error(&lock_path, std::io::Error::last_os_error()));
+        }
+        // Another process may have written it while this one waited.
+        let existing = std::fs::read_to_string(path).unwrap_or_default();
+        let mut values = parse_env_file_all(&existing, "", &HashMap::new()).0;
+        let mut content = if existing.is_empty() {
+            "# Development key material, generated by user-service on first start in this\n\
+             # directory and shared by every replica started here. Never commit it; never\n\
+             # use it outside development (staging and production refuse these keys).\n"
+                .to_string()
+        } else {
+            let mut c = existing.clone();
+            if !c.ends_with('\n') {
+                c.push('\n');
+            }
+            c
+        };
+        for name in &unset {
+            if values.iter().any(|(n, v)| n == name && !v.is_empty()) {
+                continue;
+            }
+            let value = key_material::generate(name).expect("a generated setting");
+            content.push_str(&format!("{name}=\"{}\"\n", value.replace('\n', "\\n")));
+            values.push((name.to_string(), value));
+        }
+        let tmp = path.with_extension("env.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| io_error(&tmp, e))?;
+        f.write_all(content.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io_error(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io_error(path, e))?;
+        drop(lock);
+        Ok(pick(&values).expect("every unset key was generated"))
     }
 }
 

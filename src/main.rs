@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use user_service::app::App;
-use user_service::config::Settings;
+use user_service::config::{ConfigError, Environment, Settings};
 use user_service::{shutdown, store, telemetry};
 
 /// mimalloc instead of glibc malloc: a request allocates and frees dozens of small
@@ -35,17 +35,21 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::CheckConfig = command {
+        return check_config();
+    }
     let settings = match Settings::load() {
         Ok(s) => s,
+        Err(e @ ConfigError::Insecure(_)) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(1);
         }
     };
-    let command = cli.command.unwrap_or(Command::Serve);
-    if let Command::CheckConfig = command {
-        return check_config(&settings);
-    }
     if let Err(e) = settings.validate() {
         eprintln!("{e}");
         return ExitCode::from(1);
@@ -77,11 +81,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_config(settings: &Settings) -> ExitCode {
+/// Every problem in one pass: what loading found (unset `${VAR}`s, bad values,
+/// placeholders) and what validation finds in the rest.
+fn check_config() -> ExitCode {
+    let vars: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let loaded = std::env::current_dir()
+        .map_err(|e| e.to_string())
+        .and_then(|dir| Settings::inspect_from(&vars, &dir).map_err(|e| e.to_string()));
+    let (settings, mut problems) = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            println!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
     for (k, v) in settings.effective() {
         println!("{k}={v}");
     }
-    let problems = settings.problems();
+    problems.extend(settings.problems());
+    // deploy: the service's database role, checked against the database itself.
+    if settings.app_env != Environment::Development {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(audit_role_problem(&settings)))
+        {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(problem))) => problems.push(problem),
+            Ok(Err(unchecked)) => println!("warning: {unchecked}"),
+            Err(e) => println!("warning: cannot start a runtime to check the database role: {e}"),
+        }
+    }
     for p in &problems {
         println!("error: {p}");
     }
@@ -105,6 +135,15 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
+    if settings.app_env != Environment::Development {
+        match audit_role_problem(&settings).await {
+            Ok(None) => {}
+            Ok(Some(problem)) => anyhow::bail!(problem),
+            // The service starts while the database is down (NOT_SERVING until it
+            // is back), so a check that cannot run now does not stop it.
+            Err(unchecked) => tracing::warn!("{unchecked}"),
+        }
+    }
     let app = App::build(settings).await?;
     let stop = app.shutdown();
     tokio::spawn(async move {
@@ -114,9 +153,20 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     app.run_until_stopped().await
 }
 
+/// Staging and production: whether DATABASE_URL's role could switch the audit
+/// log's triggers off (service::audit_log::append_only_problem), with one short-lived
+/// connection.
+async fn audit_role_problem(settings: &Settings) -> Result<Option<String>, String> {
+    let db = store::Db::connect_lazy(settings).map_err(|e| e.to_string())?;
+    let checked =
+        user_service::service::audit_log::append_only_problem(&db, settings.app_env.as_str()).await;
+    db.pool.close().await;
+    checked
+}
+
 async fn migrate(settings: Settings) -> anyhow::Result<()> {
     telemetry::init_tracing(&settings);
-    let db = store::Db::connect_unbounded(&settings)?;
+    let db = store::Db::connect_migrator(&settings)?;
     db.migrate().await?;
     println!("migrations applied");
     Ok(())

@@ -6,7 +6,6 @@ use std::fmt;
 
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
-use base64::Engine;
 use secrecy::{ExposeSecret, SecretString};
 
 const NONCE_LEN: usize = 12;
@@ -46,42 +45,15 @@ impl KeyRing {
     /// Parses `kid:base64key,…` (32-byte keys, distinct ids). Errors never echo
     /// key material.
     pub fn parse(spec: &SecretString) -> Result<Self, AeadError> {
-        let mut keys: Vec<(String, Aes256Gcm)> = Vec::new();
-        for (i, entry) in spec.expose_secret().split(',').enumerate() {
-            let entry = entry.trim();
-            if entry.is_empty() {
-                continue;
-            }
-            let (kid, b64) = entry.split_once(':').ok_or_else(|| {
-                AeadError::BadKeyRing(format!("entry {} is not kid:base64key", i + 1))
-            })?;
-            let kid = kid.trim();
-            let valid_kid = !kid.is_empty()
-                && kid.len() <= 64
-                && kid
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-            if !valid_kid {
-                return Err(AeadError::BadKeyRing(format!(
-                    "entry {} has an invalid key id",
-                    i + 1
-                )));
-            }
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .map_err(|_| AeadError::BadKeyRing(format!("key {kid:?} is not base64")))?;
-            let cipher = Aes256Gcm::new_from_slice(&raw)
-                .map_err(|_| AeadError::BadKeyRing(format!("key {kid:?} is not 32 bytes")))?;
-            if keys.iter().any(|(k, _)| k == kid) {
-                return Err(AeadError::BadKeyRing(format!(
-                    "key id {kid:?} appears twice"
-                )));
-            }
-            keys.push((kid.to_string(), cipher));
-        }
-        if keys.is_empty() {
-            return Err(AeadError::BadKeyRing("no keys".into()));
-        }
+        let keys = crate::crypto::key_material::parse_key_ring(spec.expose_secret())
+            .map_err(AeadError::BadKeyRing)?
+            .into_iter()
+            .map(|(kid, raw)| {
+                let cipher = Aes256Gcm::new_from_slice(&raw)
+                    .map_err(|_| AeadError::BadKeyRing(format!("key {kid:?} is not 32 bytes")))?;
+                Ok((kid, cipher))
+            })
+            .collect::<Result<Vec<_>, AeadError>>()?;
         Ok(Self { keys })
     }
 

@@ -7,10 +7,6 @@ use subtle::ConstantTimeEq;
 
 use crate::domain::api_key::ApiKeySecret;
 
-/// Used only when development runs without API_KEY_HASH_SECRET (staging and
-/// production refuse to start without a real one).
-const DEV_FALLBACK_SECRET: &str = "dev-unset-api-key-hash-secret";
-
 /// Why keyed rather than a plain SHA-256: the keys have 256 bits of entropy, so
 /// neither resists brute force better; what the key buys is that a leaked
 /// `api_keys` table (a backup, a replica, an SQL injection) is not enough to
@@ -23,10 +19,13 @@ pub struct ApiKeyHasher {
 }
 
 impl ApiKeyHasher {
+    /// Without a secret (only settings built by hand: loading always has one, and
+    /// check-config refuses its absence) a random one for this process, never a
+    /// constant anyone could know.
     pub fn new(secret: Option<&SecretString>) -> Self {
         let secret = secret
             .map(|s| s.expose_secret().as_bytes().to_vec())
-            .unwrap_or_else(|| DEV_FALLBACK_SECRET.as_bytes().to_vec());
+            .unwrap_or_else(|| crate::crypto::key_material::generate_hash_secret().into_bytes());
         Self {
             mac: Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC accepts any key length"),
         }

@@ -5,24 +5,19 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use ring::signature::{Ed25519KeyPair, KeyPair};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Settings, DEV_JWT_PRIVATE_KEY};
+use crate::config::Settings;
+use crate::crypto::key_material;
 
 /// Clock skew tolerated on `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 30;
-
-/// DER prefix of an Ed25519 SubjectPublicKeyInfo; the raw 32-byte key follows.
-const ED25519_SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -76,33 +71,6 @@ fn now_secs() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// The base64 body of every `-----BEGIN <label>-----` block in `text`.
-fn pem_blocks(text: &str, label: &str) -> anyhow::Result<Vec<Vec<u8>>> {
-    // A value passed through a process variable may carry literal `\n`.
-    let text = text.replace("\\n", "\n");
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let mut out = Vec::new();
-    let mut rest = text.as_str();
-    while let Some(start) = rest.find(&begin) {
-        let after = &rest[start + begin.len()..];
-        let stop = after
-            .find(&end)
-            .ok_or_else(|| anyhow::anyhow!("unterminated PEM block {label}"))?;
-        let b64: String = after[..stop]
-            .chars()
-            .filter(|c| !c.is_whitespace())
-            .collect();
-        out.push(
-            STANDARD
-                .decode(b64)
-                .map_err(|_| anyhow::anyhow!("PEM block {label} is not base64"))?,
-        );
-        rest = &after[stop + end.len()..];
-    }
-    Ok(out)
-}
-
 /// Key id: base64url of the first 8 bytes of SHA-256 of the raw public key.
 pub fn kid_for(public_key: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(&Sha256::digest(public_key)[..8])
@@ -120,34 +88,26 @@ fn jwk(public_key: &[u8], kid: &str) -> serde_json::Value {
 }
 
 impl JwtKeys {
-    /// From JWT_PRIVATE_KEY (the development key when unset, which only development
-    /// accepts) and JWT_PREVIOUS_PUBLIC_KEYS.
+    /// From JWT_PRIVATE_KEY (required: development generates one into
+    /// `.secrets/dev.env`) and JWT_PREVIOUS_PUBLIC_KEYS.
     pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
         let private_pem = settings
             .jwt_private_key
             .as_ref()
-            .map(|k| k.expose_secret().to_string())
-            .unwrap_or_else(|| DEV_JWT_PRIVATE_KEY.to_string());
-        let der = pem_blocks(&private_pem, "PRIVATE KEY")?
-            .into_iter()
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("JWT_PRIVATE_KEY holds no PEM private key"))?;
-        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
-            .map_err(|_| anyhow::anyhow!("JWT_PRIVATE_KEY is not an Ed25519 PKCS#8 key"))?;
-        let public = pair.public_key().as_ref().to_vec();
+            .ok_or_else(|| anyhow::anyhow!("JWT_PRIVATE_KEY is not set"))?;
+        let key = key_material::parse_signing_key(private_pem.expose_secret())
+            .map_err(|e| anyhow::anyhow!("JWT_PRIVATE_KEY {e}"))?;
+        let der = key.pkcs8_der;
+        let public = key.public_key;
         let kid = kid_for(&public);
 
         let mut verifying = HashMap::new();
         let mut keys = vec![jwk(&public, &kid)];
         verifying.insert(kid.clone(), DecodingKey::from_ed_der(&public));
         if let Some(prev) = &settings.jwt_previous_public_keys {
-            for spki in pem_blocks(prev, "PUBLIC KEY")? {
-                let raw = spki
-                    .strip_prefix(&ED25519_SPKI_PREFIX[..])
-                    .filter(|k| k.len() == 32)
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("JWT_PREVIOUS_PUBLIC_KEYS holds a key that is not Ed25519")
-                    })?;
+            let previous = key_material::parse_public_keys(prev)
+                .map_err(|e| anyhow::anyhow!("JWT_PREVIOUS_PUBLIC_KEYS {e}"))?;
+            for raw in &previous {
                 let prev_kid = kid_for(raw);
                 if verifying.contains_key(&prev_kid) {
                     continue;
@@ -252,6 +212,7 @@ mod tests {
         let vars = [
             ("DATABASE_URL", "postgres://x@localhost/x"),
             ("REDIS_URL", "redis://localhost/0"),
+            ("JWT_PRIVATE_KEY", &key_material::generate_signing_key_pem()),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
         JwtKeys::from_settings(&Settings::from_vars(vars).unwrap()).unwrap()

@@ -5,4 +5,5 @@ pub mod aead;
 pub mod api_key_hash;
 pub mod client_secret;
 pub mod jwt;
+pub mod key_material;
 pub mod password;

@@ -11,6 +11,11 @@
 //! while VerifyApiKey alone saturates the core, when the service needs another
 //! replica anyway. Login floods are mostly credential stuffing: they must not
 //! slow down every other service's requests.
+//!
+//! A sandbox that denies `sched_setscheduler` (systemd's `@resources` filter) leaves
+//! the threads at normal priority: the service still works, so it starts, but says
+//! so once in the log and in the gauge `password_hashing_low_priority` (1 when every
+//! hashing thread runs under SCHED_IDLE, 0 otherwise).
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -47,16 +52,21 @@ fn dummy_hash() -> &'static str {
 type Job = Box<dyn FnOnce() + Send>;
 
 /// `n` threads taking jobs from one queue; they end when the last sender is
-/// dropped (the hasher with its app).
-fn start_pool(n: usize) -> mpsc::Sender<Job> {
+/// dropped (the hasher with its app). Also returns whether every thread lowered its
+/// priority (false when none started).
+fn start_pool(n: usize) -> (mpsc::Sender<Job>, bool) {
     let (tx, rx) = mpsc::channel::<Job>();
     let rx = Arc::new(Mutex::new(rx));
+    let (lowered_tx, lowered) = mpsc::channel::<std::io::Result<()>>();
+    let mut started = 0;
     for i in 0..n {
         let rx = rx.clone();
+        let lowered_tx = lowered_tx.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("argon2-{i}"))
             .spawn(move || {
-                lower_this_threads_priority();
+                let _ = lowered_tx.send(lower_this_threads_priority());
+                drop(lowered_tx);
                 loop {
                     let job = rx
                         .lock()
@@ -75,29 +85,48 @@ fn start_pool(n: usize) -> mpsc::Sender<Job> {
                     }
                 }
             });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start a password-hashing thread");
+        match spawned {
+            Ok(_) => started += 1,
+            Err(e) => tracing::error!(error = %e, "cannot start a password-hashing thread"),
         }
     }
-    tx
+    drop(lowered_tx);
+    // Each started thread reports first thing; a thread that died before reporting
+    // closes its sender, so this never waits on a report that cannot come.
+    let mut failure = None;
+    for report in lowered.iter() {
+        if let Err(e) = report {
+            failure = Some(e);
+        }
+    }
+    let low = started > 0 && failure.is_none();
+    metrics::gauge!("password_hashing_low_priority").set(if low { 1.0 } else { 0.0 });
+    if let Some(e) = failure {
+        tracing::warn!(
+            error = %e,
+            "password-hashing threads run at normal priority (SCHED_IDLE refused): a login \
+             flood can slow every other request; allow sched_setscheduler in the sandbox \
+             (deploy/systemd)"
+        );
+    }
+    (tx, low)
 }
 
 /// SCHED_IDLE for the calling thread (Linux applies it per thread): the kernel
 /// runs it when the core would otherwise idle, and gives it only a sliver (weight
 /// 3 against a normal thread's 1024) while the async workers have work.
 #[cfg(target_os = "linux")]
-fn lower_this_threads_priority() {
+fn lower_this_threads_priority() -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler reads `param`, which outlives the call, and
     // changes only this thread's policy. On failure (reported by the return
     // value) the thread keeps the normal policy: safe, only slower for the hot
     // path under a login flood.
     let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-    if rc != 0 {
-        tracing::warn!(
-            error = %std::io::Error::last_os_error(),
-            "cannot move the password-hashing threads to SCHED_IDLE"
-        );
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -113,7 +142,9 @@ pub fn hash_on_this_thread(password: &SecretString) -> anyhow::Result<String> {
 
 /// Elsewhere the hashing threads keep the normal priority.
 #[cfg(not(target_os = "linux"))]
-fn lower_this_threads_priority() {}
+fn lower_this_threads_priority() -> std::io::Result<()> {
+    Err(std::io::Error::other("SCHED_IDLE is Linux-only"))
+}
 
 /// How long a hash may wait for the pool before the caller is told to come back
 /// later (503) instead of waiting on: under a login flood the queue would
@@ -130,6 +161,7 @@ pub struct PasswordHasher {
     permits: Arc<Semaphore>,
     jobs: mpsc::Sender<Job>,
     queue_deadline: std::time::Duration,
+    low_priority: bool,
 }
 
 impl PasswordHasher {
@@ -140,11 +172,18 @@ impl PasswordHasher {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
         // Computed now (on the building thread) rather than inside the first login.
         let _ = dummy_hash();
+        let (jobs, low_priority) = start_pool(n);
         Self {
             permits: Arc::new(Semaphore::new(n)),
-            jobs: start_pool(n),
+            jobs,
             queue_deadline: QUEUE_DEADLINE,
+            low_priority,
         }
+    }
+
+    /// Whether every hashing thread runs under SCHED_IDLE (see the module docs).
+    pub fn runs_at_low_priority(&self) -> bool {
+        self.low_priority
     }
 
     /// The same with another queue deadline (tests).
@@ -237,6 +276,7 @@ mod tests {
         assert_ne!(hashing, worker);
         assert_eq!(policy(hashing), libc::SCHED_IDLE);
         assert_eq!(policy(worker), libc::SCHED_OTHER);
+        assert!(h.runs_at_low_priority());
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::email::Email;
 use super::FieldError;
 
 /// A broker's lowercase identifier (`zerodha`, `upstox`, …); the same rule as the
@@ -137,6 +138,11 @@ string_enum!(
         Free = "free", Basic = "basic", Pro = "pro", Premium = "premium", Enterprise = "enterprise"
     }
 );
+
+impl SubscriptionTier {
+    /// What an account gets when nobody with the authority chose a tier.
+    pub const DEFAULT: SubscriptionTier = SubscriptionTier::Free;
+}
 
 string_enum!(
     /// `trading_accounts_subscription_status_check`.
@@ -279,7 +285,8 @@ pub struct NewAccount {
     pub broker: Broker,
     pub broker_user_id: BrokerUserId,
     pub nickname: Nickname,
-    pub subscription_tier: SubscriptionTier,
+    /// `None`: the default tier. Only an administrator may choose one.
+    pub subscription_tier: Option<SubscriptionTier>,
 }
 
 impl NewAccount {
@@ -303,8 +310,7 @@ impl NewAccount {
             .transpose()
             .map_err(|e| errors.push(e))
             .ok()
-            .flatten()
-            .unwrap_or(SubscriptionTier::Free);
+            .flatten();
         match (broker, broker_user_id, nickname) {
             (Some(broker), Some(broker_user_id), Some(nickname)) if errors.is_empty() => Ok(Self {
                 broker,
@@ -402,21 +408,17 @@ impl AccountPatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberTarget {
     UserId(Uuid),
-    Email(String),
+    /// Normalised as registration and login normalise it.
+    Email(Email),
 }
 
 impl MemberTarget {
     pub fn parse(user_id: Option<Uuid>, email: Option<&str>) -> Result<Self, FieldError> {
-        match (user_id, email.map(str::trim)) {
+        match (user_id, email) {
             (Some(id), None) => Ok(MemberTarget::UserId(id)),
-            (None, Some(e)) if e.contains('@') && e.len() <= 320 => {
-                Ok(MemberTarget::Email(e.to_string()))
-            }
-            (None, Some(_)) => Err(FieldError::new(
-                "email",
-                "invalid",
-                "must be an email address",
-            )),
+            (None, Some(e)) => Email::parse(e)
+                .map(MemberTarget::Email)
+                .map_err(|why| FieldError::new("email", "invalid", why)),
             _ => Err(FieldError::new(
                 "user_id",
                 "required",

@@ -2,6 +2,7 @@
 //! lockout counters see one spelling per mailbox.
 
 use unicode_normalization::UnicodeNormalization;
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Email(String);
@@ -18,6 +19,9 @@ impl Email {
         }
         if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err("email must not contain spaces or control characters");
+        }
+        if s.chars().any(is_invisible) {
+            return Err("email must not contain invisible or text-direction characters");
         }
         let Some((local, domain)) = s.rsplit_once('@') else {
             return Err("email must contain @");
@@ -44,6 +48,29 @@ impl Email {
     pub fn local_part(&self) -> &str {
         self.0.rsplit_once('@').map_or(&self.0, |(l, _)| l)
     }
+}
+
+/// Characters that show nothing or reorder what is shown, so two addresses that look
+/// the same could differ (or one could pose as another): every format character
+/// (Unicode category Cf: zero-width space and joiners, soft hyphen, byte-order mark,
+/// bidirectional embeddings, overrides and isolates, invisible operators, tag
+/// characters) and the other default-ignorable code points NFKC leaves in place
+/// (Hangul fillers, variation selectors, the combining grapheme joiner).
+fn is_invisible(c: char) -> bool {
+    c.general_category() == GeneralCategory::Format
+        || matches!(
+            c,
+            '\u{034F}'
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{17B4}'
+                | '\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FFA0}'
+                | '\u{E0100}'..='\u{E01EF}'
+        )
 }
 
 impl AsRef<str> for Email {
@@ -80,5 +107,42 @@ mod tests {
         ] {
             assert!(Email::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn refuses_invisible_and_direction_characters() {
+        for c in [
+            '\u{200B}',  // zero-width space
+            '\u{200C}',  // zero-width non-joiner
+            '\u{200D}',  // zero-width joiner
+            '\u{2060}',  // word joiner
+            '\u{00AD}',  // soft hyphen
+            '\u{FEFF}',  // byte-order mark
+            '\u{202E}',  // right-to-left override
+            '\u{202A}',  // left-to-right embedding
+            '\u{2066}',  // left-to-right isolate
+            '\u{200F}',  // right-to-left mark
+            '\u{061C}',  // Arabic letter mark
+            '\u{E0041}', // tag latin capital A
+            '\u{3164}',  // Hangul filler
+            '\u{FE0F}',  // variation selector 16
+        ] {
+            for email in [
+                format!("al{c}ice@example.com"),
+                format!("{c}alice@example.com"),
+                format!("alice@exa{c}mple.com"),
+                format!("alice@example.com{c}"),
+            ] {
+                assert_eq!(
+                    Email::parse(&email),
+                    Err("email must not contain invisible or text-direction characters"),
+                    "U+{:04X} in {email:?}",
+                    c as u32
+                );
+            }
+        }
+        // Letters of other scripts are still fine.
+        assert!(Email::parse("élise@exemple.fr").is_ok());
+        assert!(Email::parse("用户@例子.中国").is_ok());
     }
 }

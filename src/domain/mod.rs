@@ -3,9 +3,12 @@
 pub mod account;
 pub mod api_key;
 pub mod email;
+pub mod invitation;
+pub mod lockout;
 pub mod network;
 pub mod password;
 pub mod policy;
+pub mod scope;
 pub mod user;
 
 /// One field-level validation failure.

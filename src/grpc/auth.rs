@@ -64,7 +64,7 @@ impl AuthService for AuthApi {
             .verify(&r.api_key, &verify, "grpc:VerifyApiKey")
             .await?;
         Ok(Response::new(match answer {
-            Ok(k) => verified_key_to_proto(&k),
+            Ok(k) => verified_key_to_proto(&k, verify.trading_account_id),
             Err(f) => VerifyApiKeyResponse {
                 valid: false,
                 reason: key_refusal_reason(f) as i32,
@@ -127,7 +127,7 @@ fn key_refusal_reason(f: VerifyFailure) -> VerifyReason {
     }
 }
 
-fn verified_key_to_proto(k: &VerifiedKey) -> VerifyApiKeyResponse {
+fn verified_key_to_proto(k: &VerifiedKey, account: Option<uuid::Uuid>) -> VerifyApiKeyResponse {
     use super::user::timestamp;
     VerifyApiKeyResponse {
         valid: true,
@@ -144,7 +144,7 @@ fn verified_key_to_proto(k: &VerifiedKey) -> VerifyApiKeyResponse {
             id: k.key.id.to_string(),
             name: k.key.name.clone(),
             prefix: k.key.prefix.clone(),
-            scopes: k.key.scopes.clone(),
+            scopes: k.scopes_for(account),
             expires_at: k.key.expires_at.map(timestamp),
         }),
         accounts: k

@@ -8,6 +8,11 @@ pub mod interceptor;
 pub mod status;
 pub mod user;
 
+use std::collections::HashSet;
+use std::sync::LazyLock;
+
+use prost::Message as _;
+use prost_types::FileDescriptorSet;
 use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -23,6 +28,39 @@ pub const SERVICE_NAMES: [&str; 3] = [
     "stocksblitz.user.v1.UserService",
     "stocksblitz.user.v1.AccountService",
 ];
+
+/// Every RPC this server answers, as `/package.Service/Method`, read from the
+/// descriptor sets of what `routes` serves. Metrics label only these: a path a
+/// client made up must not become a new series.
+static KNOWN_RPCS: LazyLock<HashSet<String>> = LazyLock::new(|| {
+    [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ]
+    .into_iter()
+    .filter_map(|bytes| FileDescriptorSet::decode(bytes).ok())
+    .flat_map(|set| set.file)
+    .flat_map(|file| {
+        let package = file.package().to_owned();
+        file.service.into_iter().flat_map(move |svc| {
+            let prefix = match package.as_str() {
+                "" => format!("/{}/", svc.name()),
+                p => format!("/{p}.{}/", svc.name()),
+            };
+            svc.method
+                .into_iter()
+                .map(move |m| format!("{prefix}{}", m.name()))
+        })
+    })
+    .collect()
+});
+
+/// The RPC's path when it is one this server serves.
+pub fn known_rpc(path: &str) -> Option<&'static str> {
+    KNOWN_RPCS.get(path).map(String::as_str)
+}
 
 /// gRPC health: the overall status ("") and one per service move together.
 #[derive(Clone)]
@@ -74,4 +112,31 @@ pub fn routes(state: AppState) -> anyhow::Result<(Routes, Health)> {
             interceptor::ServiceAuth(state),
         ));
     Ok((routes, Health { reporter }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::known_rpc;
+
+    #[test]
+    fn known_rpcs_are_the_served_methods_only() {
+        for path in [
+            "/stocksblitz.user.v1.AuthService/VerifyApiKey",
+            "/stocksblitz.user.v1.AccountService/CheckAccountAccess",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(known_rpc(path), Some(path));
+        }
+        for path in [
+            "/stocksblitz.user.v1.AuthService/Nope",
+            "/stocksblitz.user.v1.AuthService/",
+            "/stocksblitz.x.Y/VerifyApiKey",
+            "/grpc.health.v1.Health/Check/extra",
+            "/v1/users/me",
+        ] {
+            assert_eq!(known_rpc(path), None, "{path}");
+        }
+    }
 }

@@ -16,8 +16,7 @@ use super::extract::{Json, Meta, Path, Query};
 use super::list::PageBody;
 use super::AppState;
 use crate::domain::account::{
-    AccountAccess, AccountPatch, BrokerCredentials, Member, MemberRole, MemberTarget, NewAccount,
-    TradingAccount,
+    AccountAccess, AccountPatch, BrokerCredentials, Member, MemberRole, NewAccount, TradingAccount,
 };
 use crate::service::ServiceError;
 
@@ -34,7 +33,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route(
             "/v1/trading-accounts/{id}/members",
-            get(list_members).post(add_member),
+            get(list_members).post(super::invitations::invite),
         )
         .route(
             "/v1/trading-accounts/{id}/members/{user_id}",
@@ -92,16 +91,6 @@ struct CredentialsBody {
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AddMemberBody {
-    #[serde(default)]
-    user_id: Option<Uuid>,
-    #[serde(default)]
-    email: Option<String>,
-    role: String,
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 struct RoleBody {
     role: String,
 }
@@ -109,15 +98,15 @@ struct RoleBody {
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct PageQuery {
+pub(super) struct PageQuery {
     /// Page size, 1 to 200 (default 50).
     #[param(minimum = 1, maximum = 200)]
-    limit: Option<i64>,
-    cursor: Option<String>,
+    pub(super) limit: Option<i64>,
+    pub(super) cursor: Option<String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
-struct AccountBody {
+pub(super) struct AccountBody {
     id: Uuid,
     broker: String,
     broker_user_id: String,
@@ -153,7 +142,7 @@ impl From<TradingAccount> for AccountBody {
 
 /// The account shape plus the caller's access and what it permits.
 #[derive(Serialize, utoipa::ToSchema)]
-struct AccessBody {
+pub(super) struct AccessBody {
     #[serde(flatten)]
     account: AccountBody,
     access: &'static str,
@@ -420,44 +409,6 @@ async fn list_members(
         .list_members(&caller, &meta, id, q.limit, q.cursor.as_deref())
         .await?;
     Ok(axum::Json(page.into()))
-}
-
-/// Owner or manager; never above the granter's own role.
-#[utoipa::path(
-    post,
-    path = "/v1/trading-accounts/{id}/members",
-    tag = "accounts",
-    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    params(("id" = Uuid, Path, description = "Trading account id")),
-    request_body = AddMemberBody,
-    responses(
-        (status = 201, description = "The new member", body = MemberBody),
-        (status = 403, description = "Below manager, or above the granter's role (`forbidden`)"),
-        (status = 409, description = "Already a member, or the owner (`conflict`)"),
-    ),
-)]
-async fn add_member(
-    State(state): State<AppState>,
-    Authenticated(caller): Authenticated,
-    Meta(meta): Meta,
-    Path(id): Path<Uuid>,
-    Json(body): Json<AddMemberBody>,
-) -> Result<Response, ServiceError> {
-    let mut errors = Vec::new();
-    let target = MemberTarget::parse(body.user_id, body.email.as_deref())
-        .map_err(|e| errors.push(e))
-        .ok();
-    let role = MemberRole::parse(&body.role)
-        .map_err(|e| errors.push(e))
-        .ok();
-    let (Some(target), Some(role)) = (target, role) else {
-        return Err(ServiceError::Validation(errors));
-    };
-    let m = state
-        .accounts
-        .add_member(&caller, &meta, id, target, role)
-        .await?;
-    Ok((StatusCode::CREATED, axum::Json(MemberBody::from(m))).into_response())
 }
 
 /// Owner or manager; nobody raises their own role.

@@ -1,5 +1,6 @@
 //! /v1/auth/* and the JWKS document: translate wire bodies, call `Identity`.
 
+use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -44,6 +45,7 @@ pub struct RegisterBody {
         (status = 201, description = "The new user", body = User),
         (status = 403, description = "Sign-up is disabled (`forbidden`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Email already registered (`conflict`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many sign-ups from this IP (`rate_limited`, `Retry-After`; REGISTER_IP_MAX_PER_HOUR)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 async fn register(
@@ -166,11 +168,7 @@ async fn refresh(
         cookie_value(&parts, state.settings.session_cookie_name())
             .ok_or(ServiceError::InvalidToken)?
     } else {
-        serde_json::from_slice::<RefreshBody>(&bytes)
-            .map_err(|e| {
-                Problem::validation(vec![FieldError::new("body", "invalid", e.to_string())])
-            })?
-            .refresh_token
+        super::extract::parse_json::<RefreshBody>(&bytes)?.refresh_token
     };
     let tokens = state.identity.refresh(&meta, &token).await?;
     Ok(token_response(&state, tokens))
@@ -240,12 +238,10 @@ async fn token(State(state): State<AppState>, req: Request) -> Result<Response, 
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let body: TokenBody = if is_form {
-        axum::Form::<TokenBody>::from_request(req, &state)
+        let bytes = Bytes::from_request(req, &state)
             .await
-            .map_err(|e| {
-                Problem::validation(vec![FieldError::new("body", "invalid", e.body_text())])
-            })?
-            .0
+            .map_err(super::extract::body_problem)?;
+        super::extract::parse_urlencoded(&bytes, "body")?
     } else {
         Json::<TokenBody>::from_request(req, &state).await?.0
     };

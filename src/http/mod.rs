@@ -6,8 +6,10 @@ pub mod admin_audit;
 pub mod api_keys;
 pub mod auth;
 pub mod auth_api;
+pub mod edge;
 pub mod extract;
 pub mod health;
+pub mod invitations;
 pub mod list;
 pub mod metrics;
 pub mod network;
@@ -17,11 +19,10 @@ pub mod problem;
 pub mod users;
 
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 
 pub use crate::app::AppState;
 use problem::Problem;
@@ -29,9 +30,9 @@ use problem::Problem;
 /// Request bodies over 1 MiB are refused with 413.
 pub const BODY_LIMIT: usize = 1024 * 1024;
 
-/// The gateway's routes (no fallback: the app adds one that answers by protocol).
+/// The gateway's routes (no fallback: the app adds one that answers by protocol,
+/// and wraps everything in [`edge::edge`] for CORS and the security headers).
 pub fn routes(state: AppState) -> Router {
-    let cors = cors_layer(&state.settings.cors_origins());
     Router::new()
         .route("/health", get(health::health))
         .route("/health/live", get(health::live))
@@ -41,34 +42,10 @@ pub fn routes(state: AppState) -> Router {
         .merge(accounts::routes())
         .merge(admin_audit::routes())
         .merge(api_keys::routes())
+        .merge(invitations::routes())
         .merge(users::routes())
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(cors)
         .with_state(state)
-}
-
-fn cors_layer(origins: &[String]) -> CorsLayer {
-    let origins: Vec<HeaderValue> = origins
-        .iter()
-        .filter(|o| o.as_str() != "*")
-        .filter_map(|o| HeaderValue::from_str(o).ok())
-        .collect();
-    CorsLayer::new()
-        .allow_origin(AllowOrigin::list(origins))
-        .allow_credentials(true)
-        .allow_methods([
-            Method::GET,
-            Method::POST,
-            Method::PUT,
-            Method::PATCH,
-            Method::DELETE,
-        ])
-        .allow_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            header::HeaderName::from_static("x-api-key"),
-            header::HeaderName::from_static("x-request-id"),
-        ])
 }
 
 /// What matches no route answers by protocol: gRPC UNIMPLEMENTED for gRPC

@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderValue, Response};
+use axum::http::{HeaderValue, Method, Response};
 use axum::middleware::Next;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use metrics::SharedString;
 
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -32,14 +33,17 @@ pub async fn observe(mut req: Request, next: Next) -> Response<Body> {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
-    // Bounded label set: the matched route template, the RPC path, or "unmatched".
-    let route = match req.extensions().get::<MatchedPath>() {
-        Some(m) if !is_grpc => m.as_str().to_owned(),
-        _ if is_grpc && (path.starts_with("/stocksblitz.") || path.starts_with("/grpc.")) => {
-            path.clone()
-        }
-        _ => "unmatched".to_owned(),
-    };
+    // Bounded label sets, whatever the client sends: known methods (else "other"),
+    // the matched route template or a known RPC (else "unmatched").
+    let method_label = method_label(req.method());
+    let route = if is_grpc {
+        crate::grpc::known_rpc(&path).map(SharedString::const_str)
+    } else {
+        req.extensions()
+            .get::<MatchedPath>()
+            .map(|m| SharedString::from(m.as_str().to_owned()))
+    }
+    .unwrap_or(SharedString::const_str("unmatched"));
 
     let mut res = next.run(req).await;
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -54,6 +58,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response<Body> {
         start,
         request_id,
         method,
+        method_label,
         path,
         route,
         status: res.status().as_u16(),
@@ -73,8 +78,9 @@ struct Record {
     start: Instant,
     request_id: String,
     method: String,
+    method_label: &'static str,
     path: String,
-    route: String,
+    route: SharedString,
     status: u16,
     is_grpc: bool,
     grpc_status: Option<String>,
@@ -112,10 +118,27 @@ impl Record {
                 latency_ms,
                 "http request"
             );
-            metrics::counter!("http_requests_total", "method" => self.method.clone(), "route" => self.route.clone(), "status" => self.status.to_string()).increment(1);
-            metrics::histogram!("http_request_duration_seconds", "method" => self.method.clone(), "route" => self.route.clone())
+            metrics::counter!("http_requests_total", "method" => self.method_label, "route" => self.route.clone(), "status" => self.status.to_string()).increment(1);
+            metrics::histogram!("http_request_duration_seconds", "method" => self.method_label, "route" => self.route.clone())
                 .record(elapsed.as_secs_f64());
         }
+    }
+}
+
+/// Standard methods by name; anything else (WebDAV verbs, made-up tokens) is one
+/// label, so the method cannot grow the series count either.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
     }
 }
 

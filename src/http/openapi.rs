@@ -14,7 +14,7 @@ use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Response as Doc
 use utoipa::{Modify, OpenApi};
 
 use super::problem::Problem;
-use super::{accounts, admin_audit, api_keys, auth_api, health, metrics, users};
+use super::{accounts, admin_audit, api_keys, auth_api, health, invitations, metrics, users};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -48,7 +48,12 @@ use super::{accounts, admin_audit, api_keys, auth_api, health, metrics, users};
         accounts::set_credentials,
         accounts::credentials_status,
         accounts::list_members,
-        accounts::add_member,
+        invitations::invite,
+        invitations::pending,
+        invitations::revoke,
+        invitations::received,
+        invitations::accept,
+        invitations::decline,
         accounts::change_member,
         accounts::remove_member,
         admin_audit::list,

@@ -48,14 +48,17 @@ struct UpdateMe {
     full_name: Option<String>,
 }
 
-/// Profile edits.
+/// Profile edits: a login session, or an API key with the `profile:write` scope.
 #[utoipa::path(
     patch,
     path = "/v1/users/me",
     tag = "users",
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     request_body = UpdateMe,
-    responses((status = 200, description = "The updated user", body = User)),
+    responses(
+        (status = 200, description = "The updated user", body = User),
+        (status = 403, description = "An API key without `profile:write` (`forbidden`)", body = Problem, content_type = "application/problem+json"),
+    ),
 )]
 async fn update_me(
     State(state): State<AppState>,

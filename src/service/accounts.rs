@@ -18,9 +18,10 @@ use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::crypto::aead::{credential_aad, AeadError, KeyRing};
 use crate::domain::account::{
     credentials_hint, Access, AccountAccess, AccountPatch, BrokerCredentials, Member, MemberRole,
-    MemberTarget, NewAccount, Permission, TradingAccount,
+    NewAccount, Permission, SubscriptionTier, TradingAccount,
 };
 use crate::domain::policy::{Decision, Resource};
+use crate::domain::scope;
 use crate::store::accounts::{self as store, After, SealedCredentials};
 use crate::store::{audit, Db, StoreError};
 
@@ -33,22 +34,22 @@ const CACHE_TTL: Duration = Duration::from_secs(30);
 const TARGET: &str = "trading_account";
 
 /// What a successful authorisation established.
-struct Granted {
-    user_id: Uuid,
-    account: TradingAccount,
-    access: Access,
+pub(super) struct Granted {
+    pub(super) user_id: Uuid,
+    pub(super) account: TradingAccount,
+    pub(super) access: Access,
 }
 
 /// Why access was refused: the error the client sees and the reason the audit
 /// row records.
-struct Denial {
+pub(super) struct Denial {
     error: ServiceError,
     reason: &'static str,
     decided_by: Option<String>,
 }
 
 impl Denial {
-    fn hidden(reason: &'static str) -> Self {
+    pub(super) fn hidden(reason: &'static str) -> Self {
         Self {
             error: ServiceError::NotFound("trading account"),
             reason,
@@ -56,7 +57,7 @@ impl Denial {
         }
     }
 
-    fn forbidden(reason: &'static str, detail: &str) -> Self {
+    pub(super) fn forbidden(reason: &'static str, detail: &str) -> Self {
         Self {
             error: ServiceError::Forbidden(detail.into()),
             reason,
@@ -217,6 +218,18 @@ impl AccountsService {
             .await?;
         let id = Uuid::now_v7();
         let mut tx = self.db.begin().await?;
+        // The tier is billing's business, as on PATCH: refused rather than
+        // silently defaulted, so a client never believes it bought a tier.
+        if input.subscription_tier.is_some() && !caller.has_role("admin") {
+            let d = Denial::forbidden(
+                "subscription_admin_only",
+                "subscription_tier is set by an administrator; leave it out to get the default",
+            );
+            let err = self
+                .record_denial(&mut tx, caller, meta, None, "subscription_tier", d)
+                .await;
+            return self.commit_denial(tx, err).await;
+        }
         let account = store::insert(
             &mut tx,
             &store::NewAccount {
@@ -225,7 +238,7 @@ impl AccountsService {
                 broker: input.broker.as_str(),
                 broker_user_id: input.broker_user_id.as_str(),
                 nickname: input.nickname.as_str(),
-                subscription_tier: input.subscription_tier,
+                subscription_tier: input.subscription_tier.unwrap_or(SubscriptionTier::DEFAULT),
             },
         )
         .await?;
@@ -305,6 +318,9 @@ impl AccountsService {
         id: Uuid,
         patch: AccountPatch,
     ) -> ServiceResult<TradingAccount> {
+        if let Some(at) = patch.subscription_expires_at {
+            paging::check_time("subscription_expires_at", at)?;
+        }
         let mut tx = self.db.begin().await?;
         let g = match self
             .authorize(&mut tx, caller, meta, id, Permission::Manage, true)
@@ -472,61 +488,6 @@ impl AccountsService {
         Ok(paging::finish(rows, limit, |m| {
             paging::encode_time_id(m.added_at, m.user_id)
         }))
-    }
-
-    /// Owner or manager; never a role above the granter's own. The account row
-    /// is locked, and the partial unique index settles concurrent adds: exactly
-    /// one succeeds, the rest are conflicts.
-    pub async fn add_member(
-        &self,
-        caller: &Caller,
-        meta: &RequestMeta,
-        id: Uuid,
-        target: MemberTarget,
-        role: MemberRole,
-    ) -> ServiceResult<Member> {
-        let mut tx = self.db.begin().await?;
-        let g = match self
-            .authorize(&mut tx, caller, meta, id, Permission::Manage, true)
-            .await?
-        {
-            Ok(g) => g,
-            Err(e) => return self.commit_denial(tx, e).await,
-        };
-        if !g.access.may_grant(role) {
-            let d = Denial::forbidden("grant_above_own_role", "cannot grant a role above your own");
-            return self
-                .deny_in(tx, caller, meta, id, Permission::Manage, d)
-                .await;
-        }
-        let (user_id, email) = match &target {
-            MemberTarget::UserId(u) => store::find_active_user(&mut tx, Some(*u), None).await?,
-            MemberTarget::Email(e) => store::find_active_user(&mut tx, None, Some(e)).await?,
-        }
-        .ok_or(ServiceError::NotFound("user"))?;
-        if user_id == g.account.owner_user_id {
-            return Err(ServiceError::Conflict(
-                "the owner already has full access".into(),
-            ));
-        }
-        let added_at = store::add_member(&mut tx, id, user_id, role, g.user_id).await?;
-        audit::insert(
-            &mut tx,
-            &AuditEntry::new("membership.added", Outcome::Success)
-                .by(caller)
-                .meta(meta)
-                .target(TARGET, id)
-                .details(json!({ "user_id": user_id, "role": role.as_str() })),
-        )
-        .await?;
-        tx.commit().await.map_err(StoreError::from)?;
-        self.membership_changed(id, user_id).await;
-        Ok(Member {
-            user_id,
-            email,
-            role,
-            added_at,
-        })
     }
 
     /// Owner or manager. Nobody raises their own role, grants above their own,
@@ -789,7 +750,9 @@ impl AccountsService {
             Ok(user_id) => Ok(user_id),
             Err(d) => {
                 let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
-                Err(record_denial(&mut conn, caller, meta, account, scope, d).await)
+                Err(self
+                    .record_denial(&mut conn, caller, meta, account, scope, d)
+                    .await)
             }
         }
     }
@@ -828,7 +791,7 @@ impl AccountsService {
     /// then the caller's standing on the account. A caller without standing gets
     /// the same NotFound as for a missing id. With `lock`, the account row stays
     /// locked for the transaction. `Err` inside `Ok` is a denial to be recorded.
-    async fn authorize(
+    pub(super) async fn authorize(
         &self,
         tx: &mut PgConnection,
         caller: &Caller,
@@ -841,6 +804,9 @@ impl AccountsService {
             Permission::Read => "accounts:read",
             Permission::Trade | Permission::Manage => "accounts:write",
         };
+        // An API key acts on the account only as far as its owner's access
+        // covers the scope the request uses (the table VerifyApiKey uses too).
+        let need = need.max(scope::account_permission(scope));
         let denial = match self.scope_check(caller, scope, Some(id)).await? {
             Err(d) => d,
             Ok(user_id) => {
@@ -868,20 +834,14 @@ impl AccountsService {
                 }
             }
         };
-        Ok(Err(record_denial(
-            tx,
-            caller,
-            meta,
-            Some(id),
-            need.as_str(),
-            denial,
-        )
-        .await))
+        Ok(Err(self
+            .record_denial(tx, caller, meta, Some(id), need.as_str(), denial)
+            .await))
     }
 
     /// Records a refusal found after the transaction had started (the row is
     /// written in it), commits, and returns the refusal.
-    async fn deny_in<T>(
+    pub(super) async fn deny_in<T>(
         &self,
         mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
         caller: &Caller,
@@ -890,12 +850,14 @@ impl AccountsService {
         need: Permission,
         d: Denial,
     ) -> ServiceResult<T> {
-        let err = record_denial(&mut tx, caller, meta, Some(id), need.as_str(), d).await;
+        let err = self
+            .record_denial(&mut tx, caller, meta, Some(id), need.as_str(), d)
+            .await;
         self.commit_denial(tx, err).await
     }
 
     /// Commits a transaction that holds only a denial's audit row.
-    async fn commit_denial<T>(
+    pub(super) async fn commit_denial<T>(
         &self,
         tx: sqlx::Transaction<'static, sqlx::Postgres>,
         err: ServiceError,
@@ -920,10 +882,12 @@ impl AccountsService {
         }
         let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
         let d = Denial::forbidden("client_scope", &format!("requires the {scope} scope"));
-        Err(record_denial(&mut conn, caller, meta, account, scope, d).await)
+        Err(self
+            .record_denial(&mut conn, caller, meta, account, scope, d)
+            .await)
     }
 
-    async fn membership_changed(&self, account: Uuid, user: Uuid) {
+    pub(super) async fn membership_changed(&self, account: Uuid, user: Uuid) {
         self.invalidation.publish(Change::Account(account)).await;
         self.invalidation.publish(Change::User(user)).await;
     }
@@ -990,31 +954,35 @@ pub async fn reencrypt_credentials(db: &Db, keys: &KeyRing) -> ServiceResult<Ree
     Ok(summary)
 }
 
-/// Writes the `authz.denied` row and returns the error the client gets. If the
-/// row cannot be written the request fails anyway, so nothing is lost silently.
-async fn record_denial(
-    conn: &mut PgConnection,
-    caller: &Caller,
-    meta: &RequestMeta,
-    account: Option<Uuid>,
-    need: &str,
-    d: Denial,
-) -> ServiceError {
-    let mut entry = AuditEntry::new("authz.denied", Outcome::Denied)
-        .by(caller)
-        .meta(meta)
-        .details(json!({
-            "reason": d.reason,
-            "need": need,
-            "decided_by": d.decided_by,
-            "user_id": caller.user_id(),
-        }));
-    if let Some(id) = account {
-        entry = entry.target(TARGET, id);
-    }
-    match audit::insert(conn, &entry).await {
-        Ok(()) => d.error,
-        Err(e) => ServiceError::from(e),
+impl AccountsService {
+    /// Writes the `authz.denied` row (the first ones of a stream: see
+    /// `DenialAudit`) and returns the error the client gets. If the
+    /// row cannot be written the request fails anyway, so nothing is lost silently.
+    async fn record_denial(
+        &self,
+        conn: &mut PgConnection,
+        caller: &Caller,
+        meta: &RequestMeta,
+        account: Option<Uuid>,
+        need: &str,
+        d: Denial,
+    ) -> ServiceError {
+        let mut entry = AuditEntry::new("authz.denied", Outcome::Denied)
+            .by(caller)
+            .meta(meta)
+            .details(json!({
+                "reason": d.reason,
+                "need": need,
+                "decided_by": d.decided_by,
+                "user_id": caller.user_id(),
+            }));
+        if let Some(id) = account {
+            entry = entry.target(TARGET, id);
+        }
+        match self.policy.denials.write(conn, entry).await {
+            Ok(()) => d.error,
+            Err(e) => ServiceError::from(e),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! key's hash (misses, cached briefly, included), dropped on every replica through
 //! the invalidation bus; usage goes through a bounded buffer flushed in batches.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,10 +24,11 @@ use super::policy::PolicyEngine;
 use super::{Caller, FieldError, KeyGrant, RequestMeta, ServiceError, ServiceResult};
 use crate::config::{Environment, Settings};
 use crate::crypto::api_key_hash::ApiKeyHasher;
-use crate::domain::account::AccountAccess;
+use crate::domain::account::{Access, AccountAccess};
 use crate::domain::api_key::{
     ip_allowed, parse_allowed_ip, valid_key_name, ApiKeySecret, KeyFormatError, MAX_ALLOWED_IPS,
 };
+use crate::domain::scope;
 use crate::store::api_keys::{self as store, ApiKeyRow, NewApiKey};
 use crate::store::{Cache, Db};
 
@@ -150,6 +151,33 @@ pub struct VerifiedKey {
     pub accounts: Vec<AccountAccess>,
     /// When it was read from PostgreSQL (stale-while-revalidate).
     pub loaded_at: Instant,
+}
+
+impl VerifiedKey {
+    /// The owner's access on `account`, when the key may act on it.
+    pub fn access_on(&self, account: Uuid) -> Option<Access> {
+        self.accounts
+            .iter()
+            .find(|a| a.account.id == account)
+            .map(|a| a.access)
+    }
+
+    /// The key's scopes as they hold for a request: on one account, only those
+    /// the owner's access there covers (a caller branching on `scopes` then sees
+    /// no `orders:write` on an account where its owner is a viewer).
+    pub fn scopes_for(&self, account: Option<Uuid>) -> Vec<String> {
+        let access = account.and_then(|a| self.access_on(a));
+        self.key
+            .scopes
+            .iter()
+            .filter(|s| match (account, access) {
+                (None, _) => true,
+                (Some(_), Some(access)) => access.allows(scope::account_permission(s)),
+                (Some(_), None) => false,
+            })
+            .cloned()
+            .collect()
+    }
 }
 
 #[derive(Clone)]
@@ -415,8 +443,11 @@ impl ApiKeyService {
             return Err(VerifyFailure::InsufficientScope);
         }
         if let Some(account) = req.trading_account_id {
-            if !k.accounts.iter().any(|a| a.account.id == account) {
-                return Err(VerifyFailure::AccountNotAllowed);
+            // The key acts on the account only as far as its owner may now: a
+            // viewer's key is no trading key there, whatever scopes it carries.
+            match k.access_on(account) {
+                Some(access) if scope::first_uncovered(access, &req.required_scopes).is_none() => {}
+                _ => return Err(VerifyFailure::AccountNotAllowed),
             }
         }
         if let Some(limit) = k.key.rate_limit_per_minute {
@@ -727,7 +758,9 @@ impl ApiKeyService {
         }
 
         if let Some(t) = input.expires_at {
-            if t <= Utc::now() {
+            if let Err(ServiceError::Validation(e)) = paging::check_time("expires_at", Some(t)) {
+                errors.extend(e);
+            } else if t <= Utc::now() {
                 errors.push(FieldError::new(
                     "expires_at",
                     "in_past",
@@ -775,23 +808,37 @@ impl ApiKeyService {
 
         let mut trading_account_ids = Vec::new();
         if !input.trading_account_ids.is_empty() {
-            let accessible: HashSet<Uuid> = self
+            let accessible: HashMap<Uuid, Access> = self
                 .accounts
                 .accounts_of(user_id)
                 .await?
                 .into_iter()
-                .map(|a| a.account.id)
+                .map(|a| (a.account.id, a.access))
                 .collect();
             for (i, id) in input.trading_account_ids.iter().enumerate() {
-                if !accessible.contains(id) {
+                let field = || format!("trading_account_ids[{i}]");
+                match accessible.get(id) {
                     // Same answer for "no such account" and "not yours".
-                    errors.push(FieldError::new(
-                        format!("trading_account_ids[{i}]"),
+                    None => errors.push(FieldError::new(
+                        field(),
                         "unknown_account",
                         "no such trading account",
-                    ));
-                } else if !trading_account_ids.contains(id) {
-                    trading_account_ids.push(*id);
+                    )),
+                    Some(access) => {
+                        if let Some(s) = scope::first_uncovered(*access, &scopes) {
+                            errors.push(FieldError::new(
+                                field(),
+                                "insufficient_access",
+                                format!(
+                                    "the scope {s} needs {} on this account; your access is {}",
+                                    scope::account_permission(s),
+                                    access.as_str()
+                                ),
+                            ));
+                        } else if !trading_account_ids.contains(id) {
+                            trading_account_ids.push(*id);
+                        }
+                    }
                 }
             }
         }

@@ -2,7 +2,7 @@
 //! rotation with reuse detection, logout and service-client tokens.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
@@ -15,9 +15,10 @@ use super::{Caller, FieldError, RequestMeta, ServiceError, ServiceResult};
 use crate::crypto::client_secret;
 use crate::crypto::jwt::TokenType;
 use crate::domain::email::Email;
+use crate::domain::lockout::{self, Gate};
 use crate::domain::password::Password;
 use crate::domain::user::User;
-use crate::store::{audit, service_clients, sessions, users};
+use crate::store::{audit, login_failures, service_clients, sessions, users};
 
 /// What a login or refresh hands out. Not Debug: it carries tokens.
 pub struct LoginTokens {
@@ -34,8 +35,8 @@ pub struct ServiceToken {
     pub scope: String,
 }
 
-/// In-process attempt counters, used only while Redis is unreachable so the login
-/// limit never becomes unlimited (each replica then limits on its own).
+/// In-process request counters, used only while Redis is unreachable so a throttle
+/// never becomes unlimited (each replica then limits on its own).
 #[derive(Default)]
 pub struct LocalCounters {
     inner: Mutex<HashMap<String, (i64, Instant, Duration)>>,
@@ -63,6 +64,60 @@ impl LocalCounters {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
+    }
+}
+
+/// What a password check under the lockout policy found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Checked {
+    Right,
+    Wrong,
+    /// Refused without looking at the password (after the same argon2 work).
+    Locked,
+}
+
+/// One turn at a time per user for password checks on this replica: the lockout
+/// count is read, the password checked and the result recorded before the next
+/// check of the same user starts.
+#[derive(Default)]
+pub struct Turns {
+    inner: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+pub(crate) struct Turn<'a> {
+    turns: &'a Turns,
+    user_id: Uuid,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Turns {
+    pub(crate) async fn take(&self, user_id: Uuid) -> Turn<'_> {
+        let lock = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(user_id)
+            .or_default()
+            .clone();
+        Turn {
+            turns: self,
+            user_id,
+            guard: Some(lock.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self.turns.inner.lock().unwrap_or_else(|p| p.into_inner());
+        // Nobody else holds or waits for this user's lock: forget it.
+        if map
+            .get(&self.user_id)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            map.remove(&self.user_id);
+        }
     }
 }
 
@@ -133,6 +188,9 @@ impl Identity {
         if !self.settings.registration_enabled() {
             return Err(ServiceError::Forbidden("self sign-up is disabled".into()));
         }
+        let per_hour = self.settings.register_ip_max_per_hour;
+        self.throttle_ip(meta, "register", per_hour, Duration::from_secs(3600))
+            .await?;
         let mut errors = Vec::new();
         let email = Email::parse(&input.email)
             .map_err(|m| errors.push(FieldError::new("email", "invalid", m)))
@@ -248,25 +306,47 @@ impl Identity {
         Ok(user)
     }
 
-    pub(crate) fn lockout_key(email: &str) -> String {
-        format!("login:fail:{email}")
-    }
-
-    /// Counts one attempt for `key` in `window`, through Redis (shared by every
-    /// replica and transport) or the in-process fallback when Redis is down.
-    pub(crate) async fn count_attempt(&self, key: &str, window: Duration) -> (i64, i64) {
-        match self.cache.incr_window(key, window).await {
+    /// Counts one request for `key` in `window`, through Redis (shared by every
+    /// replica and transport) or the in-process fallback when Redis is down; past
+    /// `max` (0 = no limit) the answer is 429 with Retry-After. A throttle on
+    /// requests, not the lockout: that counts only checked, wrong passwords.
+    pub(crate) async fn throttle(
+        &self,
+        key: &str,
+        max: u32,
+        window: Duration,
+    ) -> ServiceResult<()> {
+        if max == 0 {
+            return Ok(());
+        }
+        let (n, ttl) = match self.cache.incr_window(key, window).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, "rate-limit counter unavailable, using in-process fallback");
-                self.lockout.incr_window(key, window)
+                self.local_counters.incr_window(key, window)
             }
+        };
+        if n > i64::from(max) {
+            return Err(ServiceError::RateLimited {
+                retry_after_secs: (ttl.max(0) as u64).div_ceil(1000).max(1),
+            });
         }
+        Ok(())
     }
 
-    pub(crate) async fn reset_attempts(&self, key: &str) {
-        let _ = self.cache.del(key).await;
-        self.lockout.reset(key);
+    /// `throttle` for `what` (login, register …) per client IP; a request with no
+    /// known IP is not throttled here.
+    async fn throttle_ip(
+        &self,
+        meta: &RequestMeta,
+        what: &str,
+        max: u32,
+        window: Duration,
+    ) -> ServiceResult<()> {
+        match meta.ip {
+            Some(ip) => self.throttle(&format!("{what}:ip:{ip}"), max, window).await,
+            None => Ok(()),
+        }
     }
 
     async fn audit_alone(&self, entry: AuditEntry) {
@@ -282,6 +362,85 @@ impl Identity {
         }
     }
 
+    /// Checks a password of `user_id` under the lockout policy (domain::lockout).
+    /// Only a password actually checked and found wrong is counted, per account
+    /// and per (account, client IP), with the `failed` audit row and, when it sets
+    /// a lock, `auth.lockout`, all in one transaction; a store or hashing failure
+    /// (503) counts nothing. Checks of one user take turns on this replica, so a
+    /// parallel burst evaluates no more than the limit, while parallel right
+    /// passwords all pass.
+    pub(crate) async fn check_password_guarded(
+        &self,
+        meta: &RequestMeta,
+        user_id: Uuid,
+        hash: Option<String>,
+        password: SecretString,
+        failed: AuditEntry,
+    ) -> ServiceResult<Checked> {
+        let window = self.settings.login_lockout_seconds;
+        let ip = meta
+            .ip
+            .map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+        let mut turn = self.login_turns.take(user_id).await;
+        let (account, pair) = login_failures::standing(&self.db.pool, user_id, &ip, window).await?;
+        let mut gate = lockout::gate(account, pair);
+        if gate == Gate::Delayed {
+            // The second check for an address that has not failed: a wait, out of
+            // turn, then the standing again (it may have changed meanwhile).
+            drop(turn);
+            metrics::counter!("logins_total", "result" => "delayed").increment(1);
+            tokio::time::sleep(Duration::from_millis(self.settings.login_locked_delay_ms)).await;
+            turn = self.login_turns.take(user_id).await;
+            let (account, pair) =
+                login_failures::standing(&self.db.pool, user_id, &ip, window).await?;
+            gate = lockout::gate(account, pair);
+        }
+        if gate == Gate::Locked {
+            drop(turn);
+            // The same argon2 work as a real check: a lock does not show in timing.
+            let _ = self.hasher.verify(password, None).await;
+            return Ok(Checked::Locked);
+        }
+        let right = self
+            .hasher
+            .verify(password, hash)
+            .await
+            .map_err(ServiceError::hashing)?;
+        let mut tx = self.db.begin().await?;
+        if right {
+            login_failures::clear(&mut tx, user_id, &ip, window).await?;
+            tx.commit().await.map_err(crate::store::StoreError::from)?;
+            return Ok(Checked::Right);
+        }
+        let (max, lockout) = (
+            self.settings.login_max_attempts,
+            self.settings.login_lockout_seconds,
+        );
+        let mut locks = Vec::new();
+        for (scope, key) in [("account", login_failures::ANY_IP), ("client_ip", &ip)] {
+            if login_failures::record_failure(&mut tx, user_id, key, window, max, lockout).await? {
+                locks.push(scope);
+            }
+        }
+        audit::insert(&mut tx, &failed).await?;
+        if !locks.is_empty() {
+            let entry = AuditEntry::new("auth.lockout", Outcome::Denied)
+                .target("user", user_id)
+                .meta(meta)
+                .details(serde_json::json!({
+                    "locks": locks,
+                    "attempts": max,
+                    "lockout_seconds": lockout,
+                }));
+            audit::insert(&mut tx, &entry).await?;
+        }
+        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        if !locks.is_empty() {
+            metrics::counter!("login_lockouts_total").increment(1);
+        }
+        Ok(Checked::Wrong)
+    }
+
     /// Login. Every failure — unknown email, wrong password, disabled or locked
     /// account — is the same `InvalidCredentials` after the same argon2 work.
     #[tracing::instrument(skip_all)]
@@ -294,32 +453,13 @@ impl Identity {
         let password = Password::candidate(password)
             .map_err(password_error)?
             .into_secret();
-        if self.settings.login_ip_max_per_minute > 0 {
-            if let Some(ip) = meta.ip {
-                let (n, ttl) = self
-                    .count_attempt(&format!("login:ip:{ip}"), Duration::from_secs(60))
-                    .await;
-                if n > i64::from(self.settings.login_ip_max_per_minute) {
-                    return Err(ServiceError::RateLimited {
-                        retry_after_secs: (ttl.max(0) as u64).div_ceil(1000),
-                    });
-                }
-            }
-        }
+        let per_minute = self.settings.login_ip_max_per_minute;
+        self.throttle_ip(meta, "login", per_minute, Duration::from_secs(60))
+            .await?;
         let Ok(email) = Email::parse(email) else {
             let _ = self.hasher.verify(password, None).await;
             return Err(ServiceError::InvalidCredentials);
         };
-        // The attempt is counted before it is evaluated, atomically, so a parallel
-        // burst cannot evaluate more than the limit.
-        let key = Self::lockout_key(email.as_str());
-        let (n, _) = self
-            .count_attempt(
-                &key,
-                Duration::from_secs(self.settings.login_lockout_seconds),
-            )
-            .await;
-        let max = i64::from(self.settings.login_max_attempts);
         let record = users::by_email(&self.db.pool, email.as_str()).await?;
         let failed = |reason: &str, user: Option<Uuid>| {
             let e = AuditEntry::new("auth.login.failed", Outcome::Failure)
@@ -330,46 +470,36 @@ impl Identity {
                 None => e,
             }
         };
-        if n > max {
-            metrics::counter!("logins_total", "result" => "locked").increment(1);
-            let _ = self.hasher.verify(password, None).await;
-            self.audit_alone(failed("locked", record.as_ref().map(|r| r.id)))
-                .await;
-            return Err(ServiceError::InvalidCredentials);
-        }
-        let hash = record.as_ref().and_then(|r| r.password_hash.clone());
-        let ok = self
-            .hasher
-            .verify(password, hash)
-            .await
-            .map_err(ServiceError::hashing)?;
-        let record = match record {
-            Some(r) if ok && r.status == "active" => r,
-            other => {
-                let reason = match &other {
-                    None => "unknown_user",
-                    Some(_) if ok => "disabled",
-                    Some(_) => "wrong_password",
-                };
-                metrics::counter!("logins_total", "result" => "failed").increment(1);
-                self.audit_alone(failed(reason, other.as_ref().map(|r| r.id)))
-                    .await;
-                if n == max {
-                    let mut e = AuditEntry::new("auth.lockout", Outcome::Denied)
-                        .meta(meta)
-                        .details(serde_json::json!({
-                            "attempts": n,
-                            "lockout_seconds": self.settings.login_lockout_seconds,
-                        }));
-                    if let Some(r) = &other {
-                        e = e.target("user", r.id);
-                    }
-                    self.audit_alone(e).await;
-                }
-                return Err(ServiceError::InvalidCredentials);
-            }
+        let refuse = |result: &'static str| {
+            metrics::counter!("logins_total", "result" => result).increment(1);
+            Err(ServiceError::InvalidCredentials)
         };
-        self.reset_attempts(&key).await;
+        let Some(record) = record else {
+            let _ = self.hasher.verify(password, None).await;
+            self.audit_alone(failed("unknown_user", None)).await;
+            return refuse("failed");
+        };
+        let checked = self
+            .check_password_guarded(
+                meta,
+                record.id,
+                record.password_hash.clone(),
+                password,
+                failed("wrong_password", Some(record.id)),
+            )
+            .await?;
+        match checked {
+            Checked::Locked => {
+                self.audit_alone(failed("locked", Some(record.id))).await;
+                return refuse("locked");
+            }
+            Checked::Wrong => return refuse("failed"),
+            Checked::Right if record.status != "active" => {
+                self.audit_alone(failed("disabled", Some(record.id))).await;
+                return refuse("failed");
+            }
+            Checked::Right => {}
+        }
         metrics::counter!("logins_total", "result" => "succeeded").increment(1);
 
         let session_id = Uuid::now_v7();

@@ -168,7 +168,9 @@ pub struct Identity {
     /// service_token_cache_total{result="hit"|"miss"}, registered once (hot path).
     service_token_hits: metrics::Counter,
     service_token_misses: metrics::Counter,
-    pub(crate) lockout: super::auth::LocalCounters,
+    pub(crate) local_counters: super::auth::LocalCounters,
+    /// Password checks of one user take turns (the lockout count stays exact).
+    pub(crate) login_turns: super::auth::Turns,
     /// Tells every replica's caches (API keys …) that a user changed.
     pub(crate) invalidation: Invalidation,
     /// Users by id (GET /v1/users/me, bearer roles, VerifyToken): dropped on
@@ -256,7 +258,8 @@ impl Identity {
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             service_token_hits: metrics::counter!("service_token_cache_total", "result" => "hit"),
             service_token_misses: metrics::counter!("service_token_cache_total", "result" => "miss"),
-            lockout: super::auth::LocalCounters::default(),
+            local_counters: super::auth::LocalCounters::default(),
+            login_turns: super::auth::Turns::default(),
             settings: settings.clone(),
             db,
             cache,
@@ -604,6 +607,10 @@ mod tests {
         let vars = [
             ("DATABASE_URL", "postgres://x@127.0.0.1:1/x"),
             ("REDIS_URL", "redis://127.0.0.1:1/0"),
+            (
+                "JWT_PRIVATE_KEY",
+                &crate::crypto::key_material::generate_signing_key_pem(),
+            ),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
         let settings = Settings::from_vars(vars).unwrap();

@@ -10,6 +10,7 @@ pub mod audit_log;
 pub mod auth;
 pub mod identity;
 pub mod invalidation;
+pub mod invitations;
 pub mod paging;
 pub mod policy;
 pub mod swr;

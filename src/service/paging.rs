@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 
 use super::ServiceError;
 
@@ -41,6 +41,59 @@ pub fn limit(limit: Option<i64>) -> Result<i64, ServiceError> {
     }
 }
 
+/// The instants a filter, cursor or expiry may name: years 1 to 9999, what RFC 3339
+/// can write and PostgreSQL can store (chrono reaches further, and PostgreSQL
+/// answers an error for what it cannot hold).
+fn time_in_range(at: &DateTime<Utc>) -> bool {
+    (1..=9999).contains(&at.year())
+}
+
+/// A client-given instant (`since`, `until`, `expires_at`, …), checked against
+/// that range.
+pub fn check_time(
+    field: &'static str,
+    at: Option<DateTime<Utc>>,
+) -> Result<Option<DateTime<Utc>>, ServiceError> {
+    match at {
+        Some(t) if !time_in_range(&t) => Err(ServiceError::validation(
+            field,
+            "out_of_range",
+            "must be a date between the years 1 and 9999",
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Longest text a list filter accepts.
+pub const MAX_FILTER_LEN: usize = 320;
+
+/// A free-text list filter (`action`, `email`, …): empty means no filter; NUL and
+/// other control characters, which PostgreSQL text cannot hold or no stored value
+/// has, are refused naming the field, as is anything longer than any stored value.
+pub fn text_filter(
+    field: &'static str,
+    value: Option<String>,
+) -> Result<Option<String>, ServiceError> {
+    let Some(v) = value.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    if v.chars().any(char::is_control) {
+        return Err(ServiceError::validation(
+            field,
+            "invalid",
+            "must not contain NUL bytes or control characters",
+        ));
+    }
+    if v.chars().count() > MAX_FILTER_LEN {
+        return Err(ServiceError::validation(
+            field,
+            "too_long",
+            format!("must be at most {MAX_FILTER_LEN} characters"),
+        ));
+    }
+    Ok(Some(v))
+}
+
 fn bad_cursor() -> ServiceError {
     ServiceError::validation("cursor", "invalid", "not a cursor from a previous page")
 }
@@ -69,6 +122,7 @@ pub fn decode_time_id<K: FromStr>(c: &str) -> Result<(DateTime<Utc>, K), Service
         .parse::<i64>()
         .ok()
         .and_then(DateTime::from_timestamp_micros)
+        .filter(time_in_range)
         .ok_or_else(bad_cursor)?;
     let id = id.parse().map_err(|_| bad_cursor())?;
     Ok((at, id))
@@ -114,6 +168,24 @@ mod tests {
         let serial = encode_time_id(at, 7_i64);
         assert_eq!(decode_time_id::<i64>(&serial).unwrap(), (at, 7));
         assert!(decode_time_id::<i64>(&encode_time_id(at, id)).is_err());
+    }
+
+    #[test]
+    fn cursors_and_filters_outside_what_postgresql_holds_are_refused() {
+        // Valid for chrono, out of range for PostgreSQL (before 4713 BC).
+        let far = encode(&format!("{}.7", -200_000_000_000_000_000_i64));
+        assert!(decode_time_id::<i64>(&far).is_err());
+        let year_10000 = DateTime::parse_from_rfc3339("9999-12-31T23:59:59Z").unwrap()
+            + chrono::Duration::days(1);
+        assert!(check_time("until", Some(year_10000.to_utc())).is_err());
+        assert!(check_time("until", None).unwrap().is_none());
+        assert!(text_filter("action", Some("a\0b".into())).is_err());
+        assert!(text_filter("action", Some("x".repeat(321))).is_err());
+        assert_eq!(text_filter("action", Some(String::new())).unwrap(), None);
+        assert_eq!(
+            text_filter("action", Some("auth.login".into())).unwrap(),
+            Some("auth.login".into())
+        );
     }
 
     #[test]

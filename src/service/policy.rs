@@ -27,6 +27,8 @@ pub struct PolicyEngine {
     users: moka::future::Cache<Uuid, UserPolicies>,
     /// Bumped by every invalidation; a load that overlaps one is not cached.
     epoch: Arc<AtomicU64>,
+    /// Every `authz.denied` row goes through here (a few per actor per minute).
+    pub(crate) denials: super::audit::DenialAudit,
 }
 
 impl PolicyEngine {
@@ -54,7 +56,12 @@ impl PolicyEngine {
                 }
             });
         }
-        Self { db, users, epoch }
+        Self {
+            db,
+            users,
+            epoch,
+            denials: Default::default(),
+        }
     }
 
     async fn user_policies(&self, user_id: Uuid) -> ServiceResult<UserPolicies> {
@@ -116,17 +123,18 @@ impl PolicyEngine {
             if scopes.iter().any(|s| s == "permissions:check"));
         if !holds {
             let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
-            store::audit::insert(
-                &mut conn,
-                &AuditEntry::new("authz.denied", Outcome::Denied)
-                    .by(caller)
-                    .meta(meta)
-                    .details(serde_json::json!({
-                        "reason": "client_scope",
-                        "need": "permissions:check",
-                    })),
-            )
-            .await?;
+            self.denials
+                .write(
+                    &mut conn,
+                    AuditEntry::new("authz.denied", Outcome::Denied)
+                        .by(caller)
+                        .meta(meta)
+                        .details(serde_json::json!({
+                            "reason": "client_scope",
+                            "need": "permissions:check",
+                        })),
+                )
+                .await?;
             return Err(ServiceError::Forbidden(
                 "requires the permissions:check scope".into(),
             ));

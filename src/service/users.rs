@@ -7,6 +7,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::audit::{AuditEntry, Outcome};
+use super::auth::Checked;
 use super::identity::{Identity, SessionState};
 use super::paging;
 use super::{Caller, FieldError, RequestMeta, ServiceError, ServiceResult};
@@ -57,12 +58,11 @@ fn decode_cursor(c: &str) -> ServiceResult<(DateTime<Utc>, Uuid)> {
         || ServiceError::validation("cursor", "invalid", "cursor is not one this service issued");
     let raw = paging::decode(c).map_err(|_| bad())?;
     let (t, id) = raw.split_once('|').ok_or_else(bad)?;
-    Ok((
-        DateTime::parse_from_rfc3339(t)
-            .map_err(|_| bad())?
-            .with_timezone(&Utc),
-        id.parse().map_err(|_| bad())?,
-    ))
+    let at = DateTime::parse_from_rfc3339(t)
+        .map_err(|_| bad())?
+        .with_timezone(&Utc);
+    paging::check_time("cursor", Some(at)).map_err(|_| bad())?;
+    Ok((at, id.parse().map_err(|_| bad())?))
 }
 
 fn tx_err(e: sqlx::Error) -> ServiceError {
@@ -84,6 +84,10 @@ fn session_user(caller: &Caller) -> ServiceResult<(Uuid, Option<Uuid>)> {
         Caller::ServiceClient { .. } => Err(ServiceError::Forbidden("users only".into())),
     }
 }
+
+/// The scope an API key needs to edit its owner's profile (migration
+/// 2026120100030102); a login session needs none.
+pub const PROFILE_WRITE: &str = "profile:write";
 
 fn require_admin(caller: &Caller) -> ServiceResult<()> {
     if caller.has_role("admin") && caller.key_allows_scope("admin:users") {
@@ -123,6 +127,12 @@ impl Identity {
         full_name: Option<String>,
     ) -> ServiceResult<User> {
         let id = caller.user_id().ok_or(ServiceError::InvalidToken)?;
+        // A session may edit its own profile; an API key only with the scope.
+        if !caller.key_allows_scope(PROFILE_WRITE) {
+            return Err(ServiceError::Forbidden(format!(
+                "this API key lacks the {PROFILE_WRITE} scope"
+            )));
+        }
         let Some(raw) = full_name else {
             return Ok(User::clone(&*self.me(caller).await?));
         };
@@ -172,27 +182,27 @@ impl Identity {
         let new = self.parse_new_password(new_password, &email, &record.full_name)?;
         // The current-password check counts against the same lockout as login, so
         // a stolen token cannot be used to guess the password.
-        let key = Self::lockout_key(email.as_str());
-        let (n, _) = self
-            .count_attempt(
-                &key,
-                std::time::Duration::from_secs(self.settings.login_lockout_seconds),
+        let failed = AuditEntry::new("user.password.change_failed", Outcome::Failure)
+            .by(caller)
+            .target("user", user_id)
+            .meta(meta)
+            .details(serde_json::json!({ "reason": "wrong_password" }));
+        let checked = self
+            .check_password_guarded(
+                meta,
+                user_id,
+                record.password_hash.clone(),
+                current.into_secret(),
+                failed,
             )
-            .await;
-        let ok = n <= i64::from(self.settings.login_max_attempts)
-            && self
-                .hasher
-                .verify(current.into_secret(), record.password_hash.clone())
-                .await
-                .map_err(ServiceError::hashing)?;
-        if !ok {
+            .await?;
+        if checked != Checked::Right {
             return Err(ServiceError::validation(
                 "current_password",
                 "incorrect",
                 "current password is incorrect",
             ));
         }
-        self.reset_attempts(&key).await;
         let hash = self
             .hasher
             .hash(new.into_secret())
@@ -304,8 +314,15 @@ impl Identity {
             }
         }
         let after = f.cursor.as_deref().map(decode_cursor).transpose()?;
-        let email = f.email.as_deref().map(str::trim).filter(|s| !s.is_empty());
-        let rows = users::list(&self.db.pool, email, f.status.as_deref(), after, limit + 1).await?;
+        let email = paging::text_filter("email", f.email.map(|e| e.trim().to_string()))?;
+        let rows = users::list(
+            &self.db.pool,
+            email.as_deref(),
+            f.status.as_deref(),
+            after,
+            limit + 1,
+        )
+        .await?;
         let page = paging::finish(rows, limit, |u| encode_cursor(u.created_at, u.id));
         Ok(Page {
             items: page.items.into_iter().map(|r| r.into_user()).collect(),

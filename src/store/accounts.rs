@@ -120,19 +120,38 @@ pub async fn get_live(pool: &PgPool, id: Uuid) -> StoreResult<Option<TradingAcco
     row.map(TradingAccount::try_from).transpose()
 }
 
+/// Locks a live account's row until the transaction ends; false when there is
+/// no such live account. Every change to an account, its credentials or its
+/// memberships takes this lock first, so they are serialised per account.
+pub async fn lock_live(conn: &mut PgConnection, account_id: Uuid) -> StoreResult<bool> {
+    let locked: Option<i32> = sqlx::query_scalar(
+        "select 1 from trading_accounts where id = $1 and deleted_at is null for update",
+    )
+    .bind(account_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(locked.is_some())
+}
+
 /// A live account and the user's access to it (`None` access: no standing). With
 /// `for_update`, the account row is locked until the transaction ends, so
-/// membership changes on one account are serialised.
+/// membership changes on one account are serialised, and the access is read
+/// after the lock is held. One `select … for update` joining the membership
+/// would not do: under READ COMMITTED a statement that waited for the lock still
+/// joins the membership rows of the snapshot it started with, so a caller demoted
+/// or removed by the transaction it waited for would act on its old role.
 pub async fn get_with_access(
     conn: &mut PgConnection,
     user_id: Uuid,
     account_id: Uuid,
     for_update: bool,
 ) -> StoreResult<Option<(TradingAccount, Option<Access>)>> {
-    let lock = if for_update { "for update of a" } else { "" };
+    if for_update && !lock_live(&mut *conn, account_id).await? {
+        return Ok(None);
+    }
     let row: Option<AccessRow> = sqlx::query_as(&format!(
         "select {COLUMNS}, {ACCESS_EXPR} {ACCESS_JOIN}
-          where a.id = $2 and a.deleted_at is null {lock}"
+          where a.id = $2 and a.deleted_at is null"
     ))
     .bind(user_id)
     .bind(account_id)

@@ -25,3 +25,32 @@ pub async fn insert(conn: &mut PgConnection, e: &AuditEntry) -> StoreResult<()> 
     .await?;
     Ok(())
 }
+
+/// Why the connected role could switch off audit_logs' triggers (and then rewrite
+/// or delete rows): it is a superuser, or owns the table, or is a member of the
+/// role that does. None when it can only use what it was granted, or when the
+/// table does not exist yet.
+pub async fn connected_role_can_alter(pool: &sqlx::PgPool) -> StoreResult<Option<String>> {
+    let row: Option<(String, String, bool, bool)> = sqlx::query_as(
+        "select current_user::text, t.tableowner::text, r.rolsuper,
+                pg_has_role(current_user, t.tableowner, 'MEMBER')
+           from pg_tables t
+           join pg_roles r on r.rolname = current_user
+          where t.schemaname = current_schema() and t.tablename = 'audit_logs'",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.and_then(|(user, owner, superuser, member)| {
+        if superuser {
+            Some(format!("role {user:?} is a superuser"))
+        } else if user == owner {
+            Some(format!("role {user:?} owns audit_logs"))
+        } else if member {
+            Some(format!(
+                "role {user:?} is a member of {owner:?}, which owns audit_logs"
+            ))
+        } else {
+            None
+        }
+    }))
+}

@@ -60,3 +60,36 @@ pub async fn list(
     .fetch_all(pool)
     .await?)
 }
+
+/// One row of the hash chain, with the hash the database computes for it now from
+/// its stored columns and stored `prev_hash` (the chaining trigger's formula).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ChainLink {
+    pub id: i64,
+    pub chain_seq: i64,
+    pub prev_hash: Option<Vec<u8>>,
+    pub row_hash: Vec<u8>,
+    pub recomputed: Vec<u8>,
+}
+
+/// Up to `limit` links after chain position `after`, in chain order. The hash is
+/// recomputed in SQL with the expression of `audit_logs_chain()` (the initial
+/// migration), so timestamps and JSON print exactly as they did when chained.
+pub async fn chain_after(pool: &PgPool, after: i64, limit: i64) -> StoreResult<Vec<ChainLink>> {
+    Ok(sqlx::query_as(
+        r#"select id, chain_seq, prev_hash, row_hash,
+                  sha256(coalesce(prev_hash, '\x'::bytea) || convert_to(concat_ws(E'\x1f',
+                      chain_seq::text, to_char(occurred_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'),
+                      actor_type, coalesce(actor_id, ''), action,
+                      coalesce(target_type, ''), coalesce(target_id, ''), outcome,
+                      coalesce(ip, ''), coalesce(user_agent, ''), details::text), 'UTF8')) as recomputed
+             from audit_logs
+            where chain_seq > $1
+            order by chain_seq
+            limit $2"#,
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}

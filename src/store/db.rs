@@ -51,6 +51,21 @@ impl Db {
         Ok(Self { pool })
     }
 
+    /// The schema owner's pool for `migrate`: DATABASE_MIGRATION_URL, or
+    /// DATABASE_URL when it is unset (development).
+    pub fn connect_migrator(settings: &Settings) -> anyhow::Result<Self> {
+        match &settings.database_migration_url {
+            None => Self::connect_unbounded(settings),
+            Some(url) => {
+                let mut owner = settings.clone();
+                owner.database_url = url.clone();
+                Self::connect_unbounded(&owner).map_err(|_| {
+                    anyhow::anyhow!("DATABASE_MIGRATION_URL is not a valid PostgreSQL URL")
+                })
+            }
+        }
+    }
+
     pub async fn migrate(&self) -> anyhow::Result<()> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())

@@ -7,6 +7,8 @@ pub mod audit;
 pub mod audit_log;
 pub mod bus;
 pub mod db;
+pub mod invitations;
+pub mod login_failures;
 pub mod policies;
 pub mod redis;
 pub mod service_clients;
@@ -74,6 +76,9 @@ fn conflict_message(constraint: &str) -> String {
     match constraint {
         "users_email_lower_key" => "email is already registered".into(),
         "trading_account_memberships_active_key" => "user is already a member".into(),
+        "trading_account_invitations_pending_key" => {
+            "an invitation for this email is already pending".into()
+        }
         "trading_accounts_owner_broker_key" => {
             "a trading account for this broker login already exists".into()
         }

@@ -16,11 +16,10 @@ use uuid::Uuid;
 
 use crate::helpers::{assert_problem, AuthedChannel, TestApp};
 
-const DEV_KEY: &str = "dev-2025:ve4sOU9+Oo5nj2ts2u3Hpu4E6kk3oXLKg5gl1V7EP3I=";
 const NEW_KEY: &str = "new:3q2+7wABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhs=";
 
 /// One HTTP call with a bearer token and no cookie jar.
-async fn call(
+pub(crate) async fn call(
     app: &TestApp,
     method: reqwest::Method,
     path: &str,
@@ -36,14 +35,14 @@ async fn call(
     req.send().await.unwrap()
 }
 
-async fn json_ok(res: reqwest::Response, status: u16) -> Value {
+pub(crate) async fn json_ok(res: reqwest::Response, status: u16) -> Value {
     let got = res.status().as_u16();
     let body: Value = res.json().await.unwrap_or(Value::Null);
     assert_eq!(got, status, "{body}");
     body
 }
 
-async fn create_account(app: &TestApp, token: &str, broker_user_id: &str) -> Uuid {
+pub(crate) async fn create_account(app: &TestApp, token: &str, broker_user_id: &str) -> Uuid {
     let body = json_ok(
         call(
             app,
@@ -61,8 +60,17 @@ async fn create_account(app: &TestApp, token: &str, broker_user_id: &str) -> Uui
     body["id"].as_str().unwrap().parse().unwrap()
 }
 
-async fn add_member(app: &TestApp, token: &str, account: Uuid, email: &str, role: &str) {
-    json_ok(
+/// Invites `email` with `role` and accepts as the invitee (`invitee` is their
+/// token): membership takes the invitee's consent.
+pub(crate) async fn add_member(
+    app: &TestApp,
+    token: &str,
+    account: Uuid,
+    email: &str,
+    role: &str,
+    invitee: &str,
+) {
+    let invited = json_ok(
         call(
             app,
             reqwest::Method::POST,
@@ -71,9 +79,26 @@ async fn add_member(app: &TestApp, token: &str, account: Uuid, email: &str, role
             Some(json!({"email": email, "role": role})),
         )
         .await,
-        201,
+        202,
     )
     .await;
+    accept(app, invitee, invited["invitation"]["id"].as_str().unwrap()).await;
+}
+
+/// POST /v1/users/me/invitations/{id}/accept, asserting 200; returns the access body.
+pub(crate) async fn accept(app: &TestApp, invitee: &str, invitation: &str) -> Value {
+    json_ok(
+        call(
+            app,
+            reqwest::Method::POST,
+            &format!("/v1/users/me/invitations/{invitation}/accept"),
+            invitee,
+            None,
+        )
+        .await,
+        200,
+    )
+    .await
 }
 
 async fn put_credentials(app: &TestApp, token: &str, account: Uuid, creds: Value) -> u16 {
@@ -89,7 +114,7 @@ async fn put_credentials(app: &TestApp, token: &str, account: Uuid, creds: Value
     .as_u16()
 }
 
-async fn audit_count(app: &TestApp, action: &str, actor_id: Option<&str>) -> i64 {
+pub(crate) async fn audit_count(app: &TestApp, action: &str, actor_id: Option<&str>) -> i64 {
     sqlx::query_scalar(
         "select count(*) from audit_logs where action = $1 and ($2::text is null or actor_id = $2)",
     )
@@ -141,7 +166,7 @@ async fn team(app: &TestApp) -> Team {
     let mut members = Vec::new();
     for role in ["manager", "trader", "viewer"] {
         let (id, email, token) = app.user_with_token().await;
-        add_member(app, &owner, account, &email, role).await;
+        add_member(app, &owner, account, &email, role, &token).await;
         members.push((id, token));
     }
     let (stranger_id, _, stranger) = app.user_with_token().await;
@@ -160,13 +185,23 @@ async fn team(app: &TestApp) -> Team {
 async fn account_lifecycle_shapes_and_audit() {
     let app = TestApp::spawn().await;
     let (user_id, _, token) = app.user_with_token().await;
+    // Only an administrator chooses a tier (issue 10): a holder gets the default.
+    let tier = call(
+        &app,
+        reqwest::Method::POST,
+        "/v1/trading-accounts",
+        &token,
+        Some(json!({"broker": "zerodha", "broker_user_id": "AB1234", "nickname": "Main", "subscription_tier": "pro"})),
+    )
+    .await;
+    assert_problem(tier, 403, "forbidden").await;
     let created = json_ok(
         call(
             &app,
             reqwest::Method::POST,
             "/v1/trading-accounts",
             &token,
-            Some(json!({"broker": "zerodha", "broker_user_id": "AB1234", "nickname": "Main", "subscription_tier": "pro"})),
+            Some(json!({"broker": "zerodha", "broker_user_id": "AB1234", "nickname": "Main"})),
         )
         .await,
         201,
@@ -196,7 +231,7 @@ async fn account_lifecycle_shapes_and_audit() {
             "subscription_tier"
         ]
     );
-    assert_eq!(created["subscription_tier"], "pro");
+    assert_eq!(created["subscription_tier"], "free");
     assert_eq!(created["subscription_status"], "active");
     assert_eq!(created["status"], "active");
     assert_eq!(created["has_credentials"], false);
@@ -329,8 +364,8 @@ async fn account_lifecycle_shapes_and_audit() {
     ] {
         assert_eq!(audit_count(&app, action, Some(&uid)).await, 1, "{action}");
     }
-    // The subscription PATCH and the read after the delete.
-    assert_eq!(audit_count(&app, "authz.denied", Some(&uid)).await, 2);
+    // The tier at creation, the subscription PATCH and the read after the delete.
+    assert_eq!(audit_count(&app, "authz.denied", Some(&uid)).await, 3);
 }
 
 #[tokio::test]
@@ -611,7 +646,8 @@ async fn members_are_limited_by_their_role() {
     )
     .await;
     assert_problem(res, 403, "forbidden").await;
-    let added = json_ok(
+    // Adding is an invitation the stranger accepts (issue 11: consent).
+    let invited = json_ok(
         call(
             &app,
             reqwest::Method::POST,
@@ -620,11 +656,18 @@ async fn members_are_limited_by_their_role() {
             Some(json!({"user_id": t.stranger.0, "role": "trader"})),
         )
         .await,
-        201,
+        202,
     )
     .await;
-    assert_eq!(added["role"], "trader");
-    assert_eq!(added["user_id"], t.stranger.0.to_string());
+    assert_eq!(invited["invitation"]["role"], "trader");
+    let added = accept(
+        &app,
+        &t.stranger.1,
+        invited["invitation"]["id"].as_str().unwrap(),
+    )
+    .await;
+    assert_eq!(added["access"], "trader");
+    assert_eq!(added["id"], a.to_string());
     let changed = json_ok(
         call(
             &app,
@@ -660,7 +703,11 @@ async fn members_are_limited_by_their_role() {
     assert_eq!(res.status().as_u16(), 204);
 
     let m = t.manager.0.to_string();
-    assert_eq!(audit_count(&app, "membership.added", Some(&m)).await, 1);
+    assert_eq!(audit_count(&app, "membership.invited", Some(&m)).await, 1);
+    assert_eq!(
+        audit_count(&app, "membership.added", Some(&t.stranger.0.to_string())).await,
+        1
+    );
     assert_eq!(
         audit_count(&app, "membership.role_changed", Some(&m)).await,
         1
@@ -901,7 +948,8 @@ async fn same_secret_encrypts_differently_and_tampering_fails_closed() {
     let (key1, secret1, kid) = ciphertexts(&app, a).await;
     assert_eq!(put_credentials(&app, &owner, a, creds.clone()).await, 204);
     let (key2, secret2, _) = ciphertexts(&app, a).await;
-    assert_eq!(kid, "dev-2025");
+    let ring = &crate::helpers::test_vars("")["CREDENTIALS_ENCRYPTION_KEYS"];
+    assert_eq!(Some(kid.as_str()), ring.split(':').next());
     assert_ne!(key1, key2, "a fresh nonce per write");
     assert_ne!(secret1, secret2);
     assert_eq!(
@@ -997,9 +1045,10 @@ async fn reencryption_moves_every_value_to_the_new_key() {
 
     // A replica with the new key first, the old one still present.
     let mut vars = crate::helpers::test_vars(&app.database_url);
+    let old_key = vars["CREDENTIALS_ENCRYPTION_KEYS"].clone();
     vars.insert(
         "CREDENTIALS_ENCRYPTION_KEYS".into(),
-        format!("{NEW_KEY},{DEV_KEY}"),
+        format!("{NEW_KEY},{old_key}"),
     );
     let rotated = TestApp::spawn_vars(vars.clone()).await;
     let summary = rotated
@@ -1099,8 +1148,9 @@ async fn concurrent_adds_of_one_member_give_exactly_one_success() {
         .into_iter()
         .map(|r| r.status().as_u16())
         .collect();
+    // Each is an invitation now: exactly one is made, the rest are conflicts.
     assert_eq!(
-        statuses.iter().filter(|s| **s == 201).count(),
+        statuses.iter().filter(|s| **s == 202).count(),
         1,
         "{statuses:?}"
     );
@@ -1109,15 +1159,15 @@ async fn concurrent_adds_of_one_member_give_exactly_one_success() {
         7,
         "{statuses:?}"
     );
-    let live: i64 = sqlx::query_scalar(
-        "select count(*) from trading_account_memberships where trading_account_id = $1 and revoked_at is null",
+    let pending: i64 = sqlx::query_scalar(
+        "select count(*) from trading_account_invitations where trading_account_id = $1 and status = 'pending'",
     )
     .bind(a)
     .fetch_one(&app.db)
     .await
     .unwrap();
-    assert_eq!(live, 1);
-    assert_eq!(audit_count(&app, "membership.added", None).await, 1);
+    assert_eq!(pending, 1);
+    assert_eq!(audit_count(&app, "membership.invited", None).await, 1);
 }
 
 #[tokio::test]
@@ -1727,7 +1777,9 @@ async fn audit_logs_are_for_admins_filtered_and_paginated() {
         items[0]["details"]["role"], "viewer",
         "the last member added"
     );
-    assert_eq!(items[0]["actor_id"], t.owner.0.to_string());
+    // Added when the invitee accepted: they are the actor, the owner invited.
+    assert_eq!(items[0]["actor_id"], t.viewer.0.to_string());
+    assert_eq!(items[0]["details"]["invited_by"], t.owner.0.to_string());
     let cursor = page["next_cursor"].as_str().unwrap();
     let rest = json_ok(
         call(
@@ -1793,6 +1845,14 @@ async fn openapi_documents_the_account_routes() {
         ),
         ("/v1/users/me/accounts", &["get"][..]),
         ("/v1/admin/audit-logs", &["get"][..]),
+        ("/v1/trading-accounts/{id}/invitations", &["get"][..]),
+        (
+            "/v1/trading-accounts/{id}/invitations/{invitation_id}",
+            &["delete"][..],
+        ),
+        ("/v1/users/me/invitations", &["get"][..]),
+        ("/v1/users/me/invitations/{id}/accept", &["post"][..]),
+        ("/v1/users/me/invitations/{id}/decline", &["post"][..]),
     ] {
         for m in methods {
             assert!(paths[path][m].is_object(), "{m} {path} is documented");
@@ -1803,4 +1863,6 @@ async fn openapi_documents_the_account_routes() {
     let account = &schemas["AccountBody"]["properties"];
     assert!(account["credentials_hint"].is_object());
     assert!(account.get("api_key").is_none() && account.get("api_secret").is_none());
+    // Adding a member is documented as an invitation (202).
+    assert!(paths["/v1/trading-accounts/{id}/members"]["post"]["responses"]["202"].is_object());
 }

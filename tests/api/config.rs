@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::process::Command;
 
-use user_service::config::{choose_env_file, Environment, Settings};
+use user_service::config::{choose_env_file, parse_env_file, Environment, Settings};
+use user_service::crypto::key_material;
 
 fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
@@ -30,16 +31,26 @@ fn env_files() -> std::path::PathBuf {
     dir
 }
 
+/// Fresh key material under `prefix` (STAGING_, PRODUCTION_ or none), as an
+/// operator would generate it: never a committed key.
+fn fresh_keys(prefix: &str) -> Vec<(String, String)> {
+    key_material::GENERATED_IN_DEVELOPMENT
+        .into_iter()
+        .map(|k| (format!("{prefix}{k}"), key_material::generate(k).unwrap()))
+        .collect()
+}
+
 /// What .env.production leaves to the environment, filled with test values.
-const PRODUCTION_SECRETS: [(&str, &str); 7] = [
+fn production_secrets() -> HashMap<String, String> {
+    let mut v = vars(&[
         ("APP_ENV", "production"),
         ("PRODUCTION_DB_PASSWORD", "pw-from-vault"),
         ("SENTRY_DSN", ""),
-        ("PRODUCTION_JWT_PRIVATE_KEY", "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIKqg0ZQ3zbrb0k7qkQ8i7i0dqS2Qmpe1Lw3RkR3dX0aS\n-----END PRIVATE KEY-----"),
         ("PRODUCTION_JWT_PREVIOUS_PUBLIC_KEYS", ""),
-        ("PRODUCTION_CREDENTIALS_ENCRYPTION_KEYS", "prd-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
-        ("PRODUCTION_API_KEY_HASH_SECRET", "0123456789abcdef0123456789abcdef-production"),
-];
+    ]);
+    v.extend(fresh_keys("PRODUCTION_"));
+    v
+}
 
 #[test]
 fn env_file_selection_follows_env_file_then_dot_env_then_app_env() {
@@ -84,29 +95,26 @@ fn the_three_env_files_carry_the_seed_values() {
     assert!(dev.debug);
     assert!(dev.problems().is_empty(), "{:?}", dev.problems());
 
-    let staging_secrets = [
-        ("APP_ENV", "staging"),
-        ("STAGING_JWT_PRIVATE_KEY", "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIKqg0ZQ3zbrb0k7qkQ8i7i0dqS2Qmpe1Lw3RkR3dX0aS\n-----END PRIVATE KEY-----"),
-        ("STAGING_CREDENTIALS_ENCRYPTION_KEYS", "stg-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
-        ("STAGING_API_KEY_HASH_SECRET", "0123456789abcdef0123456789abcdef-staging"),
-    ];
-    let stg = Settings::load_from(&vars(&staging_secrets), dir).unwrap();
+    let mut staging_secrets = vars(&[("APP_ENV", "staging")]);
+    staging_secrets.extend(fresh_keys("STAGING_"));
+    let stg = Settings::load_from(&staging_secrets, dir).unwrap();
     assert_eq!(stg.user_service_port, 8111);
     assert_eq!(stg.user_service_host, "127.0.0.1");
     assert_eq!(stg.login_max_attempts, 5);
     assert!(stg.problems().is_empty(), "{:?}", stg.problems());
 
-    let prd = Settings::load_from(&vars(&PRODUCTION_SECRETS), dir).unwrap();
+    let prd = Settings::load_from(&production_secrets(), dir).unwrap();
     assert_eq!(prd.user_service_port, 8211);
     assert_eq!(prd.login_max_attempts, 3);
     assert_eq!(prd.password_min_length, 14);
     assert!(!prd.registration_enabled());
     assert!(prd.problems().is_empty(), "{:?}", prd.problems());
-    // ${PRODUCTION_DB_PASSWORD} was expanded into DATABASE_URL.
+    // ${PRODUCTION_DB_PASSWORD} was expanded into DATABASE_URL, the service's own
+    // role (the owner `stocksblitz` only migrates, deploy/postgres/roles.sql).
     let shown: HashMap<_, _> = prd.effective().into_iter().collect();
     assert_eq!(
         shown["DATABASE_URL"],
-        "postgresql://stocksblitz:***@localhost:8203/stocksblitz_unified_production"
+        "postgresql://user_service_app:***@localhost:8203/stocksblitz_unified_production"
     );
 }
 
@@ -143,22 +151,23 @@ fn production_refuses_debug_insecure_cookie_wildcard_cors_and_dev_keys() {
         "{problems}"
     );
     assert!(problems.contains("CORS_ALLOWED_ORIGINS"), "{problems}");
-    assert!(
-        problems.contains("JWT_PRIVATE_KEY is the development key"),
-        "{problems}"
-    );
-    assert!(
-        problems.contains("CREDENTIALS_ENCRYPTION_KEYS"),
-        "{problems}"
-    );
-    assert!(problems.contains("API_KEY_HASH_SECRET"), "{problems}");
+    for key in [
+        "JWT_PRIVATE_KEY",
+        "CREDENTIALS_ENCRYPTION_KEYS",
+        "API_KEY_HASH_SECRET",
+    ] {
+        assert!(
+            problems.contains(&format!("{key} is required in production")),
+            "{problems}"
+        );
+    }
     assert!(s.validate().is_err());
 }
 
 #[test]
 fn production_refuses_plaintext_stores_off_loopback() {
     let dir = &env_files();
-    let mut v = vars(&PRODUCTION_SECRETS);
+    let mut v = production_secrets();
     v.insert(
         "DATABASE_URL".into(),
         "postgresql://u:pw@db.internal:5432/prod?sslmode=require".into(),
@@ -202,9 +211,10 @@ fn binary() -> &'static str {
 
 #[test]
 fn check_config_masks_every_secret_and_exits_non_zero_on_a_problem() {
+    let dir = env_files();
     let out = Command::new(binary())
         .arg("check-config")
-        .current_dir(REPO)
+        .current_dir(&dir)
         .env_clear()
         .env("APP_ENV", "development")
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -216,19 +226,17 @@ fn check_config_masks_every_secret_and_exits_non_zero_on_a_problem() {
     assert!(stdout.contains("JWT_PRIVATE_KEY=***"));
     assert!(stdout.contains("API_KEY_HASH_SECRET=***"));
     assert!(stdout.contains("DATABASE_URL=postgresql://stocksblitz:***@localhost:8003/"));
-    for secret in [
-        "stocksblitz123",
-        "MC4CAQAwBQYDK2VwBCIE",
-        "dev-only-api-key",
-        "ve4sOU9",
-    ] {
-        assert!(!stdout.contains(secret), "{secret} leaked:\n{stdout}");
+    assert!(!stdout.contains("stocksblitz123"), "{stdout}");
+    for (name, value) in dev_secrets(&dir) {
+        for part in value.split([':', '\n']).filter(|p| p.len() > 8) {
+            assert!(!stdout.contains(part), "{name} leaked:\n{stdout}");
+        }
     }
 
     // Production with the dev file's insecure values: one `error:` line per problem.
     let out = Command::new(binary())
         .arg("check-config")
-        .current_dir(REPO)
+        .current_dir(&dir)
         .env_clear()
         .env("ENV_FILE", ".env.dev")
         .env("APP_ENV", "production")
@@ -271,11 +279,12 @@ fn debug_output_of_settings_hides_secrets() {
     let dir = &env_files();
     let s = Settings::load_from(&vars(&[("APP_ENV", "development")]), dir).unwrap();
     let dbg = format!("{s:?}");
-    assert!(
-        !dbg.contains("stocksblitz123") && !dbg.contains("dev-only-api-key"),
-        "{dbg}"
-    );
-    assert!(!dbg.contains("MC4CAQAwBQYDK2VwBCIE"));
+    assert!(!dbg.contains("stocksblitz123"), "{dbg}");
+    for (name, value) in dev_secrets(dir) {
+        for part in value.split([':', '\n']).filter(|p| p.len() > 8) {
+            assert!(!dbg.contains(part), "{name} leaked: {dbg}");
+        }
+    }
 }
 
 #[test]
@@ -307,4 +316,461 @@ fn a_session_idle_timeout_outside_two_minutes_to_the_refresh_ttl_is_refused() {
     );
     let dev = Settings::load_from(&vars(&[("APP_ENV", "development")]), dir).unwrap();
     assert_eq!(dev.session_idle_timeout_seconds, 86400);
+}
+
+// ---- one pass, placeholders, generated development keys, development key checks ----
+
+/// The values in a directory's generated `.secrets/dev.env`.
+fn dev_secrets(dir: &std::path::Path) -> Vec<(String, String)> {
+    let content = std::fs::read_to_string(dir.join(".secrets/dev.env")).unwrap();
+    parse_env_file(&content, "dev.env", &HashMap::new()).unwrap()
+}
+
+fn error_lines(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect()
+}
+
+#[test]
+fn check_config_reports_every_problem_in_one_pass() {
+    // The project's own .env.staging, no key material exported, and three unsafe
+    // overrides: every one of them is reported, not just the first unset variable.
+    let dir = env_files();
+    let out = Command::new(binary())
+        .arg("check-config")
+        .current_dir(&dir)
+        .env_clear()
+        .env("APP_ENV", "staging")
+        .env("DEBUG", "true")
+        .env("SESSION_COOKIE_SECURE", "false")
+        .env("CORS_ALLOWED_ORIGINS", "*")
+        .env("USER_SERVICE_PORT", "not-a-port")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let errors = error_lines(&stdout);
+    for expected in [
+        "variable ${STAGING_JWT_PRIVATE_KEY} is not set",
+        "variable ${STAGING_CREDENTIALS_ENCRYPTION_KEYS} is not set",
+        "variable ${STAGING_API_KEY_HASH_SECRET} is not set",
+        "DEBUG=true is not allowed in staging",
+        "SESSION_COOKIE_SECURE=false is not allowed in staging",
+        "CORS_ALLOWED_ORIGINS must not contain '*' in staging",
+        "JWT_PRIVATE_KEY is required in staging",
+        "CREDENTIALS_ENCRYPTION_KEYS is required in staging",
+        "API_KEY_HASH_SECRET is required in staging",
+        "USER_SERVICE_PORT: invalid digit found in string",
+    ] {
+        assert_eq!(
+            errors.iter().filter(|l| l.ends_with(expected)).count(),
+            1,
+            "one line for {expected:?}:\n{stdout}"
+        );
+    }
+    assert_eq!(errors.len(), 10, "{stdout}");
+    // The effective settings are still shown, the bad port left at its default.
+    assert!(stdout.contains("APP_ENV=staging\n"), "{stdout}");
+    assert!(stdout.contains("USER_SERVICE_PORT=8011\n"), "{stdout}");
+    assert!(!stdout.contains("not-a-port"), "{stdout}");
+
+    // `serve` refuses with the same list.
+    let out = Command::new(binary())
+        .arg("serve")
+        .current_dir(&dir)
+        .env_clear()
+        .env("APP_ENV", "staging")
+        .env("DEBUG", "true")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: DEBUG=true is not allowed in staging")
+            && stderr.contains("variable ${STAGING_API_KEY_HASH_SECRET} is not set"),
+        "{stderr}"
+    );
+}
+
+/// Runs `command` with an example secrets file of deploy/systemd sourced the way
+/// systemd's EnvironmentFile= or run-local reads it.
+fn run_with_example(env: &str, command: &str) -> (Option<i32>, String) {
+    let dir = env_files();
+    let example = format!("{REPO}/deploy/systemd/{env}.env.example");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -a; . '{example}'; set +a; exec '{}' {command}",
+            binary()
+        ))
+        .current_dir(&dir)
+        .env_clear()
+        .env("APP_ENV", env)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+#[test]
+fn the_unfilled_example_secrets_are_refused_by_check_config_and_serve() {
+    for env in ["staging", "production"] {
+        let prefix = env.to_ascii_uppercase();
+        for command in ["check-config", "serve"] {
+            let (code, text) = run_with_example(env, command);
+            assert_eq!(code, Some(1), "{env} {command}: {text}");
+            for key in [
+                "JWT_PRIVATE_KEY",
+                "CREDENTIALS_ENCRYPTION_KEYS",
+                "API_KEY_HASH_SECRET",
+            ] {
+                assert!(
+                    text.contains(&format!(
+                        "error: {key} still holds the example placeholder REPLACE_ME"
+                    )),
+                    "{env} {command} {key}: {text}"
+                );
+            }
+            if env == "production" {
+                assert!(
+                    text.contains("error: DATABASE_URL still holds the example placeholder"),
+                    "{text}"
+                );
+            }
+            assert!(!text.contains(&format!("{prefix}_JWT")), "{text}");
+        }
+    }
+}
+
+#[test]
+fn development_generates_its_keys_once_per_directory_and_reuses_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = env_files();
+    let dev = vars(&[("APP_ENV", "development")]);
+    assert!(!dir.join(".secrets").exists());
+
+    // Replicas starting at the same moment from one directory end up with one set.
+    let loaded: Vec<Settings> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| Settings::load_from(&dev, &dir).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let file = dir.join(".secrets/dev.env");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&file), 0o600);
+    assert_eq!(mode(&dir.join(".secrets")), 0o700);
+    let written = std::fs::read_to_string(&file).unwrap();
+    let secrets = dev_secrets(&dir);
+    let names: Vec<&str> = secrets.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "JWT_PRIVATE_KEY",
+            "CREDENTIALS_ENCRYPTION_KEYS",
+            "API_KEY_HASH_SECRET"
+        ]
+    );
+    use secrecy::ExposeSecret;
+    let kid = |s: &Settings| {
+        user_service::crypto::jwt::JwtKeys::from_settings(s)
+            .unwrap()
+            .kid()
+            .to_string()
+    };
+    let first = kid(&loaded[0]);
+    for s in &loaded {
+        assert_eq!(kid(s), first);
+        assert_eq!(
+            s.api_key_hash_secret.as_ref().unwrap().expose_secret(),
+            loaded[0]
+                .api_key_hash_secret
+                .as_ref()
+                .unwrap()
+                .expose_secret()
+        );
+        assert!(s.problems().is_empty(), "{:?}", s.problems());
+    }
+
+    // The real binary, started again in that directory, reuses the file as it is.
+    let out = Command::new(binary())
+        .arg("check-config")
+        .current_dir(&dir)
+        .env_clear()
+        .env("APP_ENV", "development")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), written);
+    assert_eq!(kid(&Settings::load_from(&dev, &dir).unwrap()), first);
+
+    // A fresh directory gets keys of its own; a value set in the environment wins
+    // and is not written to the file.
+    let other = env_files();
+    let mut with_secret = dev.clone();
+    with_secret.insert("API_KEY_HASH_SECRET".into(), "x".repeat(40));
+    let s = Settings::load_from(&with_secret, &other).unwrap();
+    assert_ne!(kid(&s), first);
+    assert_eq!(
+        s.api_key_hash_secret.unwrap().expose_secret(),
+        &"x".repeat(40)
+    );
+    assert!(!dev_secrets(&other)
+        .iter()
+        .any(|(k, _)| k == "API_KEY_HASH_SECRET"));
+}
+
+/// Tracked files, from git when the checkout has it.
+fn tracked_files() -> Vec<String> {
+    let out = Command::new("git")
+        .args(["ls-files", "-z"])
+        .current_dir(REPO)
+        .output()
+        .expect("git is installed");
+    assert!(out.status.success(), "not a git checkout");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split('\0')
+        .filter(|f| !f.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn no_key_material_is_tracked() {
+    // tests/ is left out: this file keeps the once-committed keys, to prove that
+    // staging and production refuse them.
+    let files: Vec<String> = tracked_files()
+        .into_iter()
+        .filter(|f| !f.starts_with("tests/"))
+        .collect();
+    assert!(files.iter().any(|f| f == ".env.dev") && files.iter().any(|f| f == "src/config.rs"));
+    let mut found = Vec::new();
+    for f in &files {
+        let Ok(text) = std::fs::read_to_string(format!("{REPO}/{f}")) else {
+            continue; // binary
+        };
+        if holds_pem_private_key(&text) {
+            found.push(format!("{f}: a PEM private key"));
+        }
+        for known in [
+            LEAKED_DEV_JWT_KEY_BODY,
+            LEAKED_TEST_JWT_KEY_BODY,
+            LEAKED_DEV_ENCRYPTION_KEY,
+            LEAKED_DEV_HASH_SECRET,
+            "MC4CAQAwBQYDK2VwBCIE", // the base64 start of any Ed25519 PKCS#8 key
+        ] {
+            if text.contains(known) {
+                found.push(format!("{f}: known key text {}…", &known[..8]));
+            }
+        }
+    }
+    assert!(found.is_empty(), "{found:#?}");
+    // And nothing that could hold generated keys is tracked.
+    assert!(
+        !files.iter().any(|f| f.starts_with(".secrets/")),
+        "{files:?}"
+    );
+}
+
+/// A `-----BEGIN … PRIVATE KEY-----` header followed by a base64 body (the
+/// examples' `REPLACE_ME` placeholder is not one).
+fn holds_pem_private_key(text: &str) -> bool {
+    text.match_indices("PRIVATE KEY-----").any(|(i, m)| {
+        let before = &text[..i];
+        let is_begin = before
+            .rfind("-----")
+            .is_some_and(|b| before[b..].starts_with("-----BEGIN "));
+        let mut body = text[i + m.len()..].trim_start();
+        while let Some(rest) = body.strip_prefix("\\n") {
+            body = rest.trim_start();
+        }
+        is_begin
+            && body
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '+' || *c == '/')
+                .count()
+                >= 16
+    })
+}
+
+// Key material once committed to .env.dev and src/config.rs (and a test key),
+// public since: kept here only to prove staging and production refuse it.
+const LEAKED_DEV_JWT_KEY_BODY: &str =
+    "MC4CAQAwBQYDK2VwBCIEIHIMUz8yDUrFpm+Ocp16MUk7hqttTC+7qo4AfnKyQunl";
+const LEAKED_TEST_JWT_KEY_BODY: &str =
+    "MC4CAQAwBQYDK2VwBCIEIKqg0ZQ3zbrb0k7qkQ8i7i0dqS2Qmpe1Lw3RkR3dX0aS";
+const LEAKED_DEV_ENCRYPTION_KEY: &str = "ve4sOU9+Oo5nj2ts2u3Hpu4E6kk3oXLKg5gl1V7EP3I=";
+const LEAKED_DEV_HASH_SECRET: &str = "dev-only-api-key-hash-secret-do-not-use-elsewhere";
+
+/// Re-wraps a PEM body at `width` columns with `eol` line ends.
+fn pem(label: &str, body: &str, width: usize, eol: &str) -> String {
+    let b: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+    let lines: Vec<String> = b
+        .as_bytes()
+        .chunks(width)
+        .map(|c| String::from_utf8(c.to_vec()).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----{eol}{}{eol}-----END {label}-----{eol}",
+        lines.join(eol)
+    )
+}
+
+fn pem_body(pem: &str) -> String {
+    pem.lines().filter(|l| !l.starts_with("-----")).collect()
+}
+
+/// The public key of a private key, as the PEM JWT_PREVIOUS_PUBLIC_KEYS holds.
+fn public_pem(private: &str, width: usize) -> String {
+    use base64::Engine;
+    let raw = key_material::parse_signing_key(private).unwrap().public_key;
+    let mut spki = vec![
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    spki.extend(raw);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(spki);
+    pem("PUBLIC KEY", &b64, width, "\n")
+}
+
+/// Loads staging settings with these key values (and fresh ones for the rest).
+fn staging_problems(dir: &std::path::Path, keys: &[(&str, String)]) -> Vec<String> {
+    let mut v = vars(&[("APP_ENV", "staging")]);
+    v.extend(fresh_keys("STAGING_"));
+    for (k, val) in keys {
+        v.insert(k.to_string(), val.clone());
+    }
+    match Settings::load_from(&v, dir) {
+        Ok(s) => s.problems(),
+        Err(e) => e.to_string().lines().map(str::to_string).collect(),
+    }
+}
+
+fn reencode(b64: &str, engine: base64::engine::GeneralPurpose) -> String {
+    use base64::Engine;
+    let raw = key_material::decode_base64(b64).unwrap();
+    engine.encode(raw)
+}
+
+#[test]
+fn staging_refuses_development_keys_by_their_bytes_not_their_text() {
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    let dir = env_files();
+    // This checkout's own development keys, generated by a development start.
+    Settings::load_from(&vars(&[("APP_ENV", "development")]), &dir).unwrap();
+    let dev: HashMap<String, String> = dev_secrets(&dir).into_iter().collect();
+    let dev_ring = &dev["CREDENTIALS_ENCRYPTION_KEYS"];
+    let dev_b64 = dev_ring.split_once(':').unwrap().1;
+    let fresh = fresh_keys("");
+
+    let refused = |problems: &[String], what: &str| {
+        assert!(
+            problems.iter().any(|p| p.starts_with(what)
+                && p.ends_with("is development key material, refused in staging")),
+            "{what}: {problems:?}"
+        );
+    };
+    let cases: Vec<(&str, &str, String)> = vec![
+        // The checkout's dev signing key, re-wrapped at 32 columns with CRLF.
+        (
+            "JWT_PRIVATE_KEY",
+            "JWT_PRIVATE_KEY",
+            pem(
+                "PRIVATE KEY",
+                &pem_body(&dev["JWT_PRIVATE_KEY"]),
+                32,
+                "\r\n",
+            ),
+        ),
+        // The once-committed key as one line with literal \n, padded by spaces.
+        (
+            "JWT_PRIVATE_KEY",
+            "JWT_PRIVATE_KEY",
+            format!(
+                "  -----BEGIN PRIVATE KEY-----\\n{}\\n-----END PRIVATE KEY-----  ",
+                LEAKED_DEV_JWT_KEY_BODY
+            ),
+        ),
+        (
+            "JWT_PRIVATE_KEY",
+            "JWT_PRIVATE_KEY",
+            pem("PRIVATE KEY", LEAKED_TEST_JWT_KEY_BODY, 7, "\n"),
+        ),
+        // Their public halves among the previous keys, after a fresh one.
+        (
+            "JWT_PREVIOUS_PUBLIC_KEYS",
+            "JWT_PREVIOUS_PUBLIC_KEYS key 2",
+            public_pem(&fresh[0].1, 64) + &public_pem(&dev["JWT_PRIVATE_KEY"], 20),
+        ),
+        (
+            "JWT_PREVIOUS_PUBLIC_KEYS",
+            "JWT_PREVIOUS_PUBLIC_KEYS key 1",
+            public_pem(&pem("PRIVATE KEY", LEAKED_DEV_JWT_KEY_BODY, 64, "\n"), 64),
+        ),
+        // Encryption keys relabelled, unpadded, URL-safe, second in the ring.
+        (
+            "CREDENTIALS_ENCRYPTION_KEYS",
+            "CREDENTIALS_ENCRYPTION_KEYS key \"stg-20261201\"",
+            format!("stg-20261201:{}", reencode(dev_b64, STANDARD_NO_PAD)),
+        ),
+        (
+            "CREDENTIALS_ENCRYPTION_KEYS",
+            "CREDENTIALS_ENCRYPTION_KEYS key \"old\"",
+            format!(
+                "{},old:{}",
+                fresh[1].1,
+                reencode(LEAKED_DEV_ENCRYPTION_KEY, URL_SAFE_NO_PAD)
+            ),
+        ),
+        // Hash secrets, with whitespace around them.
+        (
+            "API_KEY_HASH_SECRET",
+            "API_KEY_HASH_SECRET",
+            format!(" {} ", dev["API_KEY_HASH_SECRET"]),
+        ),
+        (
+            "API_KEY_HASH_SECRET",
+            "API_KEY_HASH_SECRET",
+            LEAKED_DEV_HASH_SECRET.to_string(),
+        ),
+    ];
+    for (setting, what, value) in cases {
+        let problems = staging_problems(&dir, &[(setting, value)]);
+        refused(&problems, what);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    // Fresh keys, a fresh previous key, in a directory with development keys: fine.
+    let ok = staging_problems(
+        &dir,
+        &[("JWT_PREVIOUS_PUBLIC_KEYS", public_pem(&fresh[0].1, 64))],
+    );
+    assert!(ok.is_empty(), "{ok:?}");
+
+    // The real binary refuses to serve with them.
+    let out = Command::new(binary())
+        .arg("serve")
+        .current_dir(&dir)
+        .env_clear()
+        .envs(fresh_keys("STAGING_"))
+        .env("APP_ENV", "staging")
+        .env(
+            "STAGING_CREDENTIALS_ENCRYPTION_KEYS",
+            format!("x:{}", reencode(dev_b64, URL_SAFE_NO_PAD)),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: CREDENTIALS_ENCRYPTION_KEYS key \"x\" is development key material, refused in staging"),
+        "{stderr}"
+    );
 }

@@ -363,6 +363,7 @@ fn run_service_ok(args: &[&str], database_url: &str, redis_url: &str) -> std::pr
         .args(args)
         .env_clear()
         .env("ENV_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/.env.dev"))
+        .envs(crate::helpers::test_keys().iter().cloned())
         .env("DATABASE_URL", database_url)
         .env("REDIS_URL", redis_url)
         .output()

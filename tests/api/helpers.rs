@@ -98,7 +98,23 @@ pub async fn fresh_database() -> String {
     database_url_for(&name)
 }
 
-/// The development settings from .env.dev, pointed at the test stores.
+/// Key material of this test run: generated once per process, so every app (and
+/// every replica) a test starts shares it, and never a committed key.
+pub fn test_keys() -> &'static [(String, String)] {
+    static KEYS: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        user_service::crypto::key_material::GENERATED_IN_DEVELOPMENT
+            .into_iter()
+            .map(|k| {
+                let v = user_service::crypto::key_material::generate(k).expect("generated");
+                (k.to_string(), v)
+            })
+            .collect()
+    })
+}
+
+/// The development settings from .env.dev and this run's keys, pointed at the
+/// test stores.
 pub fn test_vars(database_url: &str) -> HashMap<String, String> {
     let content = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.dev"))
         .expect(".env.dev readable");
@@ -106,6 +122,7 @@ pub fn test_vars(database_url: &str) -> HashMap<String, String> {
         .expect(".env.dev parses")
         .into_iter()
         .collect();
+    vars.extend(test_keys().iter().cloned());
     vars.insert("DATABASE_URL".into(), database_url.into());
     vars.insert("REDIS_URL".into(), redis_url());
     vars.insert(
@@ -334,20 +351,25 @@ impl TestApp {
     /// A service token with these scopes, through POST /v1/auth/token.
     pub async fn service_token(&self, scopes: &[&str]) -> String {
         let (client_id, secret) = self.service_client(scopes).await;
-        let res = reqwest::Client::new()
-            .post(self.url("/v1/auth/token"))
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", client_id.as_str()),
-                ("client_secret", secret.as_str()),
-            ])
-            .send()
-            .await
-            .unwrap();
+        let res = self.service_token_raw(&client_id, &secret).await;
         let status = res.status().as_u16();
         let body: serde_json::Value = res.json().await.unwrap();
         assert_eq!(status, 200, "service token: {body}");
         body["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// POST /v1/auth/token (client credentials as a form), answered as is.
+    pub async fn service_token_raw(&self, client_id: &str, secret: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(self.url("/v1/auth/token"))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id),
+                ("client_secret", secret),
+            ])
+            .send()
+            .await
+            .unwrap()
     }
 
     /// A gRPC channel that sends `authorization: Bearer <token>` on every call:

@@ -3,15 +3,24 @@
 
 mod helpers;
 
+mod account_races;
+mod account_rules;
 mod accounts;
 mod api_keys;
+mod audit_chain;
 mod auth;
+mod browser;
 mod config;
 mod deploy;
+mod edge;
 mod foundation;
+mod hostile_input;
+mod invitations;
+mod lockout;
 mod network;
 mod observability;
 mod openapi;
+mod own_postgres;
 mod runtime;
 mod scale_out;
 mod tls;

@@ -179,6 +179,7 @@ async fn sentry_receives_the_error_that_stops_start_up() {
         .arg("serve")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("ENV_FILE", ".env.dev")
+        .envs(crate::helpers::test_keys().iter().cloned())
         .env("APP_ENV", "development")
         .env("DATABASE_URL", "not a database url")
         .env("REDIS_URL", crate::helpers::redis_url())

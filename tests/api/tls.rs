@@ -10,6 +10,7 @@ use user_service::config::Settings;
 use user_service::store::Db;
 
 use crate::helpers::{free_port, test_vars, wait_for_port, TestApp};
+use crate::own_postgres::OwnPostgres;
 
 /// A CA, and a server certificate it signed for 127.0.0.1 and localhost, as PEM
 /// files in a folder of their own.
@@ -171,127 +172,31 @@ async fn redis_over_tls_trusts_the_configured_ca_and_nothing_else() {
 }
 
 /// A PostgreSQL cluster of the test's own: TLS on, and pg_hba allowing TCP only
-/// over TLS (hostssl). initdb refuses to run as root, so as root every server
-/// command runs as the `postgres` user. Started and stopped with pg_ctl.
-struct TlsPostgres {
-    bin: PathBuf,
-    as_root: bool,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl TlsPostgres {
-    /// None only when the machine has no PostgreSQL server binaries; any other
-    /// failure fails the test.
-    async fn start(pki: &Pki) -> Option<TlsPostgres> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .find(|b| b.join("initdb").exists() && b.join("pg_ctl").exists())?;
-        let as_root = Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-        let dir = std::env::temp_dir().join(format!("us-tls-pg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
+/// over TLS (hostssl). None only when the machine has no PostgreSQL server
+/// binaries.
+fn tls_postgres(pki: &Pki) -> Option<OwnPostgres> {
+    let pg = OwnPostgres::init(|dir| {
         for f in ["server.pem", "server.key"] {
             std::fs::copy(pki.dir.join(f), dir.join(f)).unwrap();
         }
-        let pg = TlsPostgres {
-            bin,
-            as_root,
-            port: free_port(),
-            dir,
-        };
-        if as_root {
-            pg.must(
-                Command::new("chown")
-                    .args(["-R", "postgres:postgres"])
-                    .arg(&pg.dir),
-            );
-        }
-        // The key must be private to its owner, or PostgreSQL refuses it.
-        pg.must(
-            Command::new("chmod")
-                .arg("600")
-                .arg(pg.dir.join("server.key")),
-        );
-        pg.must(pg.tool("initdb").arg("-D").arg(pg.data()).args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-        ]));
-        std::fs::write(
-            pg.data().join("pg_hba.conf"),
-            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
-        )
-        .unwrap();
-        let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c ssl=on \
-             -c ssl_cert_file={} -c ssl_key_file={}",
-            pg.port,
-            pg.dir.display(),
-            pg.dir.join("server.pem").display(),
-            pg.dir.join("server.key").display(),
-        );
-        pg.must(
-            pg.tool("pg_ctl")
-                .arg("-D")
-                .arg(pg.data())
-                .arg("-l")
-                .arg(pg.dir.join("server.log"))
-                .args(["-w", "-t", "30", "-o", &options, "start"]),
-        );
-        Some(pg)
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.join("data")
-    }
-
-    fn tool(&self, name: &str) -> Command {
-        let program = self.bin.join(name);
-        if self.as_root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        }
-    }
-
-    fn must(&self, command: &mut Command) {
-        let out = command.output().unwrap();
-        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
-        assert!(
-            out.status.success(),
-            "{command:?}: {}{}\n{log}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn url(&self, query: &str) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/postgres?{query}",
-            self.port
-        )
-    }
-}
-
-impl Drop for TlsPostgres {
-    fn drop(&mut self) {
-        let _ = self
-            .tool("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .args(["-m", "immediate", "stop"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    })?;
+    // The key must be private to its owner, or PostgreSQL refuses it.
+    pg.must(
+        Command::new("chmod")
+            .arg("600")
+            .arg(pg.dir.join("server.key")),
+    );
+    std::fs::write(
+        pg.data().join("pg_hba.conf"),
+        "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+    )
+    .unwrap();
+    pg.start(&format!(
+        "-c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+        pg.dir.join("server.pem").display(),
+        pg.dir.join("server.key").display(),
+    ));
+    Some(pg)
 }
 
 /// The service's own pool for `database_url`, and whether a query went over TLS.
@@ -321,7 +226,7 @@ async fn connects_over_tls(database_url: &str) -> Result<bool, String> {
 #[tokio::test]
 async fn postgres_over_verified_tls() {
     let pki = Pki::new();
-    let Some(pg) = TlsPostgres::start(&pki).await else {
+    let Some(pg) = tls_postgres(&pki) else {
         eprintln!("SKIPPED postgres_over_verified_tls: no PostgreSQL server binaries");
         return;
     };

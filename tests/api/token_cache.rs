@@ -280,15 +280,16 @@ async fn every_revocation_reaches_the_other_replica_within_a_second() {
     .await;
     assert_eq!(status, 201, "{acct}");
     let account = acct["id"].as_str().unwrap().to_string();
-    let (status, body) = send(
+    // Invited, then accepted by the member (membership takes consent).
+    crate::accounts::add_member(
         &a,
-        reqwest::Method::POST,
-        &format!("/v1/trading-accounts/{account}/members"),
         &owner,
-        Some(json!({"email": member_email, "role": "trader"})),
+        account.parse().unwrap(),
+        &member_email,
+        "trader",
+        &member,
     )
     .await;
-    assert_eq!(status, 201, "{body}");
     let has_account = |r: &VerifyTokenResponse| {
         r.accounts
             .iter()
