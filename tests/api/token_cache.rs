@@ -479,3 +479,56 @@ async fn a_database_outage_leaves_recent_keys_and_tokens_verifying_within_a_boun
         .expect_err("served past CACHE_STALE_SECONDS");
     assert_eq!(err.code(), Code::Unavailable);
 }
+
+/// The `sb_session=…` pair a response sets.
+fn session_cookie(res: &reqwest::Response) -> String {
+    let set = res.headers()["set-cookie"].to_str().unwrap();
+    set.split(';').next().unwrap().to_string()
+}
+
+async fn me_with_cookie(app: &TestApp, cookie: &str) -> u16 {
+    reqwest::Client::new()
+        .get(app.url("/v1/users/me"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn a_rotated_or_ended_session_cookie_is_refused_by_the_other_replica_within_a_second() {
+    let (a, b) = two_replicas(|_| {}).await;
+    let (_, email, _) = a.user_with_token().await;
+    let login = crate::helpers::login_raw(&a, &email, STRONG_PASSWORD).await;
+    assert_eq!(login.status(), 200);
+    let cookie = session_cookie(&login);
+    let body: Value = login.json().await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(me_with_cookie(&b, &cookie).await, 200);
+    }
+
+    // Rotated on the first replica: the old value is dead on the second.
+    let res = reqwest::Client::new()
+        .post(a.url("/v1/auth/refresh"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let rotated = session_cookie(&res);
+    within_a_second("rotated cookie", || async {
+        me_with_cookie(&b, &cookie).await == 401
+    })
+    .await;
+    assert_eq!(me_with_cookie(&b, &rotated).await, 200);
+
+    // The session ended on the first replica: the current cookie dies too.
+    let access = body["access_token"].as_str().unwrap();
+    assert_eq!(logout_bearer(&a, access).await.status(), 204);
+    within_a_second("ended session's cookie", || async {
+        me_with_cookie(&b, &rotated).await == 401
+    })
+    .await;
+}
