@@ -613,7 +613,7 @@ mod tests {
 
     use super::*;
 
-    fn offline_identity() -> Identity {
+    pub(super) fn offline_identity() -> Identity {
         let vars = [
             ("DATABASE_URL", "postgres://x@127.0.0.1:1/x"),
             ("REDIS_URL", "redis://127.0.0.1:1/0"),
@@ -695,5 +695,75 @@ mod tests {
         assert!(cached * 3 < uncached, "cached {cached:?} vs {uncached:?}");
         // A token that does not verify is never served from the cache.
         assert!(id.verify_service_token(&format!("{token}x")).is_err());
+    }
+}
+
+#[cfg(test)]
+mod rss_probe {
+    use super::*;
+
+    fn rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap()
+    }
+
+    /// What 100,000 distinct cached tokens (each its own session and user) cost:
+    /// `cargo test --release --lib rss_of_100k -- --ignored --nocapture`.
+    #[tokio::test]
+    #[ignore = "a measurement, run by hand"]
+    async fn rss_of_100k_cached_tokens() {
+        let id = super::tests::offline_identity();
+        let before = rss_kib();
+        for i in 0..100_000u32 {
+            let uid = Uuid::new_v4();
+            let sid = Uuid::new_v4();
+            let mut h = [0u8; 32];
+            h[..4].copy_from_slice(&i.to_le_bytes());
+            id.token_claims.insert(
+                h,
+                Arc::new(AccessClaims {
+                    user_id: uid,
+                    session_id: sid,
+                    exp: now_secs() + 900,
+                }),
+            );
+            let _ = id
+                .sessions
+                .get_or_load(sid, || async move {
+                    Ok(SessionState::Live {
+                        uid,
+                        roles: vec!["user".into()],
+                    })
+                })
+                .await;
+            let _ = id
+                .profiles
+                .get_or_load(uid, || async move {
+                    Ok(Some(Arc::new(User {
+                        id: uid,
+                        email: format!("user{i}@example.com"),
+                        full_name: format!("User number {i}"),
+                        roles: vec!["user".into()],
+                        status: "active".into(),
+                        created_at: chrono::Utc::now(),
+                    })))
+                })
+                .await;
+            let _ = id
+                .token_accounts
+                .get_or_load(uid, || async { Ok(Arc::from(Vec::new())) })
+                .await;
+        }
+        id.token_claims.run_pending_tasks();
+        println!(
+            "RSS {} KiB -> {} KiB: {} KiB for 100k tokens (claims, session, user, accounts)",
+            before,
+            rss_kib(),
+            rss_kib() - before
+        );
     }
 }
