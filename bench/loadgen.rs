@@ -15,7 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use user_service::proto::auth_service_client::AuthServiceClient;
-use user_service::proto::VerifyApiKeyRequest;
+use user_service::proto::{VerifyApiKeyRequest, VerifyTokenRequest};
 
 #[derive(Parser)]
 #[command(about = "user-service load generator")]
@@ -60,6 +60,18 @@ enum Mode {
         /// Use only the first N keys of the file (1 = one warm key).
         #[arg(long)]
         limit: Option<usize>,
+        /// Service-client access token (scope auth:verify).
+        #[arg(long)]
+        token: String,
+    },
+    /// AuthService/VerifyToken with a service token; users' access tokens are
+    /// cycled.
+    VerifyToken {
+        #[arg(long)]
+        addr: String,
+        /// File with one user access token per line.
+        #[arg(long)]
+        tokens: String,
         /// Service-client access token (scope auth:verify).
         #[arg(long)]
         token: String,
@@ -185,16 +197,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             limit,
             token,
         } => {
-            let mut list: Vec<String> = std::fs::read_to_string(keys)?
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(str::to_string)
-                .collect();
+            let mut list = read_lines(keys)?;
             if let Some(n) = limit {
                 list.truncate(*n);
             }
-            anyhow::ensure!(!list.is_empty(), "no keys in {keys}");
             let list = Arc::new(list);
             let auth: MetadataValue<_> = format!("Bearer {token}").parse()?;
             let channels = channels(addr, cli.connections).await?;
@@ -215,6 +221,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         let start = Instant::now();
                         let ok = client
                             .verify_api_key(req)
+                            .await
+                            .map(|r| r.into_inner().valid)
+                            .unwrap_or(false);
+                        record(&clock, &mut t, start, ok);
+                        k = (k + n) % list.len();
+                    }
+                    t
+                }));
+            }
+        }
+        Mode::VerifyToken {
+            addr,
+            tokens,
+            token,
+        } => {
+            let list = Arc::new(read_lines(tokens)?);
+            let auth: MetadataValue<_> = format!("Bearer {token}").parse()?;
+            let channels = channels(addr, cli.connections).await?;
+            let n = cli.concurrency;
+            for i in 0..n {
+                let mut client = AuthServiceClient::new(channels[i % channels.len()].clone());
+                let (clock, list, auth) = (clock.clone(), list.clone(), auth.clone());
+                workers.push(tokio::spawn(async move {
+                    let mut t = Tally::new();
+                    let mut k = i % list.len();
+                    while !clock.stop.load(Ordering::Relaxed) {
+                        let mut req = tonic::Request::new(VerifyTokenRequest {
+                            token: list[k].clone(),
+                        });
+                        req.metadata_mut().insert("authorization", auth.clone());
+                        let start = Instant::now();
+                        let ok = client
+                            .verify_token(req)
                             .await
                             .map(|r| r.into_inner().valid)
                             .unwrap_or(false);
@@ -334,6 +373,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// The non-empty lines of a file (keys, tokens); an error when there are none.
+fn read_lines(path: &str) -> anyhow::Result<Vec<String>> {
+    let list: Vec<String> = std::fs::read_to_string(path)?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    anyhow::ensure!(!list.is_empty(), "nothing in {path}");
+    Ok(list)
 }
 
 /// User plus system CPU seconds of a process (`self` or a pid), from /proc;
@@ -510,6 +561,42 @@ fn report(results: &str, rss_kib: u64, notes: &[String], service_cores: u32) -> 
         .unwrap_or(0.0);
     let rss_mib = rss_kib as f64 / 1024.0;
     let mark = |ok: bool| if ok { "met" } else { "MISSED" };
+    // Issue 13: tokens at the cost of keys, many keys at the cost of one.
+    let mut ratio_rows = String::new();
+    for (a, b, bound, label) in [
+        (
+            "h_verify_token_64_users",
+            "b_verify_warm",
+            0.8,
+            "(h) VerifyToken / (b) VerifyApiKey",
+        ),
+        (
+            "i_users_me_bearer",
+            "e_users_me_api_key",
+            0.8,
+            "(i) bearer /v1/users/me / (e) X-API-Key",
+        ),
+        (
+            "j_verify_1024_keys_64_users",
+            "a_grpc_health",
+            0.7,
+            "(j) VerifyApiKey 1,024 keys / (a) health",
+        ),
+        (
+            "j_verify_1024_keys_64_users",
+            "b_verify_warm",
+            0.9,
+            "(j) 1,024 keys / (b) one key",
+        ),
+    ] {
+        if by(a).is_some() && by(b).is_some() {
+            let r = ratio(a, b);
+            ratio_rows.push_str(&format!(
+                "| {label} ≥ {bound} | {r:.2} | {} |\n",
+                mark(r >= bound)
+            ));
+        }
+    }
     md.push_str("\n| target | measured | |\n|---|---:|---|\n");
     md.push_str(&format!(
         "| (b)/(a) ≥ 0.8 | {b_over_a:.2} | {} |\n",
@@ -528,6 +615,7 @@ fn report(results: &str, rss_kib: u64, notes: &[String], service_cores: u32) -> 
         "| peak RSS < 150 MiB | {rss_mib:.1} MiB | {} |\n",
         mark(rss_mib < 150.0)
     ));
+    md.push_str(&ratio_rows);
     // Logins: argon2 is the whole cost by design, so the bound is the service's
     // cores divided by one hash's time (`user-service admin time-argon2`, run on
     // the service's core while the service is idle, before and after (f):

@@ -125,6 +125,10 @@ impl App {
             .invalidation
             .start(state.shutdown.clone(), &state.tasks)
             .await;
+        state
+            .invalidation
+            .start_pg(state.db.pool.clone(), state.shutdown.clone(), &state.tasks)
+            .await;
         state.api_keys.usage_buffer().spawn_flusher(
             state.db.clone(),
             Duration::from_millis(state.settings.usage_log_flush_interval_ms),

@@ -306,6 +306,39 @@ pub struct Settings {
     pub http2_keepalive_interval_seconds: u64,
     #[serde(default = "default_h2_streams")]
     pub http2_max_concurrent_streams: u32,
+
+    // ---- tokens: in-process verification caches (issue 13) ----
+    /// Verified access tokens (by keyed hash), session states and user
+    /// snapshots each held in process, at most this many.
+    #[serde(default = "default_token_cache_capacity")]
+    pub token_cache_capacity: u64,
+    /// Verified API keys held in process, at most this many.
+    #[serde(default = "default_api_key_cache_capacity")]
+    pub api_key_cache_capacity: u64,
+    /// While PostgreSQL is unreachable, a cached key, session or user verified at
+    /// most this long ago is still served (revocations received still apply);
+    /// 0 turns stale serving off.
+    #[serde(default = "default_cache_stale_seconds")]
+    pub cache_stale_seconds: u64,
+    /// How long a replica uses a cached session state or user before reading it
+    /// again (changes reach it sooner through the invalidation channels); also
+    /// how often session activity is recorded, hence at most 30.
+    #[serde(default = "default_token_cache_ttl")]
+    pub token_cache_ttl_seconds: u64,
+}
+
+fn default_token_cache_ttl() -> u64 {
+    30
+}
+
+fn default_token_cache_capacity() -> u64 {
+    100_000
+}
+fn default_api_key_cache_capacity() -> u64 {
+    100_000
+}
+fn default_cache_stale_seconds() -> u64 {
+    300
 }
 
 fn default_statement_timeout_ms() -> u64 {
@@ -761,6 +794,13 @@ impl Settings {
             // sessions that are in use.
             p.push("SESSION_IDLE_TIMEOUT_SECONDS must be at least 120".into());
         }
+        // tokens: in-process verification caches
+        if !(1..=30).contains(&self.token_cache_ttl_seconds) {
+            p.push("TOKEN_CACHE_TTL_SECONDS must be between 1 and 30".into());
+        }
+        if self.token_cache_capacity == 0 || self.api_key_cache_capacity == 0 {
+            p.push("TOKEN_CACHE_CAPACITY and API_KEY_CACHE_CAPACITY must be positive".into());
+        }
         if self.session_idle_timeout_seconds > self.refresh_token_ttl_seconds {
             p.push("SESSION_IDLE_TIMEOUT_SECONDS must not exceed REFRESH_TOKEN_TTL_SECONDS".into());
         }
@@ -1084,6 +1124,20 @@ impl Settings {
                     .as_ref()
                     .map(|u| mask_url(u.expose_secret()))
                     .unwrap_or_default(),
+            ),
+            // tokens: in-process verification caches
+            (
+                "TOKEN_CACHE_CAPACITY",
+                self.token_cache_capacity.to_string(),
+            ),
+            (
+                "API_KEY_CACHE_CAPACITY",
+                self.api_key_cache_capacity.to_string(),
+            ),
+            ("CACHE_STALE_SECONDS", self.cache_stale_seconds.to_string()),
+            (
+                "TOKEN_CACHE_TTL_SECONDS",
+                self.token_cache_ttl_seconds.to_string(),
             ),
         ]
     }

@@ -86,16 +86,13 @@ impl AuthService for AuthApi {
         Ok(Response::new(match answer {
             TokenVerification::Valid {
                 user,
+                accounts,
                 session_id,
                 expires_at,
             } => VerifyTokenResponse {
                 valid: true,
                 reason: VerifyReason::Unspecified as i32,
-                accounts: self
-                    .state
-                    .accounts
-                    .accounts_of(user.id)
-                    .await?
+                accounts: accounts
                     .iter()
                     .map(super::convert_accounts::account_access_to_proto)
                     .collect(),

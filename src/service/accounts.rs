@@ -139,7 +139,7 @@ impl AccountsService {
                         access.invalidate_all();
                         lists.invalidate_all();
                     }
-                    Change::ApiKey(_) => {}
+                    Change::ApiKey(_) | Change::Session(_) | Change::Profile(_) => {}
                 }
             });
         }

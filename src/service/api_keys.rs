@@ -32,10 +32,6 @@ use crate::domain::scope;
 use crate::store::api_keys::{self as store, ApiKeyRow, NewApiKey};
 use crate::store::{Cache, Db};
 
-/// Bound on cached verification results (hits and misses): at well under 1 KiB an
-/// entry this stays within a few tens of MiB, and TinyLFU admission keeps a flood
-/// of one-off misses from evicting the keys in real use.
-const CACHE_CAPACITY: u64 = 50_000;
 const MAX_SCOPES: usize = 50;
 /// Requests per minute a key may be limited to, at most.
 const MAX_RATE_LIMIT: i64 = 1_000_000;
@@ -153,6 +149,8 @@ pub struct VerifiedKey {
     pub user: OwnerInfo,
     /// The trading accounts the key may act on, with its owner's access.
     pub accounts: Vec<AccountAccess>,
+    /// When it was read from PostgreSQL (stale-while-revalidate).
+    pub loaded_at: Instant,
 }
 
 impl VerifiedKey {
@@ -188,7 +186,8 @@ enum CacheEntry {
     Key(Arc<VerifiedKey>),
 }
 
-/// Hits live API_KEY_CACHE_TTL_SECONDS, misses API_KEY_NEGATIVE_CACHE_TTL_SECONDS.
+/// Hits are fresh API_KEY_CACHE_TTL_SECONDS and kept CACHE_STALE_SECONDS more
+/// for PostgreSQL outages; misses live API_KEY_NEGATIVE_CACHE_TTL_SECONDS.
 struct EntryExpiry {
     hit: Duration,
     miss: Duration,
@@ -294,6 +293,12 @@ pub struct ApiKeyService {
     /// Per-replica rate-limit counters, used only while Redis is unreachable.
     local_windows: moka::sync::Cache<Uuid, Arc<AtomicU64>>,
     counters: VerifyCounters,
+    /// A hit older than this is read again; if PostgreSQL is unreachable it is
+    /// still answered until `fresh + stale` (revocations received still apply).
+    fresh: Duration,
+    stale: Duration,
+    /// One stale reload at a time, none for a second after a failure.
+    probe: super::swr::Probe,
 }
 
 impl ApiKeyService {
@@ -305,10 +310,14 @@ impl ApiKeyService {
         policy: PolicyEngine,
         accounts: AccountsService,
     ) -> Self {
+        let fresh = Duration::from_secs(settings.api_key_cache_ttl_seconds);
+        let stale = Duration::from_secs(settings.cache_stale_seconds);
+        // TinyLFU admission keeps a flood of one-off misses from evicting the
+        // keys in real use.
         let verified = moka::future::Cache::builder()
-            .max_capacity(CACHE_CAPACITY)
+            .max_capacity(settings.api_key_cache_capacity)
             .expire_after(EntryExpiry {
-                hit: Duration::from_secs(settings.api_key_cache_ttl_seconds),
+                hit: fresh + stale,
                 miss: Duration::from_secs(settings.api_key_negative_cache_ttl_seconds),
             })
             .support_invalidation_closures()
@@ -339,6 +348,9 @@ impl ApiKeyService {
                 .time_to_live(Duration::from_secs(60))
                 .build(),
             counters: VerifyCounters::new(),
+            fresh,
+            stale,
+            probe: Default::default(),
         }
     }
 
@@ -473,8 +485,15 @@ impl ApiKeyService {
         // The common case first: a plain get is cheaper than try_get_with's
         // coalescing machinery, and tells a hit from a miss for the metrics.
         if let Some(entry) = self.verified.get(&hash).await {
-            self.counters.cache_hits.increment(1);
-            return Ok(entry);
+            match &entry {
+                CacheEntry::Key(k) if k.loaded_at.elapsed() > self.fresh => {
+                    return self.revalidate(hash, entry).await;
+                }
+                _ => {
+                    self.counters.cache_hits.increment(1);
+                    return Ok(entry);
+                }
+            }
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
         let loaded = self
@@ -502,6 +521,45 @@ impl ApiKeyService {
                 }
                 LoadError::Failed(e) => Err(ServiceError::Internal(anyhow::anyhow!("{e:#}"))),
             },
+        }
+    }
+
+    /// A hit past its fresh time: read again, or, while PostgreSQL is
+    /// unreachable, answer the stale copy within its bound. An invalidation
+    /// removes the entry, so a revoked key never gets here.
+    async fn revalidate(&self, hash: [u8; 32], stale: CacheEntry) -> ServiceResult<CacheEntry> {
+        let servable = |e: &CacheEntry| matches!(e, CacheEntry::Key(k) if k.loaded_at.elapsed() <= self.fresh + self.stale);
+        let serve_stale = |e: CacheEntry| {
+            metrics::counter!("cache_stale_served_total", "cache" => "api_keys").increment(1);
+            Ok(e)
+        };
+        let claimed = self.probe.claim();
+        if !claimed && servable(&stale) {
+            return serve_stale(stale);
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let loaded = self.load(&hash).await;
+        if claimed {
+            match &loaded {
+                Err(ServiceError::Unavailable(_)) => self.probe.failed(),
+                _ => self.probe.succeeded(),
+            }
+        }
+        match loaded {
+            Ok(entry) => {
+                if self.epoch.load(Ordering::SeqCst) == epoch {
+                    self.verified.insert(hash, entry.clone()).await;
+                }
+                Ok(entry)
+            }
+            Err(ServiceError::Unavailable(m)) => {
+                if self.epoch.load(Ordering::SeqCst) == epoch && servable(&stale) {
+                    serve_stale(stale)
+                } else {
+                    Err(ServiceError::Unavailable(m))
+                }
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -562,6 +620,7 @@ impl ApiKeyService {
                 created_at: row.user_created_at,
             },
             accounts,
+            loaded_at: Instant::now(),
         })))
     }
 
@@ -967,6 +1026,8 @@ fn drop_matching(cache: &moka::future::Cache<[u8; 32], CacheEntry>, change: Chan
             cache.invalidate_all();
             return;
         }
+        // Nothing a key grants: its cached owner name may lag by the cache TTL.
+        Change::Session(_) | Change::Profile(_) => return,
         Change::ApiKey(id) => cache.invalidate_entries_if(
             move |_, e| matches!(e, CacheEntry::Key(k) if k.key.id == id),
         ),

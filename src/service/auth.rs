@@ -611,6 +611,9 @@ impl Identity {
         )
         .await?;
         tx.commit().await.map_err(crate::store::StoreError::from)?;
+        // The used token no longer works as the session cookie on any replica
+        // (also said by the refresh_tokens trigger, for when Redis is down).
+        self.invalidation.session_changed(row.session_id).await;
         self.tokens_for(user, row.session_id, refresh)
     }
 

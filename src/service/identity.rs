@@ -5,20 +5,23 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hmac::{Hmac, Mac};
 use moka::sync::Cache as MokaCache;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::invalidation::Invalidation;
+use super::invalidation::{Change, Invalidation};
+use super::swr::SwrCache;
 use super::{Caller, ServiceError, ServiceResult};
 use crate::config::Settings;
 use crate::crypto::jwt::{Claims, JwtError, JwtKeys, TokenType};
 use crate::crypto::password::PasswordHasher;
+use crate::domain::account::AccountAccess;
+use crate::domain::user::User;
 use crate::store::{sessions, Cache, Db};
 
-/// How long a replica may trust a cached "live" session before asking PostgreSQL
-/// again (only matters if Redis lost a revocation while it was down).
+/// How long Redis keeps a "live" session state.
 const LIVE_SESSION_CACHE: Duration = Duration::from_secs(30);
 /// Verified service tokens kept in process.
 const SERVICE_TOKEN_CACHE_CAPACITY: u64 = 10_000;
@@ -52,13 +55,50 @@ impl From<TokenRefusal> for ServiceError {
     }
 }
 
-/// A verified access token.
+/// A verified access token, with its (cached) user.
 #[derive(Debug, Clone)]
 pub struct AccessGrant {
     pub user_id: Uuid,
     pub session_id: Uuid,
     pub roles: Vec<String>,
     pub expires_at: i64,
+    pub user: Arc<User>,
+}
+
+/// What an access token's signature established, cached by a keyed hash of the
+/// token: nothing here can be revoked (the session and user are checked apart).
+#[derive(Debug)]
+struct AccessClaims {
+    user_id: Uuid,
+    session_id: Uuid,
+    exp: i64,
+}
+
+/// A session cookie (the session's current refresh token) as last read.
+#[derive(Debug, Clone, Copy)]
+struct CookieSession {
+    session_id: Uuid,
+    user_id: Uuid,
+    /// Unused, unexpired and its session live when read.
+    usable: bool,
+}
+
+/// Verified access tokens live until the signature check would refuse them:
+/// `exp` plus the verifier's leeway, to the second.
+struct UntilAccessExp;
+
+impl moka::Expiry<[u8; 32], Arc<AccessClaims>> for UntilAccessExp {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Arc<AccessClaims>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        let last_valid = value.exp + crate::crypto::jwt::LEEWAY_SECS as i64;
+        Some(Duration::from_secs(
+            (last_valid + 1).saturating_sub(now_secs()).max(0) as u64,
+        ))
+    }
 }
 
 impl AccessGrant {
@@ -115,10 +155,8 @@ pub(crate) fn sha256(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
 }
 
-/// Bound and lifetime of the profile cache; the TTL only limits how long a change
-/// missed by a replica (Redis down) can linger.
-const PROFILE_CACHE_CAPACITY: u64 = 100_000;
-const PROFILE_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Accounts listed per user in VerifyToken, at most (as the accounts service).
+const MAX_TOKEN_ACCOUNTS: i64 = 1000;
 
 pub struct Identity {
     pub(crate) db: Db,
@@ -135,9 +173,24 @@ pub struct Identity {
     pub(crate) login_turns: super::auth::Turns,
     /// Tells every replica's caches (API keys …) that a user changed.
     pub(crate) invalidation: Invalidation,
-    /// Profiles by user id for GET /v1/users/me, the gateway's hottest read:
-    /// dropped on every replica when the user changes (the invalidation bus).
-    pub(crate) profiles: MokaCache<Uuid, Arc<crate::domain::user::User>>,
+    /// Users by id (GET /v1/users/me, bearer roles, VerifyToken): dropped on
+    /// every replica when the user changes (the invalidation channels).
+    pub(crate) profiles: SwrCache<Uuid, Option<Arc<User>>>,
+    /// Verified access-token claims by HMAC(token_key, token): a repeat token
+    /// costs a keyed hash instead of an Ed25519 verification.
+    token_claims: MokaCache<[u8; 32], Arc<AccessClaims>>,
+    /// Per-process random key for `token_claims` and `cookies`: the tokens
+    /// themselves are never cache keys.
+    token_key: Hmac<Sha256>,
+    /// Session states by id; a `Session` change drops one at once.
+    sessions: SwrCache<Uuid, SessionState>,
+    /// Session cookies by HMAC(token_key, cookie).
+    cookies: SwrCache<[u8; 32], CookieSession>,
+    /// VerifyToken's account lists by user.
+    token_accounts: SwrCache<Uuid, Arc<[AccountAccess]>>,
+    /// token_verifications_total{kind="access"} by result (valid, invalid,
+    /// expired, session_revoked, user_disabled), registered once (hot path).
+    access_verifications: [metrics::Counter; 5],
 }
 
 impl Identity {
@@ -147,21 +200,58 @@ impl Identity {
         cache: Cache,
         invalidation: Invalidation,
     ) -> anyhow::Result<Self> {
-        let profiles: MokaCache<Uuid, Arc<crate::domain::user::User>> = MokaCache::builder()
-            .max_capacity(PROFILE_CACHE_CAPACITY)
-            .time_to_live(PROFILE_CACHE_TTL)
-            .build();
+        let capacity = settings.token_cache_capacity;
+        let stale = Duration::from_secs(settings.cache_stale_seconds);
+        // Fresh this long (TOKEN_CACHE_TTL_SECONDS, at most 30: the activity
+        // recording interval); the invalidation channels drop entries sooner.
+        let fresh = Duration::from_secs(settings.token_cache_ttl_seconds.clamp(1, 30));
+        let profiles = SwrCache::new("users", capacity, fresh, stale);
+        let sessions = SwrCache::new("sessions", capacity, fresh, stale);
+        let cookies = SwrCache::new("session_cookies", capacity, fresh, stale);
+        let token_accounts = SwrCache::new("token_accounts", capacity, fresh, stale);
         {
-            let profiles = profiles.clone();
+            let (profiles, sessions, cookies, token_accounts) = (
+                profiles.clone(),
+                sessions.clone(),
+                cookies.clone(),
+                token_accounts.clone(),
+            );
             invalidation.on_change(move |change| match change {
-                super::invalidation::Change::User(id) => profiles.invalidate(&id),
-                super::invalidation::Change::Everything => profiles.invalidate_all(),
-                super::invalidation::Change::ApiKey(_)
-                | super::invalidation::Change::Account(_) => {}
+                Change::User(id) => {
+                    profiles.invalidate(&id);
+                    token_accounts.invalidate(&id);
+                }
+                Change::Profile(id) => profiles.invalidate(&id),
+                Change::Session(sid) => {
+                    sessions.invalidate(&sid);
+                    cookies.invalidate_if(move |_, c: &CookieSession| c.session_id == sid);
+                }
+                Change::Account(aid) => {
+                    token_accounts.invalidate_if(move |_, list: &Arc<[AccountAccess]>| {
+                        list.iter().any(|a| a.account.id == aid)
+                    })
+                }
+                Change::ApiKey(_) => {}
+                Change::Everything => {
+                    profiles.invalidate_all();
+                    sessions.invalidate_all();
+                    cookies.invalidate_all();
+                    token_accounts.invalidate_all();
+                }
             });
         }
+        let mut secret = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
         Ok(Self {
             profiles,
+            token_claims: MokaCache::builder()
+                .max_capacity(capacity)
+                .expire_after(UntilAccessExp)
+                .build(),
+            token_key: Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC takes any key"),
+            sessions,
+            cookies,
+            token_accounts,
             invalidation,
             jwt: JwtKeys::from_settings(settings)?,
             hasher: PasswordHasher::new(settings.argon2_max_concurrency),
@@ -171,6 +261,14 @@ impl Identity {
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             service_token_hits: metrics::counter!("service_token_cache_total", "result" => "hit"),
             service_token_misses: metrics::counter!("service_token_cache_total", "result" => "miss"),
+            access_verifications: [
+                "valid",
+                "invalid",
+                "expired",
+                "session_revoked",
+                "user_disabled",
+            ]
+            .map(|r| metrics::counter!("token_verifications_total", "kind" => "access", "result" => r)),
             local_counters: super::auth::LocalCounters::default(),
             login_turns: super::auth::Turns::default(),
             settings: settings.clone(),
@@ -194,7 +292,9 @@ impl Identity {
         )
     }
 
-    /// Records a session state in Redis (best effort: PostgreSQL stays the truth).
+    /// Records a session state in Redis (best effort: PostgreSQL stays the truth)
+    /// and, when the session ended, drops it from every replica's cache (the
+    /// PostgreSQL trigger on `sessions` says the same without Redis).
     pub(crate) async fn cache_session(&self, sid: Uuid, state: &SessionState) {
         let ttl = match state {
             SessionState::Live { .. } => LIVE_SESSION_CACHE,
@@ -209,12 +309,16 @@ impl Identity {
                 tracing::warn!(error = %e, "session cache write failed");
             }
         }
+        if matches!(state, SessionState::Revoked { .. }) {
+            self.invalidation.session_changed(sid).await;
+        }
     }
 
     /// Drops cached "live" entries (after a role change) so the next request reads
     /// PostgreSQL.
     pub(crate) async fn forget_session(&self, sid: Uuid) {
         let _ = self.cache.del(&Self::session_key(sid)).await;
+        self.invalidation.session_changed(sid).await;
     }
 
     /// Drops the cached state of every live session of a user, so a change of
@@ -226,12 +330,22 @@ impl Identity {
         Ok(())
     }
 
-    /// Is the session live? Redis first (shared by replicas, so an ended session is
-    /// refused at once everywhere); PostgreSQL when Redis misses or is down.
+    /// Is the session live? From this process's cache while fresh (30 s, which
+    /// is also how often activity is recorded); then a Redis tombstone, else
+    /// PostgreSQL (which records the activity). An ended session is dropped from
+    /// every replica's cache by the invalidation channels.
     pub async fn session_state(&self, sid: Uuid) -> ServiceResult<SessionState> {
+        self.sessions
+            .get_or_load(sid, || self.load_session_state(sid))
+            .await
+    }
+
+    async fn load_session_state(&self, sid: Uuid) -> ServiceResult<SessionState> {
         match self.cache.get_string(&Self::session_key(sid)).await {
             Ok(Some(v)) => {
-                if let Ok(state) = serde_json::from_str::<SessionState>(&v) {
+                if let Ok(state @ SessionState::Revoked { .. }) =
+                    serde_json::from_str::<SessionState>(&v)
+                {
                     return Ok(state);
                 }
             }
@@ -254,8 +368,64 @@ impl Identity {
                 roles: s.roles,
             },
         };
-        self.cache_session(sid, &state).await;
+        if let SessionState::Revoked { .. } = state {
+            // A tombstone for the other replicas; no invalidation (nothing changed).
+            if let Ok(v) = serde_json::to_string(&state) {
+                let _ = self
+                    .cache
+                    .set_string(&Self::session_key(sid), &v, self.tombstone_ttl())
+                    .await;
+            }
+        }
         Ok(state)
+    }
+
+    /// A user as the caches hold it (`None`: no such user).
+    pub(crate) async fn cached_user(&self, id: Uuid) -> ServiceResult<Option<Arc<User>>> {
+        self.profiles
+            .get_or_load(id, || async move {
+                Ok(crate::store::users::get(&self.db.pool, id)
+                    .await?
+                    .map(|u| Arc::new(u.into_user())))
+            })
+            .await
+    }
+
+    fn token_hash(&self, token: &str) -> [u8; 32] {
+        let mut mac = self.token_key.clone();
+        mac.update(token.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The signature facts of an access token: from the cache for a repeat
+    /// (refused once past `exp` plus the leeway, exactly as the verifier would),
+    /// otherwise by an Ed25519 verification.
+    fn access_claims(&self, token: &str) -> Result<Arc<AccessClaims>, TokenRefusal> {
+        let key = self.token_hash(token);
+        if let Some(c) = self.token_claims.get(&key) {
+            if now_secs() > c.exp + crate::crypto::jwt::LEEWAY_SECS as i64 {
+                return Err(TokenRefusal::Expired);
+            }
+            return Ok(c);
+        }
+        let claims: Claims = match self.jwt.verify(token, TokenType::Access) {
+            Ok(c) => c,
+            Err(JwtError::Expired) => return Err(TokenRefusal::Expired),
+            Err(JwtError::Invalid) => return Err(TokenRefusal::Invalid),
+        };
+        let (Ok(user_id), Some(session_id)) = (
+            Uuid::parse_str(&claims.sub),
+            claims.sid.as_deref().and_then(|s| Uuid::parse_str(s).ok()),
+        ) else {
+            return Err(TokenRefusal::Invalid);
+        };
+        let c = Arc::new(AccessClaims {
+            user_id,
+            session_id,
+            exp: claims.exp,
+        });
+        self.token_claims.insert(key, c.clone());
+        Ok(c)
     }
 
     /// Verifies an access token and that its session is live. The outer error is
@@ -265,15 +435,14 @@ impl Identity {
         token: &str,
     ) -> ServiceResult<Result<AccessGrant, TokenRefusal>> {
         let verdict = self.check_access_token(token).await?;
-        let result = match &verdict {
-            Ok(_) => "valid",
-            Err(TokenRefusal::Invalid) => "invalid",
-            Err(TokenRefusal::Expired) => "expired",
-            Err(TokenRefusal::SessionRevoked) => "session_revoked",
-            Err(TokenRefusal::UserDisabled) => "user_disabled",
+        let i = match &verdict {
+            Ok(_) => 0,
+            Err(TokenRefusal::Invalid) => 1,
+            Err(TokenRefusal::Expired) => 2,
+            Err(TokenRefusal::SessionRevoked) => 3,
+            Err(TokenRefusal::UserDisabled) => 4,
         };
-        metrics::counter!("token_verifications_total", "kind" => "access", "result" => result)
-            .increment(1);
+        self.access_verifications[i].increment(1);
         Ok(verdict)
     }
 
@@ -281,47 +450,69 @@ impl Identity {
         &self,
         token: &str,
     ) -> ServiceResult<Result<AccessGrant, TokenRefusal>> {
-        let claims: Claims = match self.jwt.verify(token, TokenType::Access) {
+        let claims = match self.access_claims(token) {
             Ok(c) => c,
-            Err(JwtError::Expired) => return Ok(Err(TokenRefusal::Expired)),
-            Err(JwtError::Invalid) => return Ok(Err(TokenRefusal::Invalid)),
+            Err(r) => return Ok(Err(r)),
         };
-        let (Ok(user_id), Some(sid)) = (
-            Uuid::parse_str(&claims.sub),
-            claims.sid.as_deref().and_then(|s| Uuid::parse_str(s).ok()),
-        ) else {
-            return Ok(Err(TokenRefusal::Invalid));
-        };
-        Ok(match self.session_state(sid).await? {
-            SessionState::Live { uid, roles } if uid == user_id => Ok(AccessGrant {
+        let (user_id, sid) = (claims.user_id, claims.session_id);
+        match self.session_state(sid).await? {
+            SessionState::Live { uid, .. } if uid == user_id => {}
+            SessionState::Live { .. } => return Ok(Err(TokenRefusal::Invalid)),
+            SessionState::Revoked { reason } if reason == "user_disabled" => {
+                return Ok(Err(TokenRefusal::UserDisabled))
+            }
+            SessionState::Revoked { .. } => return Ok(Err(TokenRefusal::SessionRevoked)),
+        }
+        // Roles and status from the user as it is now (a role change or a
+        // disabled user drops the cached copy on every replica).
+        Ok(match self.cached_user(user_id).await? {
+            Some(u) if u.is_active() => Ok(AccessGrant {
                 user_id,
                 session_id: sid,
-                roles,
+                roles: u.roles.clone(),
                 expires_at: claims.exp,
+                user: u,
             }),
-            SessionState::Live { .. } => Err(TokenRefusal::Invalid),
-            SessionState::Revoked { reason } if reason == "user_disabled" => {
-                Err(TokenRefusal::UserDisabled)
-            }
-            SessionState::Revoked { .. } => Err(TokenRefusal::SessionRevoked),
+            Some(_) => Err(TokenRefusal::UserDisabled),
+            None => Err(TokenRefusal::Invalid),
         })
     }
 
     /// The session cookie holds the session's current refresh token: it
     /// authenticates browser requests without rotating.
     pub async fn verify_session_cookie(&self, value: &str) -> ServiceResult<Caller> {
-        let idle = self.settings.session_idle_timeout_seconds;
-        let row = sessions::refresh_token(&self.db.pool, &sha256(value), idle)
-            .await?
-            .ok_or(ServiceError::InvalidToken)?;
-        if row.used || row.expired || !row.session_live {
+        let cookie = self
+            .cookies
+            .get_or_load(self.token_hash(value), || async {
+                let idle = self.settings.session_idle_timeout_seconds;
+                Ok(
+                    match sessions::refresh_token(&self.db.pool, &sha256(value), idle).await? {
+                        None => CookieSession {
+                            session_id: Uuid::nil(),
+                            user_id: Uuid::nil(),
+                            usable: false,
+                        },
+                        Some(row) => CookieSession {
+                            session_id: row.session_id,
+                            user_id: row.user_id,
+                            usable: !(row.used || row.expired || !row.session_live),
+                        },
+                    },
+                )
+            })
+            .await?;
+        if !cookie.usable {
             return Err(ServiceError::InvalidToken);
         }
-        match self.session_state(row.session_id).await? {
-            SessionState::Live { uid, roles } if uid == row.user_id => Ok(Caller::User {
-                user_id: uid,
-                roles,
-                session_id: Some(row.session_id),
+        match self.session_state(cookie.session_id).await? {
+            SessionState::Live { uid, .. } if uid == cookie.user_id => {}
+            _ => return Err(ServiceError::InvalidToken),
+        }
+        match self.cached_user(cookie.user_id).await? {
+            Some(u) if u.is_active() => Ok(Caller::User {
+                user_id: u.id,
+                roles: u.roles.clone(),
+                session_id: Some(cookie.session_id),
                 key: None,
             }),
             _ => Err(ServiceError::InvalidToken),
@@ -366,7 +557,8 @@ impl Identity {
 /// The answer to VerifyToken: a bad token is an answer, not an error.
 pub enum TokenVerification {
     Valid {
-        user: crate::domain::user::User,
+        user: Arc<User>,
+        accounts: Arc<[AccountAccess]>,
         session_id: Uuid,
         expires_at: i64,
     },
@@ -375,7 +567,8 @@ pub enum TokenVerification {
 
 impl Identity {
     /// VerifyToken for a service client holding `auth:verify`: signature, claims,
-    /// session still live and user still active.
+    /// session still live and user still active, with the user's accounts. A
+    /// repeat token is answered from this process's caches.
     pub async fn verify_token(
         &self,
         caller: &Caller,
@@ -390,15 +583,27 @@ impl Identity {
             Ok(g) => g,
             Err(r) => return Ok(TokenVerification::Refused(r)),
         };
-        match crate::store::users::get(&self.db.pool, grant.user_id).await? {
-            Some(u) if u.status == "active" => Ok(TokenVerification::Valid {
-                user: u.into_user(),
-                session_id: grant.session_id,
-                expires_at: grant.expires_at,
-            }),
-            Some(_) => Ok(TokenVerification::Refused(TokenRefusal::UserDisabled)),
-            None => Ok(TokenVerification::Refused(TokenRefusal::Invalid)),
-        }
+        let uid = grant.user_id;
+        let accounts = self
+            .token_accounts
+            .get_or_load(uid, || async move {
+                let list = crate::store::accounts::list_for_user(
+                    &self.db.pool,
+                    uid,
+                    None,
+                    None,
+                    MAX_TOKEN_ACCOUNTS,
+                )
+                .await?;
+                Ok(Arc::from(list))
+            })
+            .await?;
+        Ok(TokenVerification::Valid {
+            user: grant.user,
+            accounts,
+            session_id: grant.session_id,
+            expires_at: grant.expires_at,
+        })
     }
 }
 
@@ -408,10 +613,7 @@ mod tests {
 
     use super::*;
 
-    /// The interceptor's hot path: a repeat service token must cost a hash and a
-    /// lookup, not an Ed25519 verification.
-    #[tokio::test]
-    async fn repeat_service_tokens_skip_signature_verification() {
+    pub(super) fn offline_identity() -> Identity {
         let vars = [
             ("DATABASE_URL", "postgres://x@127.0.0.1:1/x"),
             ("REDIS_URL", "redis://127.0.0.1:1/0"),
@@ -424,7 +626,49 @@ mod tests {
         let settings = Settings::from_vars(vars).unwrap();
         let db = Db::connect_lazy(&settings).unwrap();
         let cache = Cache::connect(&settings).unwrap();
-        let id = Identity::new(&settings, db, cache.clone(), Invalidation::new(cache)).unwrap();
+        Identity::new(&settings, db, cache.clone(), Invalidation::new(cache)).unwrap()
+    }
+
+    /// A cached access token is refused in the very second the signature check
+    /// would refuse it (exp plus the verifier's leeway), not when its cache
+    /// entry happens to go.
+    #[tokio::test]
+    async fn cached_access_tokens_expire_to_the_second() {
+        let id = offline_identity();
+        let mut claims = id.jwt.claims(
+            TokenType::Access,
+            Uuid::new_v4().to_string(),
+            Duration::from_secs(300),
+            Some(Uuid::new_v4().to_string()),
+            None,
+        );
+        // Still accepted during this second only.
+        let leeway = crate::crypto::jwt::LEEWAY_SECS as i64;
+        claims.exp = now_secs() - leeway;
+        let token = id.jwt.sign(&claims).unwrap();
+        if id.access_claims(&token).is_err() {
+            return; // the second ended between the two lines: nothing to learn
+        }
+        assert!(id.token_claims.contains_key(&id.token_hash(&token)));
+        while now_secs() <= claims.exp + leeway {
+            assert!(id.access_claims(&token).is_ok());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(id.access_claims(&token).unwrap_err(), TokenRefusal::Expired);
+        // And a token that never verified is never cached.
+        let forged = format!("{token}x");
+        assert_eq!(
+            id.access_claims(&forged).unwrap_err(),
+            TokenRefusal::Invalid
+        );
+        assert!(!id.token_claims.contains_key(&id.token_hash(&forged)));
+    }
+
+    /// The interceptor's hot path: a repeat service token must cost a hash and a
+    /// lookup, not an Ed25519 verification.
+    #[tokio::test]
+    async fn repeat_service_tokens_skip_signature_verification() {
+        let id = offline_identity();
         let claims = id.jwt.claims(
             TokenType::Service,
             "backend".into(),
@@ -451,5 +695,75 @@ mod tests {
         assert!(cached * 3 < uncached, "cached {cached:?} vs {uncached:?}");
         // A token that does not verify is never served from the cache.
         assert!(id.verify_service_token(&format!("{token}x")).is_err());
+    }
+}
+
+#[cfg(test)]
+mod rss_probe {
+    use super::*;
+
+    fn rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap()
+    }
+
+    /// What 100,000 distinct cached tokens (each its own session and user) cost:
+    /// `cargo test --release --lib rss_of_100k -- --ignored --nocapture`.
+    #[tokio::test]
+    #[ignore = "a measurement, run by hand"]
+    async fn rss_of_100k_cached_tokens() {
+        let id = super::tests::offline_identity();
+        let before = rss_kib();
+        for i in 0..100_000u32 {
+            let uid = Uuid::new_v4();
+            let sid = Uuid::new_v4();
+            let mut h = [0u8; 32];
+            h[..4].copy_from_slice(&i.to_le_bytes());
+            id.token_claims.insert(
+                h,
+                Arc::new(AccessClaims {
+                    user_id: uid,
+                    session_id: sid,
+                    exp: now_secs() + 900,
+                }),
+            );
+            let _ = id
+                .sessions
+                .get_or_load(sid, || async move {
+                    Ok(SessionState::Live {
+                        uid,
+                        roles: vec!["user".into()],
+                    })
+                })
+                .await;
+            let _ = id
+                .profiles
+                .get_or_load(uid, || async move {
+                    Ok(Some(Arc::new(User {
+                        id: uid,
+                        email: format!("user{i}@example.com"),
+                        full_name: format!("User number {i}"),
+                        roles: vec!["user".into()],
+                        status: "active".into(),
+                        created_at: chrono::Utc::now(),
+                    })))
+                })
+                .await;
+            let _ = id
+                .token_accounts
+                .get_or_load(uid, || async { Ok(Arc::from(Vec::new())) })
+                .await;
+        }
+        id.token_claims.run_pending_tasks();
+        println!(
+            "RSS {} KiB -> {} KiB: {} KiB for 100k tokens (claims, session, user, accounts)",
+            before,
+            rss_kib(),
+            rss_kib() - before
+        );
     }
 }

@@ -13,6 +13,7 @@ pub mod invalidation;
 pub mod invitations;
 pub mod paging;
 pub mod policy;
+pub mod swr;
 pub mod users;
 
 use std::net::IpAddr;

@@ -49,7 +49,10 @@ impl PolicyEngine {
                         let _ = users.invalidate_entries_if(move |k, _| *k == id);
                     }
                     Change::Everything => users.invalidate_all(),
-                    Change::ApiKey(_) | Change::Account(_) => {}
+                    Change::ApiKey(_)
+                    | Change::Account(_)
+                    | Change::Session(_)
+                    | Change::Profile(_) => {}
                 }
             });
         }

@@ -102,15 +102,9 @@ impl Identity {
     /// Shared with the profile cache: a hit copies nothing.
     pub async fn me(&self, caller: &Caller) -> ServiceResult<Arc<User>> {
         let id = caller.user_id().ok_or(ServiceError::InvalidToken)?;
-        if let Some(user) = self.profiles.get(&id) {
-            return Ok(user);
-        }
-        let user = users::get(&self.db.pool, id)
+        self.cached_user(id)
             .await?
-            .map(|u| Arc::new(u.into_user()))
-            .ok_or(ServiceError::InvalidToken)?;
-        self.profiles.insert(id, user.clone());
-        Ok(user)
+            .ok_or(ServiceError::InvalidToken)
     }
 
     /// A user by id, for service clients holding `users:read`.
@@ -159,7 +153,11 @@ impl Identity {
             .ok_or(ServiceError::InvalidToken)?
             .into_user();
         tx.commit().await.map_err(tx_err)?;
-        self.invalidation.user_changed(id).await;
+        // A new name: copies refresh, nothing the user may do changed, so the
+        // user's cached API keys stay.
+        self.invalidation
+            .publish(super::invalidation::Change::Profile(id))
+            .await;
         Ok(user)
     }
 
@@ -235,7 +233,7 @@ impl Identity {
             )
             .await;
         }
-        self.invalidation.user_changed(user_id).await;
+        // The other sessions ended above; nothing cached about the user changed.
         Ok(())
     }
 

@@ -27,3 +27,4 @@ mod own_postgres;
 mod runtime;
 mod scale_out;
 mod tls;
+mod token_cache;

@@ -1,0 +1,185 @@
+//! An in-process cache whose entries are fresh for a while and then, only while
+//! PostgreSQL cannot be reached, may still be served for a bounded time
+//! (stale-while-revalidate). Invalidations remove entries outright, so a
+//! revocation received is never answered from a stale copy.
+//!
+//! A load that overlaps an invalidation is answered but not cached (the epoch),
+//! so a value read before a revocation committed cannot be stored after it.
+
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{ServiceError, ServiceResult};
+
+/// Who may try the database for a stale entry: one caller at a time (the
+/// others answer the stale copy meanwhile), and nobody for a second after a
+/// failure, so an outage costs one timed-out attempt a second, not one per
+/// request.
+pub struct Probe {
+    /// Millis since `start` until which nobody else should try.
+    busy_until: AtomicU64,
+    start: Instant,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Self {
+            busy_until: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Probe {
+    /// How long a claim holds if its attempt never reports (a cancelled request).
+    const CLAIM: Duration = Duration::from_secs(10);
+    const AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// True when the caller should try the database now (and report back).
+    pub fn claim(&self) -> bool {
+        let now = self.now_ms();
+        let current = self.busy_until.load(Ordering::Acquire);
+        current <= now
+            && self
+                .busy_until
+                .compare_exchange(
+                    current,
+                    now + Self::CLAIM.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    pub fn succeeded(&self) {
+        self.busy_until.store(0, Ordering::Release);
+    }
+
+    pub fn failed(&self) {
+        self.busy_until.store(
+            self.now_ms() + Self::AFTER_FAILURE.as_millis() as u64,
+            Ordering::Release,
+        );
+    }
+}
+
+#[derive(Clone)]
+struct Stamped<V> {
+    value: V,
+    loaded: Instant,
+}
+
+/// Cheap to clone; clones share the entries.
+#[derive(Clone)]
+pub struct SwrCache<K, V> {
+    entries: moka::sync::Cache<K, Stamped<V>>,
+    fresh: Duration,
+    stale: Duration,
+    epoch: Arc<AtomicU64>,
+    probe: Arc<Probe>,
+    stale_served: metrics::Counter,
+}
+
+impl<K, V> SwrCache<K, V>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// `name` labels the metrics; entries live `fresh`, then `stale` more for
+    /// outages only.
+    pub fn new(name: &'static str, capacity: u64, fresh: Duration, stale: Duration) -> Self {
+        Self {
+            entries: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(fresh + stale)
+                .support_invalidation_closures()
+                .build(),
+            fresh,
+            stale,
+            epoch: Arc::default(),
+            probe: Arc::default(),
+            stale_served: metrics::counter!("cache_stale_served_total", "cache" => name),
+        }
+    }
+
+    /// The cached value while fresh; otherwise `load` runs, and if it finds the
+    /// database unavailable a value loaded within fresh + stale is answered.
+    pub async fn get_or_load<F, Fut>(&self, key: K, load: F) -> ServiceResult<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = ServiceResult<V>>,
+    {
+        let cached = self.entries.get(&key);
+        let stale = match cached {
+            Some(s) if s.loaded.elapsed() <= self.fresh => return Ok(s.value),
+            Some(s) if s.loaded.elapsed() <= self.fresh + self.stale => Some(s.value),
+            _ => None,
+        };
+        // A stale copy is refreshed by one caller at a time; the rest answer it.
+        if let Some(v) = &stale {
+            if !self.probe.claim() {
+                self.stale_served.increment(1);
+                return Ok(v.clone());
+            }
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let loaded = load().await;
+        if stale.is_some() {
+            match &loaded {
+                Err(ServiceError::Unavailable(_)) => self.probe.failed(),
+                _ => self.probe.succeeded(),
+            }
+        }
+        match loaded {
+            Ok(v) => {
+                if self.epoch.load(Ordering::SeqCst) == epoch {
+                    self.entries.insert(
+                        key,
+                        Stamped {
+                            value: v.clone(),
+                            loaded: Instant::now(),
+                        },
+                    );
+                }
+                Ok(v)
+            }
+            // Only an entry no invalidation has touched since it was read.
+            Err(ServiceError::Unavailable(_))
+                if stale.is_some() && self.epoch.load(Ordering::SeqCst) == epoch =>
+            {
+                self.stale_served.increment(1);
+                Ok(stale.expect("checked"))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn invalidate(&self, key: &K) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.entries.invalidate(key);
+    }
+
+    /// Drops every entry `pred` holds for (all of them if the closure registry is
+    /// unavailable, which it is not: it is enabled in `new`).
+    pub fn invalidate_if(&self, pred: impl Fn(&K, &V) -> bool + Send + Sync + 'static) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if self
+            .entries
+            .invalidate_entries_if(move |k, s| pred(k, &s.value))
+            .is_err()
+        {
+            self.entries.invalidate_all();
+        }
+    }
+
+    pub fn invalidate_all(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.entries.invalidate_all();
+    }
+}
