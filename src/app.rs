@@ -127,7 +127,7 @@ impl App {
             .await;
         state
             .invalidation
-            .start_pg(state.db.pool.clone(), state.shutdown.clone(), &state.tasks)
+            .start_pg(&state.db, state.shutdown.clone(), &state.tasks)
             .await;
         state.api_keys.usage_buffer().spawn_flusher(
             state.db.clone(),

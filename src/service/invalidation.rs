@@ -16,7 +16,8 @@ use uuid::Uuid;
 
 use crate::shutdown::Shutdown;
 use crate::store::bus::{self, BusEvent};
-use crate::store::Cache;
+use crate::store::{Cache, Db};
+use tokio_util::task::TaskTracker;
 
 const CHANNEL: &str = "invalidate";
 /// The PostgreSQL NOTIFY channel the triggers use (per database, so per
@@ -130,84 +131,38 @@ impl Invalidation {
         self.publish(Change::Session(session_id)).await
     }
 
-    /// Listens on PostgreSQL's NOTIFY channel for the changes the triggers send,
-    /// reconnecting (and dropping everything, as messages may have been missed)
-    /// after the connection is lost. Waits at most two seconds for the first
+    /// Follows PostgreSQL's NOTIFY channel for the changes the triggers send; the
+    /// store reconnects after a loss, and every (re)connection drops everything, as
+    /// messages may have been missed. Waits at most two seconds for the first
     /// connection, so a database outage does not block start-up.
-    pub async fn start_pg(
-        &self,
-        pool: sqlx::PgPool,
-        shutdown: Shutdown,
-        tasks: &tokio_util::task::TaskTracker,
-    ) {
+    pub async fn start_pg(&self, db: &Db, shutdown: Shutdown, tasks: &TaskTracker) {
         let this = self.clone();
-        // A pool of its own (same connection options), so the listening
-        // connection does not take a place in the request pool.
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(std::time::Duration::from_secs(2))
-            .connect_lazy_with((*pool.connect_options()).clone());
+        let mut listener = bus::listen_pg(db, PG_CHANNEL);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let mut ready_tx = Some(ready_tx);
         tasks.spawn(async move {
-            let mut was_down = false;
             loop {
-                let listener = tokio::select! {
+                let event = tokio::select! {
                     _ = shutdown.wait() => return,
-                    l = pg_listen(&pool) => l,
+                    e = listener.next() => e,
                 };
-                let mut listener = match listener {
-                    Ok(l) => l,
-                    Err(e) => {
-                        if !was_down {
-                            tracing::warn!(error = %e, "PostgreSQL invalidation channel unavailable");
-                            was_down = true;
-                        }
-                        tokio::select! {
-                            _ = shutdown.wait() => return,
-                            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => continue,
-                        }
-                    }
-                };
-                if std::mem::take(&mut was_down) {
-                    tracing::info!("PostgreSQL invalidation channel reconnected: dropping caches");
-                }
-                // Anything cached before this connection may have missed a message.
-                this.apply(Change::Everything);
+                this.receive(event);
                 if let Some(tx) = ready_tx.take() {
                     let _ = tx.send(());
                 }
-                loop {
-                    let n = tokio::select! {
-                        _ = shutdown.wait() => return,
-                        n = listener.try_recv() => n,
-                    };
-                    match n {
-                        Ok(Some(n)) => match Change::decode(n.payload()) {
-                            Some(change) => this.apply(change),
-                            None => tracing::warn!(message = n.payload(), "unknown invalidation notification"),
-                        },
-                        Ok(None) | Err(_) => {
-                            tracing::warn!("PostgreSQL invalidation channel lost");
-                            was_down = true;
-                            break;
-                        }
-                    }
-                }
             }
         });
-        if tokio::time::timeout(std::time::Duration::from_secs(2), ready_rx)
-            .await
-            .is_err()
-        {
-            tracing::warn!("PostgreSQL slow at start-up; invalidation LISTEN pending");
-        }
+        wait_ready(
+            ready_rx,
+            "PostgreSQL slow at start-up; invalidation LISTEN pending",
+        )
+        .await;
     }
 
     /// Subscribes and spawns the listener on `tasks` (it ends with `shutdown`).
     /// Waits at most two seconds for the subscription, so a Redis outage does not
     /// block start-up: the subscription is then made when Redis comes back.
-    pub async fn start(&self, shutdown: Shutdown, tasks: &tokio_util::task::TaskTracker) {
+    pub async fn start(&self, shutdown: Shutdown, tasks: &TaskTracker) {
         let this = self.clone();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         tasks.spawn(async move {
@@ -229,31 +184,40 @@ impl Invalidation {
                     e = listener.next() => e,
                 };
                 match event {
-                    Some(BusEvent::Message(text)) => match Change::decode(&text) {
-                        Some(change) => this.apply(change),
-                        None => tracing::warn!(message = %text, "unknown invalidation message"),
-                    },
-                    Some(BusEvent::MaybeMissed) => {
-                        tracing::info!("invalidation channel (re)connected: dropping caches");
-                        this.apply(Change::Everything);
-                    }
+                    Some(event) => this.receive(event),
                     None => break,
                 }
             }
         });
-        if tokio::time::timeout(std::time::Duration::from_secs(2), ready_rx)
-            .await
-            .is_err()
-        {
-            tracing::warn!("Redis slow at start-up; invalidation subscription pending");
+        wait_ready(
+            ready_rx,
+            "Redis slow at start-up; invalidation subscription pending",
+        )
+        .await;
+    }
+
+    /// One event from either channel.
+    fn receive(&self, event: BusEvent) {
+        match event {
+            BusEvent::Message(text) => match Change::decode(&text) {
+                Some(change) => self.apply(change),
+                None => tracing::warn!(message = %text, "unknown invalidation message"),
+            },
+            BusEvent::MaybeMissed => {
+                tracing::info!("invalidation channel (re)connected: dropping caches");
+                self.apply(Change::Everything);
+            }
         }
     }
 }
 
-async fn pg_listen(pool: &sqlx::PgPool) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
-    let mut l = sqlx::postgres::PgListener::connect_with(pool).await?;
-    l.listen(PG_CHANNEL).await?;
-    Ok(l)
+async fn wait_ready(ready: tokio::sync::oneshot::Receiver<()>, slow: &'static str) {
+    if tokio::time::timeout(std::time::Duration::from_secs(2), ready)
+        .await
+        .is_err()
+    {
+        tracing::warn!("{slow}");
+    }
 }
 
 #[cfg(test)]

@@ -54,3 +54,69 @@ impl BusListener {
         }
     }
 }
+
+/// The same events from PostgreSQL's NOTIFY `channel` (sent by triggers inside
+/// the writing transaction), on a one-connection pool of its own so listening
+/// never takes a place in the request pool. It reconnects by itself: after every
+/// (re)connection the first event is `MaybeMissed`.
+pub struct PgBusListener {
+    pool: sqlx::PgPool,
+    channel: &'static str,
+    listener: Option<sqlx::postgres::PgListener>,
+    down: bool,
+}
+
+/// Listens on `channel` of the database `db` points at (same connection options).
+pub fn listen_pg(db: &super::Db, channel: &'static str) -> PgBusListener {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy_with((*db.pool.connect_options()).clone());
+    PgBusListener {
+        pool,
+        channel,
+        listener: None,
+        down: false,
+    }
+}
+
+impl PgBusListener {
+    /// The next event, retrying the connection every half second while the
+    /// database is unreachable.
+    pub async fn next(&mut self) -> BusEvent {
+        loop {
+            let Some(listener) = self.listener.as_mut() else {
+                match self.connect().await {
+                    Ok(l) => {
+                        if std::mem::take(&mut self.down) {
+                            tracing::info!("PostgreSQL invalidation channel reconnected");
+                        }
+                        self.listener = Some(l);
+                        return BusEvent::MaybeMissed;
+                    }
+                    Err(e) => {
+                        if !std::mem::replace(&mut self.down, true) {
+                            tracing::warn!(error = %e, "PostgreSQL invalidation channel unavailable");
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        continue;
+                    }
+                }
+            };
+            match listener.try_recv().await {
+                Ok(Some(n)) => return BusEvent::Message(n.payload().to_string()),
+                Ok(None) | Err(_) => {
+                    tracing::warn!("PostgreSQL invalidation channel lost");
+                    self.listener = None;
+                    self.down = true;
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+        let mut l = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        l.listen(self.channel).await?;
+        Ok(l)
+    }
+}
