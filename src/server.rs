@@ -401,12 +401,6 @@ async fn serve_connection(
     }
 }
 
-fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
 /// Cancelled when the grace period is over; carried by each request to
 /// [`cancel_at_deadline`].
 #[derive(Clone)]
@@ -422,7 +416,7 @@ pub async fn cancel_at_deadline(
     let Some(CancelAtDeadline(cancel)) = req.extensions().get::<CancelAtDeadline>().cloned() else {
         return next.run(req).await;
     };
-    let grpc = is_grpc(req.headers());
+    let grpc = crate::http::is_grpc(req.headers());
     tokio::select! {
         res = next.run(req) => res,
         _ = cancel.cancelled() => cancelled_response(grpc),

@@ -67,16 +67,10 @@ impl EdgePolicy {
     }
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
 /// CORS and security headers. gRPC passes through untouched: browsers do not
 /// speak it, and its trailers-only answers are no place for HTML-era headers.
 pub async fn edge(State(policy): State<EdgePolicy>, req: Request, next: Next) -> Response {
-    if is_grpc(req.headers()) {
+    if super::is_grpc(req.headers()) {
         return next.run(req).await;
     }
     let origin = policy.allowed_origin(req.headers());

@@ -48,14 +48,18 @@ pub fn routes(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Whether a request speaks gRPC (its content type): gRPC answers in its own
+/// protocol, with a status in trailers rather than problem+json.
+pub fn is_grpc(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 /// What matches no route answers by protocol: gRPC UNIMPLEMENTED for gRPC
 /// requests, problem+json 404 otherwise.
 pub async fn fallback(req: Request) -> Response {
-    let is_grpc = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if is_grpc {
+    if is_grpc(req.headers()) {
         return tonic::Status::unimplemented(format!("unknown method {}", req.uri().path()))
             .into_http::<axum::body::Body>()
             .into_response();

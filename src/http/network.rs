@@ -3,7 +3,7 @@
 //! `forbidden` problem+json, or gRPC PERMISSION_DENIED.
 
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -45,11 +45,7 @@ pub async fn guard(State(g): State<NetworkGuard>, req: Request, next: Next) -> R
 
 fn refuse(req: &Request) -> Response {
     let detail = "your network may not reach this service";
-    let is_grpc = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if is_grpc {
+    if super::is_grpc(req.headers()) {
         return tonic::Status::permission_denied(detail)
             .into_http::<axum::body::Body>()
             .into_response();

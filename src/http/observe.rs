@@ -27,10 +27,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         req.headers_mut().insert(REQUEST_ID, v);
     }
-    let is_grpc = req
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let is_grpc = super::is_grpc(req.headers());
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     // Bounded label sets, whatever the client sends: known methods (else "other"),
