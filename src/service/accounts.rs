@@ -843,7 +843,7 @@ impl AccountsService {
     /// written in it), commits, and returns the refusal.
     pub(super) async fn deny_in<T>(
         &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        mut tx: crate::store::Tx,
         caller: &Caller,
         meta: &RequestMeta,
         id: Uuid,
@@ -859,7 +859,7 @@ impl AccountsService {
     /// Commits a transaction that holds only a denial's audit row.
     pub(super) async fn commit_denial<T>(
         &self,
-        tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        tx: crate::store::Tx,
         err: ServiceError,
     ) -> ServiceResult<T> {
         tx.commit().await.map_err(StoreError::from)?;

@@ -622,7 +622,7 @@ impl Identity {
     /// caller gets 401 invalid_token.
     async fn end_session_on_refresh(
         &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        mut tx: crate::store::Tx,
         row: &sessions::RefreshRow,
         reason: &str,
         audit: AuditEntry,

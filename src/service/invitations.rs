@@ -324,7 +324,7 @@ impl InvitationsService {
     /// Closes an invitation that no longer stands and answers 409 with why.
     async fn void<T>(
         &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        mut tx: crate::store::Tx,
         id: Uuid,
         status: InvitationStatus,
         why: &str,

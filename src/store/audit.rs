@@ -5,7 +5,7 @@
 use sqlx::PgConnection;
 
 use super::StoreResult;
-use crate::service::audit::AuditEntry;
+use crate::domain::audit::AuditEntry;
 
 pub async fn insert(conn: &mut PgConnection, e: &AuditEntry) -> StoreResult<()> {
     sqlx::query(

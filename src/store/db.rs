@@ -7,6 +7,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::StoreResult;
 use crate::config::Settings;
+use crate::domain::audit::AuditEntry;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -92,8 +93,41 @@ impl Db {
         }
     }
 
-    pub async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Postgres>> {
-        Ok(self.pool.begin().await?)
+    /// Opens a unit of work: every write of one use case, and its audit rows,
+    /// commit or roll back together. Dropped without `commit`, it rolls back.
+    pub async fn begin(&self) -> StoreResult<Tx> {
+        Ok(Tx(self.pool.begin().await?))
+    }
+}
+
+/// One database transaction, as the service sees it: it can be committed and
+/// can take audit rows; store functions do the rest on it.
+pub struct Tx(sqlx::Transaction<'static, sqlx::Postgres>);
+
+impl Tx {
+    pub async fn commit(self) -> StoreResult<()> {
+        Ok(self.0.commit().await?)
+    }
+
+    /// Writes an audit row inside this transaction, so it commits or rolls back
+    /// with the change it describes.
+    pub async fn audit(&mut self, entry: &AuditEntry) -> StoreResult<()> {
+        super::audit::insert(&mut self.0, entry).await
+    }
+}
+
+// Store functions take `&mut PgConnection`; a `&mut Tx` coerces to one. Only
+// store/ can name PgConnection, so the service cannot run SQL on it.
+impl std::ops::Deref for Tx {
+    type Target = sqlx::PgConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
 }
 

@@ -15,7 +15,7 @@ pub mod service_clients;
 pub mod sessions;
 pub mod users;
 
-pub use db::Db;
+pub use db::{Db, Tx};
 pub use redis::Cache;
 
 #[derive(Debug, thiserror::Error)]
