@@ -14,7 +14,7 @@ use super::{Caller, FieldError, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::email::Email;
 use crate::domain::password::Password;
 use crate::domain::user::{User, ROLES};
-use crate::store::{audit, sessions, users, StoreError};
+use crate::store::{audit, sessions, users};
 
 /// One of the caller's sessions.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -63,10 +63,6 @@ fn decode_cursor(c: &str) -> ServiceResult<(DateTime<Utc>, Uuid)> {
         .with_timezone(&Utc);
     paging::check_time("cursor", Some(at)).map_err(|_| bad())?;
     Ok((at, id.parse().map_err(|_| bad())?))
-}
-
-fn tx_err(e: sqlx::Error) -> ServiceError {
-    StoreError::from(e).into()
 }
 
 /// A user acting through their own session (not an API key, not a service).
@@ -152,7 +148,7 @@ impl Identity {
             .await?
             .ok_or(ServiceError::InvalidToken)?
             .into_user();
-        tx.commit().await.map_err(tx_err)?;
+        tx.commit().await?;
         // A new name: copies refresh, nothing the user may do changed, so the
         // user's cached API keys stay.
         self.invalidation
@@ -223,7 +219,7 @@ impl Identity {
                 .details(serde_json::json!({ "sessions_ended": ended.len() })),
         )
         .await?;
-        tx.commit().await.map_err(tx_err)?;
+        tx.commit().await?;
         for sid in ended {
             self.cache_session(
                 sid,
@@ -279,7 +275,7 @@ impl Identity {
                 .meta(meta),
         )
         .await?;
-        tx.commit().await.map_err(tx_err)?;
+        tx.commit().await?;
         self.cache_session(
             sid,
             &SessionState::Revoked {
@@ -419,7 +415,7 @@ impl Identity {
             .await?
             .ok_or(ServiceError::NotFound("user"))?
             .into_user();
-        tx.commit().await.map_err(tx_err)?;
+        tx.commit().await?;
 
         for sid in &ended {
             self.cache_session(
