@@ -147,7 +147,7 @@ async fn reencrypt_credentials(settings: &Settings) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("reencrypt-credentials: {e}"))?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
-    db.pool.close().await;
+    db.close().await;
     if !summary.failed.is_empty() {
         anyhow::bail!(
             "{} account(s) could not be re-encrypted",
@@ -189,7 +189,7 @@ async fn verify_audit_chain(settings: &Settings) -> anyhow::Result<()> {
     let report = crate::service::audit_log::verify_chain(&db)
         .await
         .map_err(|e| anyhow::anyhow!("verify-audit-chain: {e}"))?;
-    db.pool.close().await;
+    db.close().await;
     println!(
         "{}",
         serde_json::json!({

@@ -253,7 +253,7 @@ impl App {
         {
             tracing::warn!("redis did not close in time");
         }
-        if tokio::time::timeout(STORE_CLOSE, state.db.pool.close())
+        if tokio::time::timeout(STORE_CLOSE, state.db.close())
             .await
             .is_err()
         {

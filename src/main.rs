@@ -160,7 +160,7 @@ async fn audit_role_problem(settings: &Settings) -> Result<Option<String>, Strin
     let db = store::Db::connect_lazy(settings).map_err(|e| e.to_string())?;
     let checked =
         user_service::service::audit_log::append_only_problem(&db, settings.app_env.as_str()).await;
-    db.pool.close().await;
+    db.close().await;
     checked
 }
 

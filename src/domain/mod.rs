@@ -10,6 +10,7 @@ pub mod network;
 pub mod password;
 pub mod policy;
 pub mod scope;
+pub mod session;
 pub mod user;
 
 /// One field-level validation failure.

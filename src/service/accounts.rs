@@ -170,7 +170,7 @@ impl AccountsService {
         }
         metrics::counter!("account_list_cache_total", "result" => "miss").increment(1);
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let list = store::list_for_user(&self.db.pool, user_id, None, None, MAX_ACCOUNTS).await?;
+        let list = store::list_for_user(&self.db, user_id, None, None, MAX_ACCOUNTS).await?;
         if self.epoch.load(Ordering::SeqCst) == epoch {
             self.lists_cache
                 .insert(user_id, Arc::new(list.clone()))
@@ -276,14 +276,8 @@ impl AccountsService {
             .map(paging::decode_time_id)
             .transpose()?
             .map(|(created_at, id)| After { created_at, id });
-        let rows = store::list_for_user(
-            &self.db.pool,
-            user_id,
-            key_accounts(caller),
-            after,
-            limit + 1,
-        )
-        .await?;
+        let rows =
+            store::list_for_user(&self.db, user_id, key_accounts(caller), after, limit + 1).await?;
         Ok(paging::finish(rows, limit, |r| {
             paging::encode_time_id(r.account.created_at, r.account.id)
         }))

@@ -18,7 +18,7 @@ use crate::domain::email::Email;
 use crate::domain::lockout::{self, Gate};
 use crate::domain::password::Password;
 use crate::domain::user::User;
-use crate::store::{audit, login_failures, service_clients, sessions, users};
+use crate::store::{login_failures, service_clients, sessions, users};
 
 /// What a login or refresh hands out. Not Debug: it carries tokens.
 pub struct LoginTokens {
@@ -301,8 +301,8 @@ impl Identity {
             CreatedBy::SignUp => entry.actor("user", id),
             CreatedBy::Operator => entry.actor("system", "cli"),
         };
-        audit::insert(&mut tx, &entry).await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.audit(&entry).await?;
+        tx.commit().await?;
         Ok(user)
     }
 
@@ -352,7 +352,7 @@ impl Identity {
     async fn audit_alone(&self, entry: AuditEntry) {
         let r = async {
             let mut tx = self.db.begin().await?;
-            audit::insert(&mut tx, &entry).await?;
+            tx.audit(&entry).await?;
             tx.commit().await?;
             Ok::<_, crate::store::StoreError>(())
         }
@@ -382,7 +382,7 @@ impl Identity {
             .ip
             .map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
         let mut turn = self.login_turns.take(user_id).await;
-        let (account, pair) = login_failures::standing(&self.db.pool, user_id, &ip, window).await?;
+        let (account, pair) = login_failures::standing(&self.db, user_id, &ip, window).await?;
         let mut gate = lockout::gate(account, pair);
         if gate == Gate::Delayed {
             // The second check for an address that has not failed: a wait, out of
@@ -391,8 +391,7 @@ impl Identity {
             metrics::counter!("logins_total", "result" => "delayed").increment(1);
             tokio::time::sleep(Duration::from_millis(self.settings.login_locked_delay_ms)).await;
             turn = self.login_turns.take(user_id).await;
-            let (account, pair) =
-                login_failures::standing(&self.db.pool, user_id, &ip, window).await?;
+            let (account, pair) = login_failures::standing(&self.db, user_id, &ip, window).await?;
             gate = lockout::gate(account, pair);
         }
         if gate == Gate::Locked {
@@ -409,7 +408,7 @@ impl Identity {
         let mut tx = self.db.begin().await?;
         if right {
             login_failures::clear(&mut tx, user_id, &ip, window).await?;
-            tx.commit().await.map_err(crate::store::StoreError::from)?;
+            tx.commit().await?;
             return Ok(Checked::Right);
         }
         let (max, lockout) = (
@@ -422,7 +421,7 @@ impl Identity {
                 locks.push(scope);
             }
         }
-        audit::insert(&mut tx, &failed).await?;
+        tx.audit(&failed).await?;
         if !locks.is_empty() {
             let entry = AuditEntry::new("auth.lockout", Outcome::Denied)
                 .target("user", user_id)
@@ -432,9 +431,9 @@ impl Identity {
                     "attempts": max,
                     "lockout_seconds": lockout,
                 }));
-            audit::insert(&mut tx, &entry).await?;
+            tx.audit(&entry).await?;
         }
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         if !locks.is_empty() {
             metrics::counter!("login_lockouts_total").increment(1);
         }
@@ -460,7 +459,7 @@ impl Identity {
             let _ = self.hasher.verify(password, None).await;
             return Err(ServiceError::InvalidCredentials);
         };
-        let record = users::by_email(&self.db.pool, email.as_str()).await?;
+        let record = users::by_email(&self.db, email.as_str()).await?;
         let failed = |reason: &str, user: Option<Uuid>| {
             let e = AuditEntry::new("auth.login.failed", Outcome::Failure)
                 .meta(meta)
@@ -517,20 +516,19 @@ impl Identity {
         )
         .await?;
         sessions::insert_refresh_token(&mut tx, session_id, &sha256(&refresh), expires_at).await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("auth.login.succeeded", Outcome::Success)
                 .actor("user", record.id)
                 .target("session", session_id)
                 .meta(meta),
         )
         .await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         let user = record.into_user();
         self.cache_session(
             session_id,
             &SessionState::Live {
-                uid: user.id,
+                user_id: user.id,
                 roles: user.roles.clone(),
             },
         )
@@ -610,7 +608,7 @@ impl Identity {
             row.session_expires_at,
         )
         .await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         // The used token no longer works as the session cookie on any replica
         // (also said by the refresh_tokens trigger, for when Redis is down).
         self.invalidation.session_changed(row.session_id).await;
@@ -629,8 +627,7 @@ impl Identity {
         meta: &RequestMeta,
     ) -> ServiceResult<LoginTokens> {
         let ended = sessions::revoke(&mut tx, row.session_id, reason).await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &audit
                 .actor("user", row.user_id)
                 .target("session", row.session_id)
@@ -638,7 +635,7 @@ impl Identity {
                 .detail("session_ended", ended),
         )
         .await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         let state = SessionState::Revoked {
             reason: reason.into(),
         };
@@ -659,8 +656,7 @@ impl Identity {
         };
         let mut tx = self.db.begin().await?;
         if sessions::revoke(&mut tx, *sid, "logout").await? {
-            audit::insert(
-                &mut tx,
+            tx.audit(
                 &AuditEntry::new("auth.logout", Outcome::Success)
                     .actor("user", user_id)
                     .target("session", sid)
@@ -668,7 +664,7 @@ impl Identity {
             )
             .await?;
         }
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         self.cache_session(
             *sid,
             &SessionState::Revoked {
@@ -690,7 +686,7 @@ impl Identity {
         if client_id.len() > 64 || client_secret.len() > 256 {
             return Err(ServiceError::InvalidClient);
         }
-        let client = service_clients::by_client_id(&self.db.pool, client_id).await?;
+        let client = service_clients::by_client_id(&self.db, client_id).await?;
         let hash = client
             .as_ref()
             .filter(|c| c.status == "active")
@@ -706,7 +702,7 @@ impl Identity {
                     .map_err(ServiceError::hashing)?;
                 if ok {
                     service_clients::upgrade_secret_hash(
-                        &self.db.pool,
+                        &self.db,
                         client_id,
                         &phc,
                         &client_secret::hash(&client_secret),
@@ -800,7 +796,7 @@ impl Identity {
                 "client id must be 2-64 characters: a lowercase letter, then lowercase letters, digits, _ or -",
             ));
         }
-        let known = service_clients::known_scopes(&self.db.pool).await?;
+        let known = service_clients::known_scopes(&self.db).await?;
         if let Some(bad) = scopes
             .iter()
             .find(|s| !SERVICE_SCOPES.contains(&s.as_str()) && !known.contains(s))
@@ -815,8 +811,7 @@ impl Identity {
         let hash = self.hash_secret(&secret).await?;
         let mut tx = self.db.begin().await?;
         let id = service_clients::insert(&mut tx, client_id, client_id, scopes, &hash).await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &by_or_system(
                 AuditEntry::new("service_client.created", Outcome::Success),
                 actor,
@@ -825,7 +820,7 @@ impl Identity {
             .details(serde_json::json!({ "id": id, "scopes": scopes })),
         )
         .await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         Ok(ClientCredentials {
             client_id: client_id.to_string(),
             client_secret: secret,
@@ -846,8 +841,7 @@ impl Identity {
         if !service_clients::set_secret(&mut tx, client_id, &hash).await? {
             return Err(ServiceError::NotFound("service client"));
         }
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &by_or_system(
                 AuditEntry::new("service_client.secret.rotated", Outcome::Success),
                 actor,
@@ -855,7 +849,7 @@ impl Identity {
             .target("service_client", client_id),
         )
         .await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         Ok(ClientCredentials {
             client_id: client_id.to_string(),
             client_secret: secret,

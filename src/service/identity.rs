@@ -7,7 +7,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use moka::sync::Cache as MokaCache;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -18,27 +17,14 @@ use crate::config::Settings;
 use crate::crypto::jwt::{Claims, JwtError, JwtKeys, TokenType};
 use crate::crypto::password::PasswordHasher;
 use crate::domain::account::AccountAccess;
+pub use crate::domain::session::SessionState;
 use crate::domain::user::User;
-use crate::store::{sessions, Cache, Db};
+use crate::store::{sessions, Cache, Db, SessionCache};
 
 /// How long Redis keeps a "live" session state.
 const LIVE_SESSION_CACHE: Duration = Duration::from_secs(30);
 /// Verified service tokens kept in process.
 const SERVICE_TOKEN_CACHE_CAPACITY: u64 = 10_000;
-
-/// A session as the Redis cache holds it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "s", rename_all = "lowercase")]
-pub enum SessionState {
-    Live {
-        uid: Uuid,
-        roles: Vec<String>,
-    },
-    /// `reason`: `logout`, `ended`, `password_changed`, `user_disabled`, `refresh_reuse`…
-    Revoked {
-        reason: String,
-    },
-}
 
 /// Why an access token was refused; VerifyToken reports it, the gateway says 401.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +147,8 @@ const MAX_TOKEN_ACCOUNTS: i64 = 1000;
 pub struct Identity {
     pub(crate) db: Db,
     pub(crate) cache: Cache,
+    /// The Redis copy of session states (tombstones for every replica).
+    session_cache: SessionCache,
     pub(crate) settings: Settings,
     pub(crate) hasher: PasswordHasher,
     pub(crate) jwt: JwtKeys,
@@ -273,16 +261,13 @@ impl Identity {
             login_turns: super::auth::Turns::default(),
             settings: settings.clone(),
             db,
+            session_cache: SessionCache::new(cache.clone()),
             cache,
         })
     }
 
     pub fn jwks(&self) -> &serde_json::Value {
         self.jwt.jwks()
-    }
-
-    pub(crate) fn session_key(sid: Uuid) -> String {
-        format!("session:{sid}")
     }
 
     /// Tombstones outlive every access token the session may have issued.
@@ -300,14 +285,8 @@ impl Identity {
             SessionState::Live { .. } => LIVE_SESSION_CACHE,
             SessionState::Revoked { .. } => self.tombstone_ttl(),
         };
-        if let Ok(v) = serde_json::to_string(state) {
-            if let Err(e) = self
-                .cache
-                .set_string(&Self::session_key(sid), &v, ttl)
-                .await
-            {
-                tracing::warn!(error = %e, "session cache write failed");
-            }
+        if let Err(e) = self.session_cache.put(sid, state, ttl).await {
+            tracing::warn!(error = %e, "session cache write failed");
         }
         if matches!(state, SessionState::Revoked { .. }) {
             self.invalidation.session_changed(sid).await;
@@ -317,14 +296,14 @@ impl Identity {
     /// Drops cached "live" entries (after a role change) so the next request reads
     /// PostgreSQL.
     pub(crate) async fn forget_session(&self, sid: Uuid) {
-        let _ = self.cache.del(&Self::session_key(sid)).await;
+        let _ = self.session_cache.forget(sid).await;
         self.invalidation.session_changed(sid).await;
     }
 
     /// Drops the cached state of every live session of a user, so a change of
     /// roles is seen on the next request.
     pub async fn forget_user_sessions(&self, user_id: Uuid) -> ServiceResult<()> {
-        for sid in sessions::live_ids_for_user(&self.db.pool, user_id).await? {
+        for sid in sessions::live_ids_for_user(&self.db, user_id).await? {
             self.forget_session(sid).await;
         }
         Ok(())
@@ -341,19 +320,13 @@ impl Identity {
     }
 
     async fn load_session_state(&self, sid: Uuid) -> ServiceResult<SessionState> {
-        match self.cache.get_string(&Self::session_key(sid)).await {
-            Ok(Some(v)) => {
-                if let Ok(state @ SessionState::Revoked { .. }) =
-                    serde_json::from_str::<SessionState>(&v)
-                {
-                    return Ok(state);
-                }
-            }
-            Ok(None) => {}
+        match self.session_cache.get(sid).await {
+            Ok(Some(state @ SessionState::Revoked { .. })) => return Ok(state),
+            Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "session cache unavailable, asking PostgreSQL"),
         }
         let idle = self.settings.session_idle_timeout_seconds;
-        let state = match sessions::auth_state(&self.db.pool, sid, idle).await? {
+        let state = match sessions::auth_state(&self.db, sid, idle).await? {
             None => SessionState::Revoked {
                 reason: "unknown".into(),
             },
@@ -364,18 +337,16 @@ impl Identity {
                 reason: s.revoked_reason.unwrap_or_else(|| "expired".into()),
             },
             Some(s) => SessionState::Live {
-                uid: s.user_id,
+                user_id: s.user_id,
                 roles: s.roles,
             },
         };
         if let SessionState::Revoked { .. } = state {
             // A tombstone for the other replicas; no invalidation (nothing changed).
-            if let Ok(v) = serde_json::to_string(&state) {
-                let _ = self
-                    .cache
-                    .set_string(&Self::session_key(sid), &v, self.tombstone_ttl())
-                    .await;
-            }
+            let _ = self
+                .session_cache
+                .put(sid, &state, self.tombstone_ttl())
+                .await;
         }
         Ok(state)
     }
@@ -384,7 +355,7 @@ impl Identity {
     pub(crate) async fn cached_user(&self, id: Uuid) -> ServiceResult<Option<Arc<User>>> {
         self.profiles
             .get_or_load(id, || async move {
-                Ok(crate::store::users::get(&self.db.pool, id)
+                Ok(crate::store::users::get(&self.db, id)
                     .await?
                     .map(|u| Arc::new(u.into_user())))
             })
@@ -456,7 +427,7 @@ impl Identity {
         };
         let (user_id, sid) = (claims.user_id, claims.session_id);
         match self.session_state(sid).await? {
-            SessionState::Live { uid, .. } if uid == user_id => {}
+            SessionState::Live { user_id: uid, .. } if uid == user_id => {}
             SessionState::Live { .. } => return Ok(Err(TokenRefusal::Invalid)),
             SessionState::Revoked { reason } if reason == "user_disabled" => {
                 return Ok(Err(TokenRefusal::UserDisabled))
@@ -486,7 +457,7 @@ impl Identity {
             .get_or_load(self.token_hash(value), || async {
                 let idle = self.settings.session_idle_timeout_seconds;
                 Ok(
-                    match sessions::refresh_token(&self.db.pool, &sha256(value), idle).await? {
+                    match sessions::refresh_token(&self.db, &sha256(value), idle).await? {
                         None => CookieSession {
                             session_id: Uuid::nil(),
                             user_id: Uuid::nil(),
@@ -505,7 +476,7 @@ impl Identity {
             return Err(ServiceError::InvalidToken);
         }
         match self.session_state(cookie.session_id).await? {
-            SessionState::Live { uid, .. } if uid == cookie.user_id => {}
+            SessionState::Live { user_id, .. } if user_id == cookie.user_id => {}
             _ => return Err(ServiceError::InvalidToken),
         }
         match self.cached_user(cookie.user_id).await? {
@@ -588,7 +559,7 @@ impl Identity {
             .token_accounts
             .get_or_load(uid, || async move {
                 let list = crate::store::accounts::list_for_user(
-                    &self.db.pool,
+                    &self.db,
                     uid,
                     None,
                     None,
@@ -735,7 +706,7 @@ mod rss_probe {
                 .sessions
                 .get_or_load(sid, || async move {
                     Ok(SessionState::Live {
-                        uid,
+                        user_id: uid,
                         roles: vec!["user".into()],
                     })
                 })

@@ -14,7 +14,7 @@ use super::{Caller, FieldError, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::email::Email;
 use crate::domain::password::Password;
 use crate::domain::user::{User, ROLES};
-use crate::store::{audit, sessions, users};
+use crate::store::{sessions, users};
 
 /// One of the caller's sessions.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -109,7 +109,7 @@ impl Identity {
         {
             return Err(ServiceError::Forbidden("scope users:read required".into()));
         }
-        users::get(&self.db.pool, id)
+        users::get(&self.db, id)
             .await?
             .map(|u| u.into_user())
             .ok_or(ServiceError::NotFound("user"))
@@ -135,8 +135,7 @@ impl Identity {
         let name = Self::parse_full_name(&raw)?;
         let mut tx = self.db.begin().await?;
         users::set_full_name(&mut tx, id, &name).await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("user.profile.updated", Outcome::Success)
                 .by(caller)
                 .target("user", id)
@@ -170,7 +169,7 @@ impl Identity {
         let (user_id, current_session) = session_user(caller)?;
         let current = Password::candidate(current_password)
             .map_err(|e| ServiceError::validation("current_password", e.code, e.message))?;
-        let record = users::get(&self.db.pool, user_id)
+        let record = users::get(&self.db, user_id)
             .await?
             .ok_or(ServiceError::InvalidToken)?;
         let email =
@@ -210,8 +209,7 @@ impl Identity {
         let ended =
             sessions::revoke_all_for_user(&mut tx, user_id, current_session, "password_changed")
                 .await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("user.password.changed", Outcome::Success)
                 .by(caller)
                 .target("user", user_id)
@@ -236,7 +234,7 @@ impl Identity {
     /// The caller's live sessions, newest first.
     pub async fn list_sessions(&self, caller: &Caller) -> ServiceResult<Page<SessionView>> {
         let (user_id, current) = session_user(caller)?;
-        let items = sessions::list_live(&self.db.pool, user_id)
+        let items = sessions::list_live(&self.db, user_id)
             .await?
             .into_iter()
             .map(|s| SessionView {
@@ -267,8 +265,7 @@ impl Identity {
             return Err(ServiceError::NotFound("session"));
         }
         sessions::revoke(&mut tx, sid, "ended").await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("session.ended", Outcome::Success)
                 .by(caller)
                 .target("session", sid)
@@ -312,7 +309,7 @@ impl Identity {
         let after = f.cursor.as_deref().map(decode_cursor).transpose()?;
         let email = paging::text_filter("email", f.email.map(|e| e.trim().to_string()))?;
         let rows = users::list(
-            &self.db.pool,
+            &self.db,
             email.as_deref(),
             f.status.as_deref(),
             after,
@@ -401,8 +398,7 @@ impl Identity {
         };
         if !details.is_empty() {
             details.insert("sessions_ended".into(), ended.len().into());
-            audit::insert(
-                &mut tx,
+            tx.audit(
                 &AuditEntry::new("user.updated", Outcome::Success)
                     .by(caller)
                     .target("user", id)

@@ -170,7 +170,7 @@ pub struct After {
 /// Live accounts the user owns or is a live member of, oldest first; at most
 /// `limit` after `after`, and only those in `only` when given.
 pub async fn list_for_user(
-    pool: &PgPool,
+    db: &super::Db,
     user_id: Uuid,
     only: Option<&[Uuid]>,
     after: Option<After>,
@@ -190,7 +190,7 @@ pub async fn list_for_user(
     .bind(after.map(|a| a.id))
     .bind(limit)
     .bind(only)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?;
     rows.into_iter()
         .map(|r| {

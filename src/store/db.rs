@@ -11,9 +11,12 @@ use crate::domain::audit::AuditEntry;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The PostgreSQL pool. Only store/ runs statements on it: the service reads
+/// through store functions taking `&Db` and writes in a `Tx`.
 #[derive(Clone)]
 pub struct Db {
-    pub pool: PgPool,
+    // pub(crate) until every service file reads through store functions.
+    pub(crate) pool: PgPool,
 }
 
 impl Db {
@@ -82,6 +85,20 @@ impl Db {
             .await,
             Ok(Ok(1))
         )
+    }
+
+    /// Whether this pool's connections to PostgreSQL are encrypted (TLS).
+    pub async fn uses_tls(&self) -> StoreResult<bool> {
+        Ok(sqlx::query_scalar::<_, bool>(
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Closes every connection (waits for those in use to come back).
+    pub async fn close(&self) {
+        self.pool.close().await
     }
 
     /// Pool occupancy for the metrics endpoint.

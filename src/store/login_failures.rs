@@ -3,10 +3,9 @@
 //! from its first failure; a lock for `lockout` seconds from the failure that
 //! reached `max`; an expired row counts as absent.
 
-use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::StoreResult;
+use super::{Db, StoreResult, Tx};
 pub use crate::domain::lockout::Standing;
 
 /// The `client_ip` of the row that counts every client address.
@@ -18,7 +17,7 @@ const EXPIRED: &str =
 
 /// (account, pair) standing of `user_id` for `ip`.
 pub async fn standing(
-    pool: &PgPool,
+    db: &Db,
     user_id: Uuid,
     ip: &str,
     window_secs: u64,
@@ -31,7 +30,7 @@ pub async fn standing(
     .bind(user_id)
     .bind(ip)
     .bind(window_secs as f64)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?;
     let (mut account, mut pair) = (Standing::default(), Standing::default());
     for (row_ip, failures, locked) in rows {
@@ -49,7 +48,7 @@ pub async fn standing(
 /// whether this very failure set the lock (exactly once per window, even when
 /// failures race).
 pub async fn record_failure(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     user_id: Uuid,
     ip: &str,
     window_secs: u64,
@@ -75,7 +74,7 @@ pub async fn record_failure(
     .bind(window_secs as f64)
     .bind(max as i32)
     .bind(lockout_secs as f64)
-    .fetch_one(&mut *conn)
+    .fetch_one(&mut **tx)
     .await?;
     Ok(locked_now)
 }
@@ -83,12 +82,7 @@ pub async fn record_failure(
 /// After a right password from `ip`: that pair's count goes, and so does the
 /// account's unless it is locked (a lock runs its course: the attacker who set
 /// it must not be freed by its owner's login); expired rows of the user go too.
-pub async fn clear(
-    conn: &mut PgConnection,
-    user_id: Uuid,
-    ip: &str,
-    window_secs: u64,
-) -> StoreResult<()> {
+pub async fn clear(tx: &mut Tx, user_id: Uuid, ip: &str, window_secs: u64) -> StoreResult<()> {
     sqlx::query(&format!(
         "delete from login_failures f
           where f.user_id = $1
@@ -99,7 +93,7 @@ pub async fn clear(
     .bind(user_id)
     .bind(ip)
     .bind(window_secs as f64)
-    .execute(&mut *conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }

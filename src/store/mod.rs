@@ -12,11 +12,13 @@ pub mod login_failures;
 pub mod policies;
 pub mod redis;
 pub mod service_clients;
+pub mod session_cache;
 pub mod sessions;
 pub mod users;
 
 pub use db::{Db, Tx};
 pub use redis::Cache;
+pub use session_cache::SessionCache;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

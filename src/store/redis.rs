@@ -172,7 +172,7 @@ impl Cache {
 
     /// Subscribes to `channel` (prefixed) and returns the raw message stream plus a
     /// stream of reconnect events: after a reconnect, messages may have been missed.
-    pub async fn subscribe(
+    pub(super) async fn subscribe(
         &self,
         channel: &str,
     ) -> StoreResult<(broadcast::Receiver<Message>, broadcast::Receiver<Server>)> {
@@ -185,7 +185,7 @@ impl Cache {
     }
 
     /// The full channel name for `channel`, to match incoming messages.
-    pub fn channel_name(&self, channel: &str) -> String {
+    pub(super) fn channel_name(&self, channel: &str) -> String {
         self.key(channel)
     }
 

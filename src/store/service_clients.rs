@@ -1,9 +1,9 @@
-//! Service clients (internal callers); secrets only as argon2id hashes.
+//! Service clients (internal callers); secrets only as hashes (SHA-256, or
+//! argon2id for secrets issued before).
 
-use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::StoreResult;
+use super::{Db, StoreResult, Tx};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ServiceClientRecord {
@@ -15,20 +15,17 @@ pub struct ServiceClientRecord {
     pub status: String,
 }
 
-pub async fn by_client_id(
-    pool: &PgPool,
-    client_id: &str,
-) -> StoreResult<Option<ServiceClientRecord>> {
+pub async fn by_client_id(db: &Db, client_id: &str) -> StoreResult<Option<ServiceClientRecord>> {
     Ok(sqlx::query_as::<_, ServiceClientRecord>(
         "select id, client_id, name, scopes, secret_hash, status from service_clients where client_id = $1",
     )
     .bind(client_id)
-    .fetch_optional(pool)
+    .fetch_optional(&db.pool)
     .await?)
 }
 
 pub async fn insert(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     client_id: &str,
     name: &str,
     scopes: &[String],
@@ -44,24 +41,20 @@ pub async fn insert(
     .bind(name)
     .bind(scopes)
     .bind(secret_hash)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(id)
 }
 
 /// Replaces the secret; returns false for an unknown client.
-pub async fn set_secret(
-    conn: &mut PgConnection,
-    client_id: &str,
-    secret_hash: &str,
-) -> StoreResult<bool> {
+pub async fn set_secret(tx: &mut Tx, client_id: &str, secret_hash: &str) -> StoreResult<bool> {
     let n = sqlx::query(
         "update service_clients set secret_hash = $2, secret_rotated_at = now(), updated_at = now()
           where client_id = $1",
     )
     .bind(client_id)
     .bind(secret_hash)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?
     .rows_affected();
     Ok(n > 0)
@@ -70,7 +63,7 @@ pub async fn set_secret(
 /// Replaces a secret's stored form by another of the same secret (not a
 /// rotation), unless the secret changed meanwhile.
 pub async fn upgrade_secret_hash(
-    pool: &PgPool,
+    db: &Db,
     client_id: &str,
     old_hash: &str,
     new_hash: &str,
@@ -82,14 +75,14 @@ pub async fn upgrade_secret_hash(
     .bind(client_id)
     .bind(old_hash)
     .bind(new_hash)
-    .execute(pool)
+    .execute(&db.pool)
     .await?;
     Ok(())
 }
 
 /// Scopes a service client may be given: the catalog plus the service scopes.
-pub async fn known_scopes(pool: &PgPool) -> StoreResult<Vec<String>> {
+pub async fn known_scopes(db: &Db) -> StoreResult<Vec<String>> {
     Ok(sqlx::query_scalar::<_, String>("select name from scopes")
-        .fetch_all(pool)
+        .fetch_all(&db.pool)
         .await?)
 }

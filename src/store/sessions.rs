@@ -1,12 +1,11 @@
 //! Login sessions and their rotating refresh tokens (only SHA-256 of a token is
-//! stored). The Redis session cache lives in `service::identity`; this is the
-//! durable truth it falls back to.
+//! stored): the durable truth the Redis session cache (`session_cache`) falls
+//! back to.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::StoreResult;
+use super::{Db, StoreResult, Tx};
 
 /// What a request needs to know about its session, read in one query.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -45,7 +44,7 @@ pub struct RefreshRow {
 }
 
 pub async fn create(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     id: Uuid,
     user_id: Uuid,
     expires_at: DateTime<Utc>,
@@ -60,13 +59,13 @@ pub async fn create(
     .bind(expires_at)
     .bind(ip)
     .bind(user_agent)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
 pub async fn insert_refresh_token(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     session_id: Uuid,
     token_hash: &[u8],
     expires_at: DateTime<Utc>,
@@ -78,7 +77,7 @@ pub async fn insert_refresh_token(
     .bind(session_id)
     .bind(token_hash)
     .bind(expires_at)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
@@ -102,7 +101,7 @@ macro_rules! refresh_row_sql {
 /// token serialise (the second sees it used) and an ending cannot race a touch;
 /// the read is the same as `refresh_token`.
 pub async fn refresh_token_for_update(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     token_hash: &[u8],
     idle_secs: u64,
 ) -> StoreResult<Option<RefreshRow>> {
@@ -110,28 +109,28 @@ pub async fn refresh_token_for_update(
         sqlx::query_as::<_, RefreshRow>(concat!(refresh_row_sql!(), " for update of t, s"))
             .bind(token_hash)
             .bind(idle_secs as f64)
-            .fetch_optional(conn)
+            .fetch_optional(&mut **tx)
             .await?,
     )
 }
 
 /// Read-only lookup (the cookie authenticates requests without rotating).
 pub async fn refresh_token(
-    pool: &PgPool,
+    db: &Db,
     token_hash: &[u8],
     idle_secs: u64,
 ) -> StoreResult<Option<RefreshRow>> {
     Ok(sqlx::query_as::<_, RefreshRow>(refresh_row_sql!())
         .bind(token_hash)
         .bind(idle_secs as f64)
-        .fetch_optional(pool)
+        .fetch_optional(&db.pool)
         .await?)
 }
 
-pub async fn mark_refresh_used(conn: &mut PgConnection, id: Uuid) -> StoreResult<()> {
+pub async fn mark_refresh_used(tx: &mut Tx, id: Uuid) -> StoreResult<()> {
     sqlx::query("update refresh_tokens set used_at = now() where id = $1")
         .bind(id)
-        .execute(conn)
+        .execute(&mut **tx)
         .await?;
     Ok(())
 }
@@ -142,11 +141,7 @@ pub async fn mark_refresh_used(conn: &mut PgConnection, id: Uuid) -> StoreResult
 /// comes from the statement's snapshot, not from which UPDATE fired: a request
 /// racing another over the same idle session (its UPDATE finds the row already
 /// revoked) still answers "ended".
-pub async fn auth_state(
-    pool: &PgPool,
-    id: Uuid,
-    idle_secs: u64,
-) -> StoreResult<Option<SessionAuth>> {
+pub async fn auth_state(db: &Db, id: Uuid, idle_secs: u64) -> StoreResult<Option<SessionAuth>> {
     Ok(sqlx::query_as::<_, SessionAuth>(
         "with idle as (
              update sessions set revoked_at = now(), revoked_reason = 'idle_timeout'
@@ -180,28 +175,28 @@ pub async fn auth_state(
     )
     .bind(id)
     .bind(idle_secs as f64)
-    .fetch_optional(pool)
+    .fetch_optional(&db.pool)
     .await?)
 }
 
 /// Records activity on a session (a refresh).
-pub async fn touch(conn: &mut PgConnection, id: Uuid) -> StoreResult<()> {
+pub async fn touch(tx: &mut Tx, id: Uuid) -> StoreResult<()> {
     sqlx::query("update sessions set last_seen_at = now() where id = $1")
         .bind(id)
-        .execute(conn)
+        .execute(&mut **tx)
         .await?;
     Ok(())
 }
 
 /// Ends one session; returns whether it was live.
-pub async fn revoke(conn: &mut PgConnection, id: Uuid, reason: &str) -> StoreResult<bool> {
+pub async fn revoke(tx: &mut Tx, id: Uuid, reason: &str) -> StoreResult<bool> {
     let n = sqlx::query(
         "update sessions set revoked_at = now(), revoked_reason = $2
           where id = $1 and revoked_at is null",
     )
     .bind(id)
     .bind(reason)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?
     .rows_affected();
     Ok(n > 0)
@@ -209,7 +204,7 @@ pub async fn revoke(conn: &mut PgConnection, id: Uuid, reason: &str) -> StoreRes
 
 /// Ends every live session of a user except `keep`; returns the ended ids.
 pub async fn revoke_all_for_user(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     user_id: Uuid,
     keep: Option<Uuid>,
     reason: &str,
@@ -222,22 +217,22 @@ pub async fn revoke_all_for_user(
     .bind(user_id)
     .bind(keep)
     .bind(reason)
-    .fetch_all(conn)
+    .fetch_all(&mut **tx)
     .await?)
 }
 
 /// Every live session id of a user (to drop their cache entries after a role change).
-pub async fn live_ids_for_user(pool: &PgPool, user_id: Uuid) -> StoreResult<Vec<Uuid>> {
+pub async fn live_ids_for_user(db: &Db, user_id: Uuid) -> StoreResult<Vec<Uuid>> {
     Ok(sqlx::query_scalar::<_, Uuid>(
         "select id from sessions where user_id = $1 and revoked_at is null and expires_at > now()",
     )
     .bind(user_id)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?)
 }
 
 /// A user's live sessions, newest first.
-pub async fn list_live(pool: &PgPool, user_id: Uuid) -> StoreResult<Vec<SessionRow>> {
+pub async fn list_live(db: &Db, user_id: Uuid) -> StoreResult<Vec<SessionRow>> {
     Ok(sqlx::query_as::<_, SessionRow>(
         "select id, user_id, created_at, last_seen_at, expires_at, ip, user_agent
            from sessions
@@ -245,16 +240,12 @@ pub async fn list_live(pool: &PgPool, user_id: Uuid) -> StoreResult<Vec<SessionR
           order by created_at desc, id desc",
     )
     .bind(user_id)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?)
 }
 
 /// A live session of this user, locked (ending it).
-pub async fn live_of_user_for_update(
-    conn: &mut PgConnection,
-    id: Uuid,
-    user_id: Uuid,
-) -> StoreResult<bool> {
+pub async fn live_of_user_for_update(tx: &mut Tx, id: Uuid, user_id: Uuid) -> StoreResult<bool> {
     Ok(sqlx::query_scalar::<_, Uuid>(
         "select id from sessions
           where id = $1 and user_id = $2 and revoked_at is null and expires_at > now()
@@ -262,7 +253,7 @@ pub async fn live_of_user_for_update(
     )
     .bind(id)
     .bind(user_id)
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?
     .is_some())
 }

@@ -1,10 +1,9 @@
 //! Users and their roles.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::{StoreError, StoreResult};
+use super::{Db, StoreError, StoreResult, Tx};
 use crate::domain::user::User;
 
 /// A user row with the password hash, which never leaves the service layer.
@@ -38,7 +37,7 @@ const SELECT: &str = "select u.id, u.email, u.full_name, u.password_hash, u.stat
    from users u";
 
 pub async fn insert(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     id: Uuid,
     email: &str,
     full_name: &str,
@@ -50,99 +49,95 @@ pub async fn insert(
         .bind(email)
         .bind(full_name)
         .bind(password_hash)
-        .execute(&mut *conn)
+        .execute(&mut **tx)
         .await?;
-    set_roles(&mut *conn, id, roles).await?;
-    by_id(conn, id).await?.ok_or(StoreError::NotFound("user"))
+    set_roles(tx, id, roles).await?;
+    by_id(tx, id).await?.ok_or(StoreError::NotFound("user"))
 }
 
 /// Replaces the user's roles; unknown role names are ignored (the caller checks).
-pub async fn set_roles(
-    conn: &mut PgConnection,
-    user_id: Uuid,
-    roles: &[String],
-) -> StoreResult<()> {
+pub async fn set_roles(tx: &mut Tx, user_id: Uuid, roles: &[String]) -> StoreResult<()> {
     sqlx::query("delete from user_roles where user_id = $1")
         .bind(user_id)
-        .execute(&mut *conn)
+        .execute(&mut **tx)
         .await?;
     sqlx::query(
         "insert into user_roles (user_id, role_id) select $1, id from roles where name = any($2)",
     )
     .bind(user_id)
     .bind(roles)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
-pub async fn by_email(pool: &PgPool, email: &str) -> StoreResult<Option<UserRecord>> {
+pub async fn by_email(db: &Db, email: &str) -> StoreResult<Option<UserRecord>> {
     Ok(
         sqlx::query_as::<_, UserRecord>(&format!("{SELECT} where lower(u.email) = lower($1)"))
             .bind(email)
-            .fetch_optional(pool)
+            .fetch_optional(&db.pool)
             .await?,
     )
 }
 
-pub async fn by_id(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<UserRecord>> {
+pub async fn by_id(tx: &mut Tx, id: Uuid) -> StoreResult<Option<UserRecord>> {
     Ok(
         sqlx::query_as::<_, UserRecord>(&format!("{SELECT} where u.id = $1"))
             .bind(id)
-            .fetch_optional(conn)
+            .fetch_optional(&mut **tx)
             .await?,
     )
 }
 
-pub async fn get(pool: &PgPool, id: Uuid) -> StoreResult<Option<UserRecord>> {
+pub async fn get(db: &Db, id: Uuid) -> StoreResult<Option<UserRecord>> {
     Ok(
         sqlx::query_as::<_, UserRecord>(&format!("{SELECT} where u.id = $1"))
             .bind(id)
-            .fetch_optional(pool)
+            .fetch_optional(&db.pool)
             .await?,
     )
 }
 
 /// Locks the row for the rest of the transaction (password change, admin edits).
-pub async fn lock(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<UserRecord>> {
+pub async fn lock(tx: &mut Tx, id: Uuid) -> StoreResult<Option<UserRecord>> {
     Ok(
         sqlx::query_as::<_, UserRecord>(&format!("{SELECT} where u.id = $1 for update of u"))
             .bind(id)
-            .fetch_optional(conn)
+            .fetch_optional(&mut **tx)
             .await?,
     )
 }
 
-pub async fn set_full_name(conn: &mut PgConnection, id: Uuid, full_name: &str) -> StoreResult<()> {
+pub async fn set_full_name(tx: &mut Tx, id: Uuid, full_name: &str) -> StoreResult<()> {
     sqlx::query("update users set full_name = $2, updated_at = now() where id = $1")
         .bind(id)
         .bind(full_name)
-        .execute(conn)
+        .execute(&mut **tx)
         .await?;
     Ok(())
 }
 
-pub async fn set_password_hash(conn: &mut PgConnection, id: Uuid, hash: &str) -> StoreResult<()> {
+pub async fn set_password_hash(tx: &mut Tx, id: Uuid, hash: &str) -> StoreResult<()> {
     sqlx::query("update users set password_hash = $2, updated_at = now() where id = $1")
         .bind(id)
         .bind(hash)
-        .execute(conn)
+        .execute(&mut **tx)
         .await?;
     Ok(())
 }
 
-pub async fn set_status(conn: &mut PgConnection, id: Uuid, status: &str) -> StoreResult<()> {
+pub async fn set_status(tx: &mut Tx, id: Uuid, status: &str) -> StoreResult<()> {
     sqlx::query("update users set status = $2, updated_at = now() where id = $1")
         .bind(id)
         .bind(status)
-        .execute(conn)
+        .execute(&mut **tx)
         .await?;
     Ok(())
 }
 
 /// Admin listing: newest first, keyset-paginated on (created_at, id).
 pub async fn list(
-    pool: &PgPool,
+    db: &Db,
     email_contains: Option<&str>,
     status: Option<&str>,
     after: Option<(DateTime<Utc>, Uuid)>,
@@ -170,6 +165,6 @@ pub async fn list(
     .bind(after.map(|a| a.0))
     .bind(after.map(|a| a.1))
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?)
 }

@@ -206,12 +206,7 @@ async fn connects_over_tls(database_url: &str) -> Result<bool, String> {
     let mut last = String::new();
     // The server may still be starting: retry for a few seconds.
     for _ in 0..30 {
-        match sqlx::query_scalar::<_, bool>(
-            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
-        )
-        .fetch_one(&db.pool)
-        .await
-        {
+        match db.uses_tls().await {
             Ok(ssl) => return Ok(ssl),
             Err(e) => last = e.to_string(),
         }

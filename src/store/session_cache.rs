@@ -1,0 +1,70 @@
+//! The Redis copy of session states: tombstones that let every replica refuse an
+//! ended session without asking PostgreSQL, and short-lived "live" marks. Only a
+//! cache: `sessions` holds the truth. Keys are `session:{id}` (prefixed like every
+//! key); values JSON, `{"s":"live","uid":…,"roles":[…]}` or
+//! `{"s":"revoked","reason":…}`, which replicas of every version read.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{Cache, StoreResult};
+use crate::domain::session::SessionState;
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "s", rename_all = "lowercase")]
+enum Stored {
+    Live { uid: Uuid, roles: Vec<String> },
+    Revoked { reason: String },
+}
+
+/// Cheap to clone (the Redis clients are shared).
+#[derive(Clone)]
+pub struct SessionCache {
+    cache: Cache,
+}
+
+fn key(sid: Uuid) -> String {
+    format!("session:{sid}")
+}
+
+impl SessionCache {
+    pub fn new(cache: Cache) -> Self {
+        Self { cache }
+    }
+
+    /// The cached state; `None` when absent or written in a form this build
+    /// cannot read (the caller then asks PostgreSQL).
+    pub async fn get(&self, sid: Uuid) -> StoreResult<Option<SessionState>> {
+        let Some(text) = self.cache.get_string(&key(sid)).await? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_str::<Stored>(&text).ok().map(|s| match s {
+            Stored::Live { uid, roles } => SessionState::Live {
+                user_id: uid,
+                roles,
+            },
+            Stored::Revoked { reason } => SessionState::Revoked { reason },
+        }))
+    }
+
+    pub async fn put(&self, sid: Uuid, state: &SessionState, ttl: Duration) -> StoreResult<()> {
+        let stored = match state {
+            SessionState::Live { user_id, roles } => Stored::Live {
+                uid: *user_id,
+                roles: roles.clone(),
+            },
+            SessionState::Revoked { reason } => Stored::Revoked {
+                reason: reason.clone(),
+            },
+        };
+        let text = serde_json::to_string(&stored)
+            .map_err(|e| super::StoreError::Other(anyhow::Error::new(e)))?;
+        self.cache.set_string(&key(sid), &text, ttl).await
+    }
+
+    pub async fn forget(&self, sid: Uuid) -> StoreResult<()> {
+        self.cache.del(&key(sid)).await
+    }
+}
