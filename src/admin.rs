@@ -1,8 +1,15 @@
 //! Operator subcommands (`user-service admin …`). Each prints JSON on stdout.
+//! Those that run a use case build the same `Services` graph as the server (no
+//! listener, no background work).
 
 use clap::Subcommand;
 
 use crate::config::Settings;
+use crate::service::service_clients::ClientCredentials;
+use crate::service::Services;
+
+/// How long each store gets to close when a command is done.
+const STORE_CLOSE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Subcommand, Debug)]
 pub enum AdminCommand {
@@ -54,30 +61,24 @@ pub async fn run(settings: Settings, cmd: AdminCommand) -> anyhow::Result<()> {
             password_stdin,
         } => create_user(&settings, &email, &full_name, &roles, password_stdin).await,
         AdminCommand::CreateServiceClient { name, scopes } => {
-            let identity = identity(&settings)?;
-            let creds = identity
-                .create_service_client(None, &name, &scopes)
+            let services = Services::build(&settings)?;
+            let creds = services
+                .service_clients
+                .create(None, &name, &scopes)
                 .await
                 .map_err(|e| anyhow::anyhow!("create-service-client: {}", describe(e)))?;
             print_client(creds)
         }
         AdminCommand::RotateServiceClientSecret { client_id } => {
-            let identity = identity(&settings)?;
-            let creds = identity
-                .rotate_service_client_secret(None, &client_id)
+            let services = Services::build(&settings)?;
+            let creds = services
+                .service_clients
+                .rotate_secret(None, &client_id)
                 .await
                 .map_err(|e| anyhow::anyhow!("rotate-service-client-secret: {}", describe(e)))?;
             print_client(creds)
         }
     }
-}
-
-/// The identity service on its own (no listener), for operator commands.
-fn identity(settings: &Settings) -> anyhow::Result<crate::service::identity::Identity> {
-    let db = crate::store::Db::connect_lazy(settings)?;
-    let cache = crate::store::Cache::connect(settings)?;
-    let invalidation = crate::service::invalidation::Invalidation::new(cache.clone());
-    crate::service::identity::Identity::new(settings, db, cache, invalidation)
 }
 
 /// A service error as one line for the operator, field errors included.
@@ -92,7 +93,7 @@ fn describe(e: crate::service::ServiceError) -> String {
     }
 }
 
-fn print_client(creds: crate::service::auth::ClientCredentials) -> anyhow::Result<()> {
+fn print_client(creds: ClientCredentials) -> anyhow::Result<()> {
     use secrecy::ExposeSecret;
     println!(
         "{}",
@@ -125,9 +126,10 @@ async fn create_user(
             password.pop();
         }
     }
-    let identity = identity(settings)?;
-    let user = identity
-        .create_user_by_operator(email, full_name, password, roles)
+    let services = Services::build(settings)?;
+    let user = services
+        .users
+        .create_by_operator(email, full_name, password, roles)
         .await
         .map_err(|e| anyhow::anyhow!("create-user: {}", describe(e)))?;
     println!("{}", serde_json::to_string(&user)?);
@@ -137,17 +139,17 @@ async fn create_user(
 /// Prints `{active_key_id, candidates, reencrypted, already_current, failed}`;
 /// exits non-zero when any value could not be moved (it stays under its old key).
 async fn reencrypt_credentials(settings: &Settings) -> anyhow::Result<()> {
-    let spec = settings
-        .credentials_encryption_keys
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("CREDENTIALS_ENCRYPTION_KEYS is not set"))?;
-    let keys = crate::crypto::aead::KeyRing::parse(spec)?;
-    let db = crate::store::Db::connect_lazy(settings)?;
-    let summary = crate::service::accounts::reencrypt_credentials(&db, &keys)
+    if settings.credentials_encryption_keys.is_none() {
+        anyhow::bail!("CREDENTIALS_ENCRYPTION_KEYS is not set");
+    }
+    let services = Services::build(settings)?;
+    let summary = services
+        .accounts
+        .reencrypt_credentials()
         .await
         .map_err(|e| anyhow::anyhow!("reencrypt-credentials: {e}"))?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
-    db.close().await;
+    services.close(STORE_CLOSE).await;
     if !summary.failed.is_empty() {
         anyhow::bail!(
             "{} account(s) could not be re-encrypted",
@@ -185,11 +187,13 @@ fn time_argon2(hashes: u32) -> anyhow::Result<()> {
 }
 
 async fn verify_audit_chain(settings: &Settings) -> anyhow::Result<()> {
-    let db = crate::store::Db::connect_lazy(settings)?;
-    let report = crate::service::audit_log::verify_chain(&db)
+    let services = Services::build(settings)?;
+    let report = services
+        .audit_log
+        .verify_chain()
         .await
         .map_err(|e| anyhow::anyhow!("verify-audit-chain: {e}"))?;
-    db.close().await;
+    services.close(STORE_CLOSE).await;
     println!(
         "{}",
         serde_json::json!({

@@ -1,10 +1,9 @@
-//! `App::build(settings)` wires stores → services → transports and binds the
-//! listener (port 0 works for tests); `run_until_stopped()` serves gRPC and the
-//! JSON gateway on that one port until the shutdown signal, then drains.
+//! `App::build(settings)` builds the `Services` graph, hands the transports the
+//! services they call, and binds the listener (port 0 works for tests);
+//! `run_until_stopped()` serves gRPC and the JSON gateway on that one port until
+//! the shutdown signal, then drains.
 
 use std::net::SocketAddr;
-use std::ops::Deref;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -12,8 +11,8 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
+use crate::service::Services;
 use crate::shutdown::Shutdown;
-use crate::store::{Cache, Db};
 use crate::{grpc, http};
 
 /// After the grace period, what background tasks still get to flush.
@@ -21,53 +20,22 @@ const FLUSH_MARGIN: Duration = Duration::from_secs(2);
 /// How long each store gets to close at exit.
 const STORE_CLOSE: Duration = Duration::from_secs(1);
 
-/// Everything a request handler may need; cheap to clone (one Arc).
-#[derive(Clone)]
-pub struct AppState(Arc<AppInner>);
-
-pub struct AppInner {
-    pub settings: Settings,
-    pub db: Db,
-    pub cache: Cache,
-    pub shutdown: Shutdown,
-    /// Background tasks that must finish (flush) before the process exits.
-    pub tasks: TaskTracker,
-    /// Users, sessions, tokens and service clients.
-    pub identity: crate::service::identity::Identity,
-    /// Roles and policies: CheckPermission and the scopes a user holds.
-    pub policy: crate::service::policy::PolicyEngine,
-    /// Trading accounts, memberships and broker credentials.
-    pub accounts: crate::service::accounts::AccountsService,
-    /// The audit trail, read by administrators.
-    pub audit_log: crate::service::audit_log::AuditLog,
-    /// Cross-replica cache invalidation: publish "key / user / account changed".
-    pub invalidation: crate::service::invalidation::Invalidation,
-    /// API keys and VerifyApiKey (cached, with the usage buffer).
-    pub api_keys: crate::service::api_keys::ApiKeyService,
-    /// Invitations to trading accounts: membership only with the invitee's consent.
-    pub invitations: crate::service::invitations::InvitationsService,
-}
-
-impl Deref for AppState {
-    type Target = AppInner;
-    fn deref(&self) -> &AppInner {
-        &self.0
-    }
-}
-
 pub struct App {
     listener: TcpListener,
     addr: SocketAddr,
     router: Router,
-    state: AppState,
+    settings: Settings,
+    services: Services,
+    shutdown: Shutdown,
+    /// Background tasks that must finish (flush) before the process exits.
+    tasks: TaskTracker,
     health: grpc::Health,
 }
 
 impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let _ = crate::telemetry::metrics_handle();
-        let db = Db::connect_lazy(&settings)?;
-        let cache = Cache::connect(&settings)?;
+        let services = Services::build(&settings)?;
         let addr = format!(
             "{}:{}",
             settings.user_service_host, settings.user_service_port
@@ -77,82 +45,32 @@ impl App {
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         let addr = listener.local_addr()?;
 
-        let key_ring = match &settings.credentials_encryption_keys {
-            Some(spec) => Some(Arc::new(crate::crypto::aead::KeyRing::parse(spec)?)),
-            None => None,
-        };
+        let shutdown = Shutdown::new();
+        let tasks = TaskTracker::new();
+        services.start(&shutdown, &tasks).await;
 
-        let invalidation = crate::service::invalidation::Invalidation::new(cache.clone());
-        let identity = crate::service::identity::Identity::new(
-            &settings,
-            db.clone(),
-            cache.clone(),
-            invalidation.clone(),
-        )?;
-        let policy = crate::service::policy::PolicyEngine::new(db.clone(), &invalidation);
-        let accounts = crate::service::accounts::AccountsService::new(
-            db.clone(),
-            key_ring,
-            policy.clone(),
-            invalidation.clone(),
+        let (grpc_routes, health) = grpc::routes(&services)?;
+        let gateway = http::AppState::new(
+            services.clone(),
+            http::HttpConfig::from_settings(&settings),
+            shutdown.clone(),
         );
-        let audit_log = crate::service::audit_log::AuditLog::new(db.clone(), policy.clone());
-        let invitations =
-            crate::service::invitations::InvitationsService::new(db.clone(), accounts.clone());
-        let api_keys = crate::service::api_keys::ApiKeyService::new(
-            &settings,
-            db.clone(),
-            cache.clone(),
-            invalidation.clone(),
-            policy.clone(),
-            accounts.clone(),
-        );
-        let state = AppState(Arc::new(AppInner {
-            settings,
-            db,
-            cache,
-            shutdown: Shutdown::new(),
-            tasks: TaskTracker::new(),
-            identity,
-            policy,
-            accounts,
-            audit_log,
-            invalidation,
-            api_keys,
-            invitations,
-        }));
-        state
-            .invalidation
-            .start(state.shutdown.clone(), &state.tasks)
-            .await;
-        state
-            .invalidation
-            .start_pg(&state.db, state.shutdown.clone(), &state.tasks)
-            .await;
-        state.api_keys.usage_buffer().spawn_flusher(
-            state.db.clone(),
-            Duration::from_millis(state.settings.usage_log_flush_interval_ms),
-            state.shutdown.clone(),
-            &state.tasks,
-        );
-
-        let (grpc_routes, health) = grpc::routes(state.clone())?;
         let router = grpc_routes
             .into_axum_router()
-            .merge(http::routes(state.clone()))
+            .merge(http::routes(gateway))
             .fallback(http::fallback)
             .method_not_allowed_fallback(http::method_not_allowed)
             // Client networks are checked before any other work; the edge layer
             // outside it still puts the security headers on that refusal.
             .layer(axum::middleware::from_fn_with_state(
-                http::network::NetworkGuard::new(&state),
+                http::network::NetworkGuard::new(&settings),
                 http::network::guard,
             ))
             // Requests the grace period cannot finish answer 503 from here,
             // with the edge layer's headers.
             .layer(axum::middleware::from_fn(crate::server::cancel_at_deadline))
             .layer(axum::middleware::from_fn_with_state(
-                http::edge::EdgePolicy::new(&state.settings),
+                http::edge::EdgePolicy::new(&settings),
                 http::edge::edge,
             ))
             .layer(axum::middleware::from_fn(http::observe::observe));
@@ -161,7 +79,10 @@ impl App {
             listener,
             addr,
             router,
-            state,
+            settings,
+            services,
+            shutdown,
+            tasks,
             health,
         })
     }
@@ -174,13 +95,18 @@ impl App {
         self.addr
     }
 
-    pub fn state(&self) -> AppState {
-        self.state.clone()
+    /// The graph this server runs (tests call services directly).
+    pub fn services(&self) -> Services {
+        self.services.clone()
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Triggering it stops the server as SIGTERM does.
     pub fn shutdown(&self) -> Shutdown {
-        self.state.shutdown.clone()
+        self.shutdown.clone()
     }
 
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
@@ -188,32 +114,35 @@ impl App {
             listener,
             addr,
             router,
-            state,
+            settings,
+            services,
+            shutdown,
+            tasks,
             health,
         } = self;
-        let shutdown = state.shutdown.clone();
-        let grace = Duration::from_secs(state.settings.shutdown_grace_seconds);
+        let grace = Duration::from_secs(settings.shutdown_grace_seconds);
 
         // gRPC health follows the database: NOT_SERVING while it is unreachable.
-        health.set(state.db.ping().await).await;
+        health.set(services.probe.database().await).await;
         let watcher = {
-            let (state, health) = (state.clone(), health.clone());
+            let (probe, health, shutdown) =
+                (services.probe.clone(), health.clone(), shutdown.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
-                        _ = state.shutdown.wait() => break,
+                        _ = shutdown.wait() => break,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
-                    health.set(state.db.ping().await).await;
+                    health.set(probe.database().await).await;
                 }
             })
         };
 
         let fd_limit = crate::server::raise_fd_limit();
-        let limits = crate::server::Limits::from_settings(&state.settings, fd_limit);
+        let limits = crate::server::Limits::from_settings(&settings, fd_limit);
         tracing::info!(
             %addr,
-            environment = state.settings.app_env.as_str(),
+            environment = settings.app_env.as_str(),
             fd_limit,
             max_connections = limits.max_connections,
             header_read_timeout_s = limits.header_read_timeout.as_secs(),
@@ -240,25 +169,14 @@ impl App {
 
         // Buffered writes (usage logs …) flush now, within a small margin after
         // the grace period; the stores get a second each to close.
-        state.tasks.close();
-        if tokio::time::timeout_at(deadline + FLUSH_MARGIN, state.tasks.wait())
+        tasks.close();
+        if tokio::time::timeout_at(deadline + FLUSH_MARGIN, tasks.wait())
             .await
             .is_err()
         {
             tracing::error!("background tasks did not finish within the grace period");
         }
-        if tokio::time::timeout(STORE_CLOSE, state.cache.quit())
-            .await
-            .is_err()
-        {
-            tracing::warn!("redis did not close in time");
-        }
-        if tokio::time::timeout(STORE_CLOSE, state.db.close())
-            .await
-            .is_err()
-        {
-            tracing::warn!("database pool did not close in time");
-        }
+        services.close(STORE_CLOSE).await;
         tracing::info!("stopped");
         Ok(())
     }

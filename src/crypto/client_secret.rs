@@ -1,6 +1,6 @@
 //! The stored form of a service client's secret: `$sha256$` and the digest in
 //! hex. The secret is 256 random bits, so no guess list applies and a slow hash
-//! (argon2) would buy nothing (see `Identity::hash_secret`).
+//! (argon2) would buy nothing (see `service::service_clients`).
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;

@@ -5,20 +5,20 @@ use tonic::{Request, Response, Status};
 use super::convert_accounts::{
     account_to_proto, caller, credentials_to_proto, id, permission, request_meta,
 };
-use crate::app::AppState;
 use crate::proto::account_service_server::AccountService;
 use crate::proto::{
     CheckAccountAccessRequest, CheckAccountAccessResponse, GetBrokerCredentialsRequest,
     GetBrokerCredentialsResponse, GetTradingAccountRequest, GetTradingAccountResponse,
 };
+use crate::service::accounts::AccountsService;
 
 pub struct AccountApi {
-    state: AppState,
+    accounts: AccountsService,
 }
 
 impl AccountApi {
-    pub fn new(state: AppState) -> Self {
-        Self { state }
+    pub fn new(accounts: AccountsService) -> Self {
+        Self { accounts }
     }
 }
 
@@ -32,7 +32,6 @@ impl AccountService for AccountApi {
         let meta = request_meta(&req);
         let account_id = id(&req.get_ref().account_id, "account_id")?;
         let account = self
-            .state
             .accounts
             .account_for_service(&caller, &meta, account_id)
             .await?;
@@ -52,7 +51,6 @@ impl AccountService for AccountApi {
         let user_id = id(&r.user_id, "user_id")?;
         let account_id = id(&r.account_id, "account_id")?;
         let (decision, access) = self
-            .state
             .accounts
             .check_access(&caller, &meta, user_id, account_id, permission)
             .await?;
@@ -71,7 +69,6 @@ impl AccountService for AccountApi {
         let meta = request_meta(&req);
         let account_id = id(&req.get_ref().account_id, "account_id")?;
         let creds = self
-            .state
             .accounts
             .broker_credentials(&caller, &meta, account_id)
             .await?;

@@ -1,23 +1,25 @@
 //! AuthService adapter.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 use super::interceptor::require_scope;
 use super::user::user_to_proto;
-use crate::app::AppState;
 use crate::proto::auth_service_server::AuthService;
 use crate::proto::{VerifyApiKeyRequest, VerifyApiKeyResponse};
 use crate::proto::{VerifyReason, VerifyTokenRequest, VerifyTokenResponse};
-use crate::service::api_keys::{VerifiedKey, VerifyFailure, VerifyRequest};
-use crate::service::identity::{TokenRefusal, TokenVerification};
+use crate::service::api_keys::{ApiKeyService, VerifiedKey, VerifyFailure, VerifyRequest};
+use crate::service::sessions::{Sessions, TokenRefusal, TokenVerification};
 
 pub struct AuthApi {
-    state: AppState,
+    sessions: Arc<Sessions>,
+    api_keys: Arc<ApiKeyService>,
 }
 
 impl AuthApi {
-    pub fn new(state: AppState) -> Self {
-        Self { state }
+    pub fn new(sessions: Arc<Sessions>, api_keys: Arc<ApiKeyService>) -> Self {
+        Self { sessions, api_keys }
     }
 }
 
@@ -59,7 +61,6 @@ impl AuthService for AuthApi {
             trading_account_id,
         };
         let answer = self
-            .state
             .api_keys
             .verify(&r.api_key, &verify, "grpc:VerifyApiKey")
             .await?;
@@ -79,8 +80,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<VerifyTokenResponse>, Status> {
         let caller = require_scope(&req, "auth:verify")?;
         let answer = self
-            .state
-            .identity
+            .sessions
             .verify_token(caller, &req.get_ref().token)
             .await?;
         Ok(Response::new(match answer {

@@ -5,13 +5,15 @@
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::app::AppState;
+use std::sync::Arc;
+
+use crate::service::service_clients::ServiceClients;
 use crate::service::Caller;
 
 /// Refuses a call without a valid service token (UNAUTHENTICATED). Repeat tokens
 /// are served from an in-process cache, so the cost per call is a hash.
 #[derive(Clone)]
-pub struct ServiceAuth(pub AppState);
+pub struct ServiceAuth(pub Arc<ServiceClients>);
 
 impl Interceptor for ServiceAuth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
@@ -25,8 +27,7 @@ impl Interceptor for ServiceAuth {
             .ok_or_else(|| Status::unauthenticated("missing service token"))?;
         let caller = self
             .0
-            .identity
-            .verify_service_token(token)
+            .verify_token(token)
             .map_err(|_| Status::unauthenticated("invalid service token"))?;
         req.extensions_mut().insert(caller);
         Ok(req)

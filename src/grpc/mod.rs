@@ -17,10 +17,10 @@ use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::app::AppState;
 use crate::proto::account_service_server::AccountServiceServer;
 use crate::proto::auth_service_server::AuthServiceServer;
 use crate::proto::user_service_server::UserServiceServer;
+use crate::service::Services;
 
 /// Fully-qualified names of our services, as health and reflection report them.
 pub const SERVICE_NAMES: [&str; 3] = [
@@ -82,8 +82,9 @@ impl Health {
     }
 }
 
-/// Our three services plus health and reflection (v1 and v1alpha).
-pub fn routes(state: AppState) -> anyhow::Result<(Routes, Health)> {
+/// Our three services plus health and reflection (v1 and v1alpha); each adapter
+/// gets the services it calls, the interceptor the service-token verifier.
+pub fn routes(services: &Services) -> anyhow::Result<(Routes, Health)> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -94,22 +95,27 @@ pub fn routes(state: AppState) -> anyhow::Result<(Routes, Health)> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let auth = interceptor::ServiceAuth(services.service_clients.clone());
     let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         // Every method of our services needs a service token; health and
         // reflection above need none.
         .add_service(AuthServiceServer::with_interceptor(
-            auth::AuthApi::new(state.clone()),
-            interceptor::ServiceAuth(state.clone()),
+            auth::AuthApi::new(services.sessions.clone(), services.api_keys.clone()),
+            auth.clone(),
         ))
         .add_service(UserServiceServer::with_interceptor(
-            user::UserApi::new(state.clone()),
-            interceptor::ServiceAuth(state.clone()),
+            user::UserApi::new(
+                services.users.clone(),
+                services.accounts.clone(),
+                services.policy.clone(),
+            ),
+            auth.clone(),
         ))
         .add_service(AccountServiceServer::with_interceptor(
-            account::AccountApi::new(state.clone()),
-            interceptor::ServiceAuth(state),
+            account::AccountApi::new(services.accounts.clone()),
+            auth,
         ));
     Ok((routes, Health { reporter }))
 }

@@ -1,23 +1,33 @@
 //! UserService adapter.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 use super::interceptor::require_scope;
-use crate::app::AppState;
 use crate::proto::user_service_server::UserService;
 use crate::proto::{
     CheckPermissionRequest, CheckPermissionResponse, ListUserAccountsRequest,
     ListUserAccountsResponse,
 };
 use crate::proto::{GetUserRequest, GetUserResponse};
+use crate::service::accounts::AccountsService;
+use crate::service::policy::PolicyEngine;
+use crate::service::users::Users;
 
 pub struct UserApi {
-    state: AppState,
+    users: Arc<Users>,
+    accounts: AccountsService,
+    policy: PolicyEngine,
 }
 
 impl UserApi {
-    pub fn new(state: AppState) -> Self {
-        Self { state }
+    pub fn new(users: Arc<Users>, accounts: AccountsService, policy: PolicyEngine) -> Self {
+        Self {
+            users,
+            accounts,
+            policy,
+        }
     }
 }
 
@@ -49,7 +59,7 @@ impl UserService for UserApi {
     ) -> Result<Response<GetUserResponse>, Status> {
         let caller = require_scope(&req, "users:read")?;
         let id = super::convert_accounts::id(&req.get_ref().user_id, "user_id")?;
-        let user = self.state.identity.get_user(caller, id).await?;
+        let user = self.users.get_user(caller, id).await?;
         Ok(Response::new(GetUserResponse {
             user: Some(user_to_proto(&user)),
         }))
@@ -63,7 +73,6 @@ impl UserService for UserApi {
         let meta = super::convert_accounts::request_meta(&req);
         let user_id = super::convert_accounts::id(&req.get_ref().user_id, "user_id")?;
         let accounts = self
-            .state
             .accounts
             .accounts_for_service(&caller, &meta, user_id)
             .await?;
@@ -83,7 +92,6 @@ impl UserService for UserApi {
         let meta = super::convert_accounts::request_meta(&req);
         let r = req.get_ref();
         let decision = self
-            .state
             .policy
             .check_permission_for(&caller, &meta, &r.subject, &r.action, &r.resource)
             .await?;

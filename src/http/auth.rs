@@ -6,8 +6,7 @@ use axum::http::header::{AUTHORIZATION, COOKIE};
 use axum::http::request::Parts;
 use axum::http::HeaderValue;
 
-use super::AppState;
-use crate::config::Settings;
+use super::{AppState, CookieConfig};
 use crate::service::{Caller, ServiceError};
 
 /// An authenticated caller; a missing or bad credential is 401 `invalid_token`
@@ -26,7 +25,7 @@ impl FromRequestParts<AppState> for Authenticated {
         if let Some(value) = parts.headers.get("x-api-key") {
             let key = value.to_str().map_err(|_| ServiceError::InvalidToken)?;
             // Only the address: the rest of the request's metadata is not needed.
-            let ip = super::extract::client_ip(parts, &state.settings.trusted_proxies);
+            let ip = super::extract::client_ip(parts, &state.config.trusted_proxies);
             let route = parts
                 .extensions
                 .get::<axum::extract::MatchedPath>()
@@ -42,12 +41,12 @@ impl FromRequestParts<AppState> for Authenticated {
 
         if let Some(value) = parts.headers.get(AUTHORIZATION) {
             let token = bearer_token(value).ok_or(ServiceError::InvalidToken)?;
-            let grant = state.identity.verify_access_token(token).await??;
+            let grant = state.sessions.verify_access_token(token).await??;
             return Ok(Authenticated(grant.caller()));
         }
-        if let Some(cookie) = cookie_value(parts, state.settings.session_cookie_name()) {
+        if let Some(cookie) = cookie_value(parts, state.config.cookie.name) {
             return state
-                .identity
+                .sessions
                 .verify_session_cookie(&cookie)
                 .await
                 .map(Authenticated);
@@ -80,21 +79,18 @@ pub fn cookie_value(parts: &Parts, name: &str) -> Option<String> {
 
 /// `Set-Cookie` for the session: HttpOnly always, Secure and SameSite from the
 /// environment's settings, host-only (`__Host-` prefix when Secure), Path=/.
-pub fn session_cookie(settings: &Settings, value: &str, max_age_secs: u64) -> HeaderValue {
+pub fn session_cookie(cookie: &CookieConfig, value: &str, max_age_secs: u64) -> HeaderValue {
     let mut c = format!(
         "{}={}; Path=/; HttpOnly; SameSite={}; Max-Age={}",
-        settings.session_cookie_name(),
-        value,
-        settings.session_cookie_samesite.as_str(),
-        max_age_secs
+        cookie.name, value, cookie.same_site, max_age_secs
     );
-    if settings.session_cookie_secure {
+    if cookie.secure {
         c.push_str("; Secure");
     }
     HeaderValue::from_str(&c).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// Expires the session cookie.
-pub fn clear_session_cookie(settings: &Settings) -> HeaderValue {
-    session_cookie(settings, "", 0)
+pub fn clear_session_cookie(cookie: &CookieConfig) -> HeaderValue {
+    session_cookie(cookie, "", 0)
 }

@@ -1,4 +1,5 @@
-//! /v1/auth/* and the JWKS document: translate wire bodies, call `Identity`.
+//! /v1/auth/* and the JWKS document: translate wire bodies, call the users,
+//! login, sessions and service-clients services.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
@@ -14,7 +15,8 @@ use super::extract::{Json, Meta};
 use super::problem::Problem;
 use super::AppState;
 use crate::domain::user::User;
-use crate::service::auth::{LoginTokens, RegisterInput};
+use crate::service::sessions::LoginTokens;
+use crate::service::users::RegisterInput;
 use crate::service::{FieldError, ServiceError};
 
 pub fn routes() -> Router<AppState> {
@@ -54,7 +56,7 @@ async fn register(
     Json(body): Json<RegisterBody>,
 ) -> Result<(StatusCode, axum::Json<User>), ServiceError> {
     let user = state
-        .identity
+        .users
         .register(
             &meta,
             RegisterInput {
@@ -87,11 +89,8 @@ struct TokenPair {
 
 /// The login-shaped body plus the session cookie; never cached.
 fn token_response(state: &AppState, t: LoginTokens) -> Response {
-    let cookie = session_cookie(
-        &state.settings,
-        &t.refresh_token,
-        state.settings.refresh_token_ttl_seconds,
-    );
+    let cookie = &state.config.cookie;
+    let cookie = session_cookie(cookie, &t.refresh_token, cookie.max_age_secs);
     let mut res = axum::Json(TokenPair {
         access_token: t.access_token,
         refresh_token: t.refresh_token,
@@ -123,10 +122,7 @@ async fn login(
     Meta(meta): Meta,
     Json(body): Json<LoginBody>,
 ) -> Result<Response, ServiceError> {
-    let tokens = state
-        .identity
-        .login(&meta, &body.email, body.password)
-        .await?;
+    let tokens = state.login.login(&meta, &body.email, body.password).await?;
     Ok(token_response(&state, tokens))
 }
 
@@ -165,12 +161,11 @@ async fn refresh(
             )
         })?;
     let token = if bytes.iter().all(u8::is_ascii_whitespace) {
-        cookie_value(&parts, state.settings.session_cookie_name())
-            .ok_or(ServiceError::InvalidToken)?
+        cookie_value(&parts, state.config.cookie.name).ok_or(ServiceError::InvalidToken)?
     } else {
         super::extract::parse_json::<RefreshBody>(&bytes)?.refresh_token
     };
-    let tokens = state.identity.refresh(&meta, &token).await?;
+    let tokens = state.sessions.refresh(&meta, &token).await?;
     Ok(token_response(&state, tokens))
 }
 
@@ -187,10 +182,10 @@ async fn logout(
     Meta(meta): Meta,
     Authenticated(caller): Authenticated,
 ) -> Result<Response, ServiceError> {
-    state.identity.logout(&caller, &meta).await?;
+    state.sessions.logout(&caller, &meta).await?;
     let mut res = StatusCode::NO_CONTENT.into_response();
     res.headers_mut()
-        .insert(SET_COOKIE, clear_session_cookie(&state.settings));
+        .insert(SET_COOKIE, clear_session_cookie(&state.config.cookie));
     Ok(res)
 }
 
@@ -253,8 +248,8 @@ async fn token(State(state): State<AppState>, req: Request) -> Result<Response, 
         )]));
     }
     let t = state
-        .identity
-        .issue_service_token(&body.client_id, body.client_secret)
+        .service_clients
+        .issue_token(&body.client_id, body.client_secret)
         .await?;
     let mut res = axum::Json(ServiceTokenBody {
         access_token: t.access_token,
@@ -289,5 +284,5 @@ async fn jwks(State(state): State<AppState>) -> impl IntoResponse {
         CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=300"),
     );
-    (headers, axum::Json(state.identity.jwks().clone()))
+    (headers, axum::Json(state.sessions.jwks().clone()))
 }

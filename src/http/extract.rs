@@ -266,7 +266,7 @@ impl FromRequestParts<AppState> for Meta {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        Ok(Meta(request_meta(parts, &state.settings.trusted_proxies)))
+        Ok(Meta(request_meta(parts, &state.config.trusted_proxies)))
     }
 }
 

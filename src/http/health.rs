@@ -74,7 +74,8 @@ fn word(ok: bool) -> &'static str {
     )
 )]
 pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
-    let (db_ok, redis_ok) = tokio::join!(state.db.ping(), state.cache.ping());
+    let checked = state.probe.check().await;
+    let (db_ok, redis_ok) = (checked.database, checked.redis);
     let draining = state.shutdown.is_triggered();
     let (code, status) = match (db_ok && !draining, redis_ok) {
         (true, true) => (StatusCode::OK, "ok"),
@@ -85,7 +86,7 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
         code,
         Json(Health {
             status,
-            environment: state.settings.app_env.as_str(),
+            environment: state.config.environment.as_str(),
             version: env!("CARGO_PKG_VERSION"),
             checks: Checks {
                 database: word(db_ok),

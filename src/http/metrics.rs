@@ -40,11 +40,11 @@ pub async fn metrics(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if !allowed(
-        state.settings.app_env,
+        state.config.environment,
         peer.ip(),
         forwarded,
         bearer,
-        state.settings.metrics_token.as_ref(),
+        state.config.metrics_token.as_ref(),
     ) {
         // 404, not 403: outside callers should not learn the endpoint exists.
         return Problem::not_found().into_response();
@@ -96,19 +96,19 @@ fn is_loopback(ip: IpAddr) -> bool {
 
 /// Pool occupancy and store reachability, sampled now so a scrape sees the present.
 async fn record_store_gauges(state: &AppState) {
-    let pool = state.db.pool_stats();
+    let pool = state.probe.pool();
     metrics::gauge!("db_pool_connections", "state" => "idle").set(pool.idle as f64);
     metrics::gauge!("db_pool_connections", "state" => "in_use")
         .set(pool.size.saturating_sub(pool.idle) as f64);
     metrics::gauge!("db_pool_max_connections").set(pool.max as f64);
-    let (db_up, redis_up) = tokio::join!(state.db.ping(), state.cache.ping());
-    metrics::gauge!("database_up").set(if db_up { 1.0 } else { 0.0 });
-    metrics::gauge!("redis_up").set(if redis_up { 1.0 } else { 0.0 });
+    let up = state.probe.check().await;
+    metrics::gauge!("database_up").set(if up.database { 1.0 } else { 0.0 });
+    metrics::gauge!("redis_up").set(if up.redis { 1.0 } else { 0.0 });
     metrics::gauge!("api_key_usage_buffer_depth").set(state.api_keys.usage_buffer().depth() as f64);
     metrics::gauge!(
         "user_service_build_info",
         "version" => env!("CARGO_PKG_VERSION"),
-        "environment" => state.settings.app_env.as_str()
+        "environment" => state.config.environment.as_str()
     )
     .set(1.0);
 }

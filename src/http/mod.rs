@@ -18,14 +18,84 @@ pub mod openapi;
 pub mod problem;
 pub mod users;
 
+use std::ops::Deref;
+use std::sync::Arc;
+
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use secrecy::SecretString;
 
-pub use crate::app::AppState;
+use crate::config::{Environment, Settings};
+use crate::domain::network::IpNetworks;
+use crate::service::Services;
+use crate::shutdown::Shutdown;
 use problem::Problem;
+
+/// What the gateway's handlers reach: the services (through `Deref`), the
+/// settings the gateway itself answers with, and the shutdown signal (health
+/// says `unavailable` while draining). No store: health and metrics read the
+/// services' probe. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    services: Arc<Services>,
+    pub config: Arc<HttpConfig>,
+    pub shutdown: Shutdown,
+}
+
+impl AppState {
+    pub fn new(services: Services, config: HttpConfig, shutdown: Shutdown) -> Self {
+        Self {
+            services: Arc::new(services),
+            config: Arc::new(config),
+            shutdown,
+        }
+    }
+}
+
+impl Deref for AppState {
+    type Target = Services;
+    fn deref(&self) -> &Services {
+        &self.services
+    }
+}
+
+/// The settings the gateway answers with, read once at start.
+pub struct HttpConfig {
+    pub environment: Environment,
+    /// Whose X-Forwarded-For is believed (client IPs for audit rows and limits).
+    pub trusted_proxies: IpNetworks,
+    pub cookie: CookieConfig,
+    /// Opens /metrics to remote scrapers that present it.
+    pub metrics_token: Option<SecretString>,
+}
+
+/// The session cookie: its name, attributes and lifetime.
+pub struct CookieConfig {
+    pub name: &'static str,
+    pub same_site: &'static str,
+    pub secure: bool,
+    /// REFRESH_TOKEN_TTL_SECONDS: the cookie holds the refresh token.
+    pub max_age_secs: u64,
+}
+
+impl HttpConfig {
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            environment: settings.app_env,
+            trusted_proxies: settings.trusted_proxies.clone(),
+            cookie: CookieConfig {
+                name: settings.session_cookie_name(),
+                same_site: settings.session_cookie_samesite.as_str(),
+                secure: settings.session_cookie_secure,
+                max_age_secs: settings.refresh_token_ttl_seconds,
+            },
+            metrics_token: settings.metrics_token.clone(),
+        }
+    }
+}
 
 /// Request bodies over 1 MiB are refused with 413.
 pub const BODY_LIMIT: usize = 1024 * 1024;

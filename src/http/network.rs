@@ -8,7 +8,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::problem::Problem;
-use super::AppState;
+use crate::config::Settings;
 use crate::domain::network::IpNetworks;
 
 /// The client networks in force, parsed once.
@@ -19,10 +19,10 @@ pub struct NetworkGuard {
 }
 
 impl NetworkGuard {
-    pub fn new(state: &AppState) -> Self {
+    pub fn new(settings: &Settings) -> Self {
         Self {
-            allowed: state.settings.allowed_client_networks(),
-            trusted_proxies: state.settings.trusted_proxies.clone(),
+            allowed: settings.allowed_client_networks(),
+            trusted_proxies: settings.trusted_proxies.clone(),
         }
     }
 }

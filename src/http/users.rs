@@ -1,4 +1,5 @@
-//! /v1/users/me* and /v1/admin/users*: translate, call `Identity`.
+//! /v1/users/me* and /v1/admin/users*: translate, call `Users` (own sessions:
+//! `Sessions`).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -13,7 +14,8 @@ use super::extract::{Json, Meta, Path, Query};
 use super::problem::Problem;
 use super::AppState;
 use crate::domain::user::User;
-use crate::service::users::{Page, SessionView, UserChange, UserFilter};
+use crate::service::sessions::SessionView;
+use crate::service::users::{Page, UserChange, UserFilter};
 use crate::service::ServiceError;
 
 pub fn routes() -> Router<AppState> {
@@ -38,7 +40,7 @@ async fn me(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
 ) -> Result<axum::response::Response, ServiceError> {
-    let user = state.identity.me(&caller).await?;
+    let user = state.users.me(&caller).await?;
     Ok(axum::Json(&*user).into_response())
 }
 
@@ -68,7 +70,7 @@ async fn update_me(
 ) -> Result<axum::Json<User>, ServiceError> {
     Ok(axum::Json(
         state
-            .identity
+            .users
             .update_me(&caller, &meta, body.full_name)
             .await?,
     ))
@@ -97,7 +99,7 @@ async fn change_password(
     Json(body): Json<ChangePassword>,
 ) -> Result<StatusCode, ServiceError> {
     state
-        .identity
+        .users
         .change_password(&caller, &meta, body.current_password, body.new_password)
         .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -115,7 +117,7 @@ async fn list_sessions(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
 ) -> Result<axum::Json<Page<SessionView>>, ServiceError> {
-    Ok(axum::Json(state.identity.list_sessions(&caller).await?))
+    Ok(axum::Json(state.sessions.list(&caller).await?))
 }
 
 /// Ends one of the caller's sessions.
@@ -133,7 +135,7 @@ async fn end_session(
     Authenticated(caller): Authenticated,
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ServiceError> {
-    state.identity.end_session(&caller, &meta, id).await?;
+    state.sessions.end(&caller, &meta, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -171,7 +173,7 @@ async fn admin_list_users(
 ) -> Result<axum::Json<Page<User>>, ServiceError> {
     Ok(axum::Json(
         state
-            .identity
+            .users
             .admin_list_users(
                 &caller,
                 UserFilter {
@@ -215,7 +217,7 @@ async fn admin_update_user(
 ) -> Result<axum::Json<User>, ServiceError> {
     Ok(axum::Json(
         state
-            .identity
+            .users
             .admin_update_user(
                 &caller,
                 &meta,

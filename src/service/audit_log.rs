@@ -26,6 +26,11 @@ impl AuditLog {
         Self { db, policy }
     }
 
+    /// `admin verify-audit-chain`: see `verify_chain`.
+    pub async fn verify_chain(&self) -> Result<ChainReport, StoreError> {
+        verify_chain(&self.db).await
+    }
+
     pub async fn list(
         &self,
         caller: &Caller,

@@ -7,19 +7,26 @@ pub mod api_key_usage;
 pub mod api_keys;
 pub mod audit;
 pub mod audit_log;
-pub mod auth;
-pub mod identity;
+mod graph;
 pub mod invalidation;
 pub mod invitations;
+pub mod lockout;
+pub mod login;
 pub mod paging;
 pub mod policy;
+pub mod service_clients;
+pub mod sessions;
 pub mod swr;
+pub mod throttle;
 pub mod users;
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
+
+pub use graph::Services;
 
 /// Field-level validation failures are a domain notion (the domain's parsers
 /// produce them); re-exported here, where every use case reports them.
@@ -154,6 +161,23 @@ impl Caller {
         }
     }
 
+    /// A user acting through their own session (not an API key, not a
+    /// service): (user id, session id).
+    pub fn session_user(&self) -> ServiceResult<(Uuid, Option<Uuid>)> {
+        match self {
+            Caller::User {
+                user_id,
+                session_id,
+                key: None,
+                ..
+            } => Ok((*user_id, *session_id)),
+            Caller::User { key: Some(_), .. } => Err(ServiceError::Forbidden(
+                "this needs a login session, not an API key".into(),
+            )),
+            Caller::ServiceClient { .. } => Err(ServiceError::Forbidden("users only".into())),
+        }
+    }
+
     /// An API-key caller may only use what its key's scopes allow; a session
     /// caller is limited by its roles (checked by the policy engine).
     pub fn key_allows_scope(&self, scope: &str) -> bool {
@@ -163,6 +187,23 @@ impl Caller {
             Caller::ServiceClient { scopes, .. } => scopes.iter().any(|s| s == scope),
         }
     }
+}
+
+/// Seconds since the epoch (token expiry checks).
+pub(crate) fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A new opaque secret (refresh tokens, client secrets): 256 random bits,
+/// base64url.
+pub(crate) fn random_token() -> String {
+    use base64::Engine as _;
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 
 #[cfg(test)]

@@ -1,32 +1,27 @@
-//! Profiles, own sessions, password change and user administration.
+//! Users: sign-up and operator-created users, profiles, password change and
+//! user administration.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use secrecy::SecretString;
 use serde::Serialize;
 use uuid::Uuid;
 
 use super::audit::{AuditEntry, Outcome};
-use super::auth::Checked;
-use super::identity::{Identity, SessionState};
+use super::invalidation::{Change, Invalidation};
+use super::lockout::{Checked, Lockout};
 use super::paging;
+use super::sessions::Sessions;
+use super::throttle::Throttle;
 use super::{Caller, FieldError, RequestMeta, ServiceError, ServiceResult};
+use crate::config::Settings;
+use crate::crypto::password::PasswordHasher;
 use crate::domain::email::Email;
 use crate::domain::password::Password;
 use crate::domain::user::{User, ROLES};
-use crate::store::{sessions, users};
-
-/// One of the caller's sessions.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct SessionView {
-    pub id: Uuid,
-    pub created_at: DateTime<Utc>,
-    pub last_seen_at: DateTime<Utc>,
-    pub ip: Option<String>,
-    pub user_agent: Option<String>,
-    /// The session this request was made with.
-    pub current: bool,
-}
+use crate::store::{sessions, users, Db};
 
 /// A page of a list: `{"items": [...], "next_cursor": null | "…"}`.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -65,20 +60,41 @@ fn decode_cursor(c: &str) -> ServiceResult<(DateTime<Utc>, Uuid)> {
     Ok((at, id.parse().map_err(|_| bad())?))
 }
 
-/// A user acting through their own session (not an API key, not a service).
-fn session_user(caller: &Caller) -> ServiceResult<(Uuid, Option<Uuid>)> {
-    match caller {
-        Caller::User {
-            user_id,
-            session_id,
-            key: None,
-            ..
-        } => Ok((*user_id, *session_id)),
-        Caller::User { key: Some(_), .. } => Err(ServiceError::Forbidden(
-            "this needs a login session, not an API key".into(),
-        )),
-        Caller::ServiceClient { .. } => Err(ServiceError::Forbidden("users only".into())),
+pub(crate) fn password_error(e: crate::domain::password::PasswordError) -> ServiceError {
+    ServiceError::Validation(vec![FieldError::new("password", e.code, e.message)])
+}
+
+fn full_name_of(raw: &str) -> ServiceResult<String> {
+    let s = raw.trim();
+    let n = s.chars().count();
+    if n == 0 || n > 200 {
+        return Err(ServiceError::validation(
+            "full_name",
+            "invalid_length",
+            "full_name must be 1 to 200 characters",
+        ));
     }
+    if s.chars().any(char::is_control) {
+        return Err(ServiceError::validation(
+            "full_name",
+            "invalid",
+            "full_name must not contain control characters",
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// Who creates a user: the user signing up, or an operator at the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CreatedBy {
+    SignUp,
+    Operator,
+}
+
+pub struct RegisterInput {
+    pub email: String,
+    pub password: String,
+    pub full_name: String,
 }
 
 /// The scope an API key needs to edit its owner's profile (migration
@@ -93,12 +109,186 @@ fn require_admin(caller: &Caller) -> ServiceResult<()> {
     }
 }
 
-impl Identity {
+pub struct Users {
+    db: Db,
+    hasher: PasswordHasher,
+    sessions: Arc<Sessions>,
+    /// The current-password check of a password change counts against the
+    /// same lockout as login.
+    lockout: Arc<Lockout>,
+    throttle: Arc<Throttle>,
+    /// Tells every replica's caches (API keys, policies …) that a user changed.
+    invalidation: Invalidation,
+    /// PASSWORD_MIN_LENGTH, REGISTRATION_ENABLED, REGISTER_IP_MAX_PER_HOUR.
+    password_min_length: usize,
+    registration_enabled: bool,
+    register_ip_max_per_hour: u32,
+}
+
+impl Users {
+    pub fn new(
+        settings: &Settings,
+        db: Db,
+        hasher: PasswordHasher,
+        sessions: Arc<Sessions>,
+        lockout: Arc<Lockout>,
+        throttle: Arc<Throttle>,
+        invalidation: Invalidation,
+    ) -> Self {
+        Self {
+            db,
+            hasher,
+            sessions,
+            lockout,
+            throttle,
+            invalidation,
+            password_min_length: settings.password_min_length,
+            registration_enabled: settings.registration_enabled(),
+            register_ip_max_per_hour: settings.register_ip_max_per_hour,
+        }
+    }
+
+    fn parse_new_password(
+        &self,
+        raw: String,
+        email: &Email,
+        full_name: &str,
+    ) -> ServiceResult<Password> {
+        let inputs: Vec<&str> = full_name.split_whitespace().collect();
+        Password::new_for(raw, self.password_min_length, email, &inputs).map_err(password_error)
+    }
+
+    /// Self sign-up: a new active user with role `user`.
+    #[tracing::instrument(skip_all)]
+    pub async fn register(&self, meta: &RequestMeta, input: RegisterInput) -> ServiceResult<User> {
+        if !self.registration_enabled {
+            return Err(ServiceError::Forbidden("self sign-up is disabled".into()));
+        }
+        let per_hour = self.register_ip_max_per_hour;
+        self.throttle
+            .per_ip(meta, "register", per_hour, Duration::from_secs(3600))
+            .await?;
+        let mut errors = Vec::new();
+        let email = Email::parse(&input.email)
+            .map_err(|m| errors.push(FieldError::new("email", "invalid", m)))
+            .ok();
+        let name = full_name_of(&input.full_name)
+            .map_err(|e| {
+                if let ServiceError::Validation(v) = e {
+                    errors.extend(v)
+                }
+            })
+            .ok();
+        let password = match &email {
+            Some(email) => self
+                .parse_new_password(input.password, email, name.as_deref().unwrap_or(""))
+                .map_err(|e| {
+                    if let ServiceError::Validation(v) = e {
+                        errors.extend(v)
+                    }
+                })
+                .ok(),
+            None => None,
+        };
+        let (Some(email), Some(name), Some(password)) = (email, name, password) else {
+            return Err(ServiceError::Validation(errors));
+        };
+        self.create(
+            meta,
+            CreatedBy::SignUp,
+            &email,
+            &name,
+            password.into_secret(),
+            &["user".into()],
+        )
+        .await
+    }
+
+    /// `admin create-user`: an operator creates a user (the first admin) under the
+    /// same email and password rules as sign-up.
+    #[tracing::instrument(skip_all)]
+    pub async fn create_by_operator(
+        &self,
+        email: &str,
+        full_name: &str,
+        password: String,
+        roles: &[String],
+    ) -> ServiceResult<User> {
+        let email =
+            Email::parse(email).map_err(|m| ServiceError::validation("email", "invalid", m))?;
+        let name = full_name_of(full_name)?;
+        let password = self.parse_new_password(password, &email, &name)?;
+        let mut roles = if roles.is_empty() {
+            vec!["user".to_string()]
+        } else {
+            roles.to_vec()
+        };
+        roles.sort();
+        roles.dedup();
+        if let Some(bad) = roles
+            .iter()
+            .find(|r| !crate::domain::user::ROLES.contains(&r.as_str()))
+        {
+            return Err(ServiceError::validation(
+                "role",
+                "unknown_role",
+                format!("unknown role {bad}"),
+            ));
+        }
+        self.create(
+            &RequestMeta::default(),
+            CreatedBy::Operator,
+            &email,
+            &name,
+            password.into_secret(),
+            &roles,
+        )
+        .await
+    }
+
+    /// Creates a user (sign-up or operator) with its audit row in one transaction.
+    async fn create(
+        &self,
+        meta: &RequestMeta,
+        by: CreatedBy,
+        email: &Email,
+        name: &str,
+        password: SecretString,
+        roles: &[String],
+    ) -> ServiceResult<User> {
+        let hash = self
+            .hasher
+            .hash(password)
+            .await
+            .map_err(ServiceError::hashing)?;
+        let id = Uuid::now_v7();
+        let mut tx = self.db.begin().await?;
+        let user = users::insert(&mut tx, id, email.as_str(), name, &hash, roles)
+            .await?
+            .into_user();
+        let action = match by {
+            CreatedBy::SignUp => "auth.register",
+            CreatedBy::Operator => "user.created",
+        };
+        let entry = AuditEntry::new(action, Outcome::Success)
+            .target("user", id)
+            .meta(meta)
+            .details(serde_json::json!({ "roles": roles }));
+        let entry = match by {
+            CreatedBy::SignUp => entry.actor("user", id),
+            CreatedBy::Operator => entry.actor("system", "cli"),
+        };
+        tx.audit(&entry).await?;
+        tx.commit().await?;
+        Ok(user)
+    }
+
     /// The caller's own profile.
     /// Shared with the profile cache: a hit copies nothing.
     pub async fn me(&self, caller: &Caller) -> ServiceResult<Arc<User>> {
         let id = caller.user_id().ok_or(ServiceError::InvalidToken)?;
-        self.cached_user(id)
+        self.sessions
+            .user(id)
             .await?
             .ok_or(ServiceError::InvalidToken)
     }
@@ -132,7 +322,7 @@ impl Identity {
         let Some(raw) = full_name else {
             return Ok(User::clone(&*self.me(caller).await?));
         };
-        let name = Self::parse_full_name(&raw)?;
+        let name = full_name_of(&raw)?;
         let mut tx = self.db.begin().await?;
         users::set_full_name(&mut tx, id, &name).await?;
         tx.audit(
@@ -150,9 +340,7 @@ impl Identity {
         tx.commit().await?;
         // A new name: copies refresh, nothing the user may do changed, so the
         // user's cached API keys stay.
-        self.invalidation
-            .publish(super::invalidation::Change::Profile(id))
-            .await;
+        self.invalidation.publish(Change::Profile(id)).await;
         Ok(user)
     }
 
@@ -166,7 +354,7 @@ impl Identity {
         current_password: String,
         new_password: String,
     ) -> ServiceResult<()> {
-        let (user_id, current_session) = session_user(caller)?;
+        let (user_id, current_session) = caller.session_user()?;
         let current = Password::candidate(current_password)
             .map_err(|e| ServiceError::validation("current_password", e.code, e.message))?;
         let record = users::get(&self.db, user_id)
@@ -183,7 +371,8 @@ impl Identity {
             .meta(meta)
             .details(serde_json::json!({ "reason": "wrong_password" }));
         let checked = self
-            .check_password_guarded(
+            .lockout
+            .check_password(
                 meta,
                 user_id,
                 record.password_hash.clone(),
@@ -218,68 +407,8 @@ impl Identity {
         )
         .await?;
         tx.commit().await?;
-        for sid in ended {
-            self.cache_session(
-                sid,
-                &SessionState::Revoked {
-                    reason: "password_changed".into(),
-                },
-            )
-            .await;
-        }
+        self.sessions.ended(&ended, "password_changed").await;
         // The other sessions ended above; nothing cached about the user changed.
-        Ok(())
-    }
-
-    /// The caller's live sessions, newest first.
-    pub async fn list_sessions(&self, caller: &Caller) -> ServiceResult<Page<SessionView>> {
-        let (user_id, current) = session_user(caller)?;
-        let items = sessions::list_live(&self.db, user_id)
-            .await?
-            .into_iter()
-            .map(|s| SessionView {
-                current: Some(s.id) == current,
-                id: s.id,
-                created_at: s.created_at,
-                last_seen_at: s.last_seen_at,
-                ip: s.ip,
-                user_agent: s.user_agent,
-            })
-            .collect();
-        Ok(Page {
-            items,
-            next_cursor: None,
-        })
-    }
-
-    /// Ends one of the caller's own sessions; another user's is "not found".
-    pub async fn end_session(
-        &self,
-        caller: &Caller,
-        meta: &RequestMeta,
-        sid: Uuid,
-    ) -> ServiceResult<()> {
-        let (user_id, _) = session_user(caller)?;
-        let mut tx = self.db.begin().await?;
-        if !sessions::live_of_user_for_update(&mut tx, sid, user_id).await? {
-            return Err(ServiceError::NotFound("session"));
-        }
-        sessions::revoke(&mut tx, sid, "ended").await?;
-        tx.audit(
-            &AuditEntry::new("session.ended", Outcome::Success)
-                .by(caller)
-                .target("session", sid)
-                .meta(meta),
-        )
-        .await?;
-        tx.commit().await?;
-        self.cache_session(
-            sid,
-            &SessionState::Revoked {
-                reason: "ended".into(),
-            },
-        )
-        .await;
         Ok(())
     }
 
@@ -413,18 +542,10 @@ impl Identity {
             .into_user();
         tx.commit().await?;
 
-        for sid in &ended {
-            self.cache_session(
-                *sid,
-                &SessionState::Revoked {
-                    reason: "user_disabled".into(),
-                },
-            )
-            .await;
-        }
+        self.sessions.ended(&ended, "user_disabled").await;
         if !details.is_empty() {
             // Cached session roles and other replicas' API-key caches.
-            self.forget_user_sessions(id).await?;
+            self.sessions.forget_user_sessions(id).await?;
             self.invalidation.user_changed(id).await;
         }
         Ok(user)

@@ -10,6 +10,7 @@ pub mod db;
 pub mod invitations;
 pub mod login_failures;
 pub mod policies;
+pub mod probe;
 pub mod redis;
 pub mod service_clients;
 pub mod session_cache;
@@ -17,6 +18,7 @@ pub mod sessions;
 pub mod users;
 
 pub use db::{Db, Tx};
+pub use probe::{HealthProbe, StoreHealth};
 pub use redis::Cache;
 pub use session_cache::SessionCache;
 

@@ -1052,7 +1052,7 @@ async fn reencryption_moves_every_value_to_the_new_key() {
     );
     let rotated = TestApp::spawn_vars(vars.clone()).await;
     let summary = rotated
-        .state
+        .services
         .accounts
         .reencrypt_credentials()
         .await
@@ -1063,7 +1063,7 @@ async fn reencryption_moves_every_value_to_the_new_key() {
     assert!(summary.failed.is_empty());
     // Safe to run again: nothing left to move.
     let again = rotated
-        .state
+        .services
         .accounts
         .reencrypt_credentials()
         .await
@@ -1569,7 +1569,7 @@ async fn a_removal_on_one_replica_reaches_the_other_at_once() {
         let mut v = crate::helpers::test_vars(&app.database_url);
         v.insert(
             "REDIS_KEY_PREFIX".into(),
-            app.state.settings.redis_key_prefix.clone(),
+            app.settings.redis_key_prefix.clone(),
         );
         v
     })

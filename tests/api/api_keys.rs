@@ -486,7 +486,7 @@ async fn verify_gives_each_refusal_its_reason() {
         .execute(&app.db)
         .await
         .unwrap();
-    app.state.invalidation.user_changed(user_id).await;
+    app.services.invalidation.user_changed(user_id).await;
     let r = verify(&mut client, req(&good)).await;
     assert_eq!(reason(&r), VerifyReason::UserDisabled);
 }
@@ -577,7 +577,7 @@ async fn revocation_reaches_another_replica_within_a_second() {
     // B has it cached as valid.
     assert!(verify(&mut on_b, req(key)).await.valid);
     assert!(verify(&mut on_b, req(key)).await.valid);
-    let lookups = b.state.api_keys.db_lookups();
+    let lookups = b.services.api_keys.db_lookups();
 
     revoke(&a, &token, k["id"].as_str().unwrap()).await;
     let revoked_at = Instant::now();
@@ -595,7 +595,7 @@ async fn revocation_reaches_another_replica_within_a_second() {
     }
     assert!(revoked_at.elapsed() < Duration::from_secs(1));
     // B learned it from the message (and reloaded), not from its TTL.
-    assert!(b.state.api_keys.db_lookups() > lookups);
+    assert!(b.services.api_keys.db_lookups() > lookups);
 }
 
 #[tokio::test]
@@ -916,7 +916,7 @@ async fn usage_is_flushed_on_graceful_shutdown_and_paginates() {
 async fn floods_of_made_up_keys_do_not_reach_the_database() {
     let app = TestApp::spawn().await;
     let mut client = verifier(&app).await;
-    let lookups = || app.state.api_keys.db_lookups();
+    let lookups = || app.services.api_keys.db_lookups();
     assert_eq!(lookups(), 0);
 
     // Random strings, and keys with a broken checksum: judged offline.

@@ -374,7 +374,7 @@ async fn logout_is_seen_by_another_replica_at_once() {
     let mut vars = test_vars(&first.database_url);
     vars.insert(
         "REDIS_KEY_PREFIX".into(),
-        first.state.settings.redis_key_prefix.clone(),
+        first.settings.redis_key_prefix.clone(),
     );
     let second = TestApp::spawn_vars(vars).await;
     // The second replica has cached the session as live.
@@ -1019,8 +1019,8 @@ async fn a_session_idle_past_the_timeout_ends_on_its_next_use() {
         let (app, access) = (&app, access.to_string());
         async move {
             seen_ago(sid, secs).await;
-            app.state
-                .identity
+            app.services
+                .sessions
                 .forget_user_sessions(user_id)
                 .await
                 .unwrap();
@@ -1483,7 +1483,7 @@ fn cli(app: &TestApp, args: &[&str], stdin: &str) -> (bool, String, String) {
         .envs(crate::helpers::test_keys().iter().cloned())
         .env("DATABASE_URL", &app.database_url)
         .env("REDIS_URL", crate::helpers::redis_url())
-        .env("REDIS_KEY_PREFIX", &app.state.settings.redis_key_prefix)
+        .env("REDIS_KEY_PREFIX", &app.settings.redis_key_prefix)
         .env("LOG_LEVEL", "error")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

@@ -291,7 +291,7 @@ async fn staging_adds_strict_transport_security() {
     })
     .await;
     assert_eq!(
-        app.state.settings.app_env,
+        app.settings.app_env,
         user_service::config::Environment::Staging
     );
     check_security_headers(&app, true).await;

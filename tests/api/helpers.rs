@@ -9,8 +9,9 @@ use std::time::Duration;
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 use tokio::sync::OnceCell;
 use tonic::transport::Channel;
-use user_service::app::{App, AppState};
+use user_service::app::App;
 use user_service::config::{parse_env_file, Settings};
+use user_service::service::Services;
 use user_service::shutdown::Shutdown;
 
 pub fn admin_database_url() -> String {
@@ -141,7 +142,9 @@ pub struct TestApp {
     pub port: u16,
     pub database_url: String,
     pub db: PgPool,
-    pub state: AppState,
+    /// The app's own service graph: tests call use cases directly through it.
+    pub services: Services,
+    pub settings: Settings,
     pub shutdown: Shutdown,
     pub http: reqwest::Client,
     pub server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -168,7 +171,8 @@ impl TestApp {
         let settings = Settings::from_vars(vars).expect("test settings");
         let app = App::build(settings).await.expect("app builds");
         let port = app.port();
-        let state = app.state();
+        let services = app.services();
+        let settings = app.settings().clone();
         let shutdown = app.shutdown();
         let server = tokio::spawn(app.run_until_stopped());
         let db = PgPool::connect_lazy(&database_url).unwrap();
@@ -182,11 +186,25 @@ impl TestApp {
             port,
             database_url,
             db,
-            state,
+            services,
+            settings,
             shutdown,
             http,
             server: Some(server),
         }
+    }
+
+    /// A Redis client of its own on the app's Redis and key prefix, connected
+    /// (or, after 5 s, as it is).
+    pub async fn redis(&self) -> user_service::store::Cache {
+        let cache = user_service::store::Cache::connect(&self.settings).expect("redis client");
+        for _ in 0..50 {
+            if cache.ping().await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cache
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -322,13 +340,13 @@ impl TestApp {
         .execute(&self.db)
         .await
         .unwrap();
-        self.state
-            .identity
+        self.services
+            .sessions
             .forget_user_sessions(user_id)
             .await
             .unwrap();
         // As a real role change does: cached policies drop on every replica.
-        self.state.invalidation.user_changed(user_id).await;
+        self.services.invalidation.user_changed(user_id).await;
     }
 
     /// Creates a service client with these scopes and returns (client_id, secret).
@@ -337,9 +355,9 @@ impl TestApp {
         let client_id = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
         let creds = self
-            .state
-            .identity
-            .create_service_client(None, &client_id, &scopes)
+            .services
+            .service_clients
+            .create(None, &client_id, &scopes)
             .await
             .expect("service client created");
         (

@@ -108,8 +108,8 @@ async fn verify_without_token(channel: tonic::transport::Channel) -> tonic::Stat
 #[tokio::test]
 async fn development_admits_loopback_and_private_networks_by_default() {
     let app = TestApp::spawn().await;
-    assert_eq!(app.state.settings.allowed_client_networks, None);
-    let nets = app.state.settings.allowed_client_networks();
+    assert_eq!(app.settings.allowed_client_networks, None);
+    let nets = app.settings.allowed_client_networks();
     for ip in [
         "127.0.0.1",
         "::1",
@@ -127,7 +127,7 @@ async fn development_admits_loopback_and_private_networks_by_default() {
         v.insert("ALLOWED_CLIENT_NETWORKS".into(), String::new());
     })
     .await;
-    assert!(open.state.settings.allowed_client_networks().is_empty());
+    assert!(open.settings.allowed_client_networks().is_empty());
 }
 
 /// An API key bound to 203.0.113.7, used through the gateway with a claimed

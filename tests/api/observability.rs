@@ -63,7 +63,7 @@ async fn metrics_in_development_show_requests_pool_and_store_health() {
     ] {
         assert!(body.contains(gauge), "missing {gauge} in:\n{body}");
     }
-    let max = app.state.settings.database_max_connections;
+    let max = app.settings.database_max_connections;
     assert!(
         body.contains(&format!("db_pool_max_connections {max}\n")),
         "{body}"

@@ -137,18 +137,9 @@ async fn redis_over_tls_trusts_the_configured_ca_and_nothing_else() {
     // The server has no plaintext port: any answer came over TLS.
     assert_eq!(redis_health(&app, "ok").await, "ok");
     let window = Duration::from_secs(60);
-    let first = app
-        .state
-        .cache
-        .incr_window("tls-probe", window)
-        .await
-        .unwrap();
-    let second = app
-        .state
-        .cache
-        .incr_window("tls-probe", window)
-        .await
-        .unwrap();
+    let redis = app.redis().await;
+    let first = redis.incr_window("tls-probe", window).await.unwrap();
+    let second = redis.incr_window("tls-probe", window).await.unwrap();
     assert_eq!((first.0, second.0), (1, 2));
 
     // Another CA: the server's certificate is refused, so Redis counts as down.

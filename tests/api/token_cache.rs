@@ -416,7 +416,7 @@ async fn a_database_outage_leaves_recent_keys_and_tokens_verifying_within_a_boun
     assert!(verify_key(v.clone(), secret.clone()).await.unwrap());
 
     // An unrelated write of the key's owner (a new name) keeps the key cached.
-    let lookups = app.state.api_keys.db_lookups();
+    let lookups = app.services.api_keys.db_lookups();
     let (status, body) = send(
         &app,
         reqwest::Method::PATCH,
@@ -429,7 +429,7 @@ async fn a_database_outage_leaves_recent_keys_and_tokens_verifying_within_a_boun
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(verify_key(v.clone(), secret.clone()).await.unwrap());
     assert_eq!(
-        app.state.api_keys.db_lookups(),
+        app.services.api_keys.db_lookups(),
         lookups,
         "the key left the cache"
     );
@@ -458,14 +458,20 @@ async fn a_database_outage_leaves_recent_keys_and_tokens_verifying_within_a_boun
 
     // A revocation received during the outage applies at once: there is nothing
     // to fall back on, so the answer is "cannot tell", never `valid`.
-    app.state.invalidation.publish(Change::Session(sid3)).await;
+    app.services
+        .invalidation
+        .publish(Change::Session(sid3))
+        .await;
     let err = v
         .verify_token(VerifyTokenRequest { token: t3.clone() })
         .await
         .expect_err("a revoked session is not served stale");
     assert_eq!(err.code(), Code::Unavailable);
     assert_eq!(me_status(&app, &t3).await, 503);
-    app.state.invalidation.publish(Change::ApiKey(key_id)).await;
+    app.services
+        .invalidation
+        .publish(Change::ApiKey(key_id))
+        .await;
     let err = verify_key(v.clone(), secret.clone())
         .await
         .expect_err("a revoked key is not served stale");

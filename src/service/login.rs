@@ -1,0 +1,137 @@
+//! Password login: enumeration-safe (every failure is the same answer after the
+//! same argon2 work), throttled per client IP, under the per-account lockout;
+//! a right password opens a session.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::audit::{AuditEntry, Outcome};
+use super::lockout::{Checked, Lockout};
+use super::sessions::{LoginTokens, Sessions};
+use super::throttle::Throttle;
+use super::users::password_error;
+use super::{RequestMeta, ServiceError, ServiceResult};
+use crate::config::Settings;
+use crate::crypto::password::PasswordHasher;
+use crate::domain::email::Email;
+use crate::domain::password::Password;
+use crate::store::{users, Db};
+
+pub struct Login {
+    db: Db,
+    /// For the argon2 work a refusal does without a password to check.
+    hasher: PasswordHasher,
+    throttle: Arc<Throttle>,
+    lockout: Arc<Lockout>,
+    sessions: Arc<Sessions>,
+    /// LOGIN_IP_MAX_PER_MINUTE.
+    ip_max_per_minute: u32,
+}
+
+impl Login {
+    pub fn new(
+        settings: &Settings,
+        db: Db,
+        hasher: PasswordHasher,
+        throttle: Arc<Throttle>,
+        lockout: Arc<Lockout>,
+        sessions: Arc<Sessions>,
+    ) -> Self {
+        Self {
+            db,
+            hasher,
+            throttle,
+            lockout,
+            sessions,
+            ip_max_per_minute: settings.login_ip_max_per_minute,
+        }
+    }
+
+    /// Login. Every failure — unknown email, wrong password, disabled or locked
+    /// account — is the same `InvalidCredentials` after the same argon2 work.
+    #[tracing::instrument(skip_all)]
+    pub async fn login(
+        &self,
+        meta: &RequestMeta,
+        email: &str,
+        password: String,
+    ) -> ServiceResult<LoginTokens> {
+        let password = Password::candidate(password)
+            .map_err(password_error)?
+            .into_secret();
+        self.throttle
+            .per_ip(
+                meta,
+                "login",
+                self.ip_max_per_minute,
+                Duration::from_secs(60),
+            )
+            .await?;
+        let Ok(email) = Email::parse(email) else {
+            let _ = self.hasher.verify(password, None).await;
+            return Err(ServiceError::InvalidCredentials);
+        };
+        let record = users::by_email(&self.db, email.as_str()).await?;
+        let failed = |reason: &str, user: Option<Uuid>| {
+            let e = AuditEntry::new("auth.login.failed", Outcome::Failure)
+                .meta(meta)
+                .details(serde_json::json!({ "reason": reason }));
+            match user {
+                Some(id) => e.target("user", id),
+                None => e,
+            }
+        };
+        let refuse = |result: &'static str| {
+            metrics::counter!("logins_total", "result" => result).increment(1);
+            Err(ServiceError::InvalidCredentials)
+        };
+        let Some(record) = record else {
+            let _ = self.hasher.verify(password, None).await;
+            self.audit_alone(failed("unknown_user", None)).await;
+            return refuse("failed");
+        };
+        let checked = self
+            .lockout
+            .check_password(
+                meta,
+                record.id,
+                record.password_hash.clone(),
+                password,
+                failed("wrong_password", Some(record.id)),
+            )
+            .await?;
+        match checked {
+            Checked::Locked => {
+                self.audit_alone(failed("locked", Some(record.id))).await;
+                return refuse("locked");
+            }
+            Checked::Wrong => return refuse("failed"),
+            Checked::Right if record.status != "active" => {
+                self.audit_alone(failed("disabled", Some(record.id))).await;
+                return refuse("failed");
+            }
+            Checked::Right => {}
+        }
+        metrics::counter!("logins_total", "result" => "succeeded").increment(1);
+        let user = record.into_user();
+        let audit =
+            AuditEntry::new("auth.login.succeeded", Outcome::Success).actor("user", user.id);
+        self.sessions.open(meta, user, audit).await
+    }
+
+    /// A refusal's audit row, in a transaction of its own; a failure to write it
+    /// is logged, and the answer stays the refusal.
+    async fn audit_alone(&self, entry: AuditEntry) {
+        let r = async {
+            let mut tx = self.db.begin().await?;
+            tx.audit(&entry).await?;
+            tx.commit().await
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, action = %entry.action, "audit write failed");
+        }
+    }
+}

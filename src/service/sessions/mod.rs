@@ -1,0 +1,480 @@
+//! Login sessions: opening one after a login, refresh-token rotation with reuse
+//! detection, logout, a user's own sessions, and (`verify`) turning an access
+//! token or session cookie into a `Caller`, with the caches that make a repeat
+//! token cheap. PostgreSQL holds the truth; Redis carries tombstones for every
+//! replica; the in-process caches drop entries when the invalidation channels say
+//! a session, user or account changed.
+
+mod verify;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use moka::sync::Cache as MokaCache;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use self::verify::{AccessClaims, CookieSession, UntilAccessExp};
+pub use self::verify::{AccessGrant, TokenRefusal, TokenVerification};
+use super::audit::{AuditEntry, Outcome};
+use super::invalidation::{Change, Invalidation};
+use super::swr::SwrCache;
+use super::users::Page;
+use super::{Caller, RequestMeta, ServiceError, ServiceResult};
+use crate::config::Settings;
+use crate::crypto::jwt::{JwtKeys, TokenType};
+use crate::domain::account::AccountAccess;
+use crate::domain::session::SessionState;
+use crate::domain::user::User;
+use crate::store::{sessions, users, Cache, Db, SessionCache, Tx};
+
+/// How long Redis keeps a "live" session state.
+const LIVE_SESSION_CACHE: Duration = Duration::from_secs(30);
+
+/// What a login or refresh hands out. Not Debug: it carries tokens.
+pub struct LoginTokens {
+    pub access_token: String,
+    pub refresh_token: String,
+    pub expires_in: u64,
+    pub user: User,
+    pub session_id: Uuid,
+}
+
+/// One of the caller's sessions.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SessionView {
+    pub id: Uuid,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    /// The session this request was made with.
+    pub current: bool,
+}
+
+pub struct Sessions {
+    db: Db,
+    /// The Redis copy of session states (tombstones for every replica).
+    redis: SessionCache,
+    invalidation: Invalidation,
+    jwt: Arc<JwtKeys>,
+    /// ACCESS_TOKEN_TTL_SECONDS, REFRESH_TOKEN_TTL_SECONDS and
+    /// SESSION_IDLE_TIMEOUT_SECONDS.
+    access_ttl_secs: u64,
+    refresh_ttl_secs: u64,
+    idle_timeout_secs: u64,
+    /// Session states by id; a `Session` change drops one at once.
+    states: SwrCache<Uuid, SessionState>,
+    /// Users by id (GET /v1/users/me, bearer roles, VerifyToken): dropped on
+    /// every replica when the user changes (the invalidation channels).
+    profiles: SwrCache<Uuid, Option<Arc<User>>>,
+    /// Verified access-token claims by HMAC(token_key, token): a repeat token
+    /// costs a keyed hash instead of an Ed25519 verification.
+    token_claims: MokaCache<[u8; 32], Arc<AccessClaims>>,
+    /// Per-process random key for `token_claims` and `cookies`: the tokens
+    /// themselves are never cache keys.
+    token_key: Hmac<Sha256>,
+    /// Session cookies by HMAC(token_key, cookie).
+    cookies: SwrCache<[u8; 32], CookieSession>,
+    /// VerifyToken's account lists by user.
+    token_accounts: SwrCache<Uuid, Arc<[AccountAccess]>>,
+    /// token_verifications_total{kind="access"} by result (valid, invalid,
+    /// expired, session_revoked, user_disabled), registered once (hot path).
+    access_verifications: [metrics::Counter; 5],
+}
+
+fn sha256(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+impl Sessions {
+    pub fn new(
+        settings: &Settings,
+        db: Db,
+        cache: Cache,
+        invalidation: Invalidation,
+        jwt: Arc<JwtKeys>,
+    ) -> Self {
+        let capacity = settings.token_cache_capacity;
+        let stale = Duration::from_secs(settings.cache_stale_seconds);
+        // Fresh this long (TOKEN_CACHE_TTL_SECONDS, at most 30: the activity
+        // recording interval); the invalidation channels drop entries sooner.
+        let fresh = Duration::from_secs(settings.token_cache_ttl_seconds.clamp(1, 30));
+        let profiles = SwrCache::new("users", capacity, fresh, stale);
+        let states = SwrCache::new("sessions", capacity, fresh, stale);
+        let cookies = SwrCache::new("session_cookies", capacity, fresh, stale);
+        let token_accounts = SwrCache::new("token_accounts", capacity, fresh, stale);
+        {
+            let (profiles, states, cookies, token_accounts) = (
+                profiles.clone(),
+                states.clone(),
+                cookies.clone(),
+                token_accounts.clone(),
+            );
+            invalidation.on_change(move |change| match change {
+                Change::User(id) => {
+                    profiles.invalidate(&id);
+                    token_accounts.invalidate(&id);
+                }
+                Change::Profile(id) => profiles.invalidate(&id),
+                Change::Session(sid) => {
+                    states.invalidate(&sid);
+                    cookies.invalidate_if(move |_, c: &CookieSession| c.session_id == sid);
+                }
+                Change::Account(aid) => {
+                    token_accounts.invalidate_if(move |_, list: &Arc<[AccountAccess]>| {
+                        list.iter().any(|a| a.account.id == aid)
+                    })
+                }
+                Change::ApiKey(_) => {}
+                Change::Everything => {
+                    profiles.invalidate_all();
+                    states.invalidate_all();
+                    cookies.invalidate_all();
+                    token_accounts.invalidate_all();
+                }
+            });
+        }
+        let mut secret = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+        Self {
+            db,
+            redis: SessionCache::new(cache),
+            invalidation,
+            jwt,
+            access_ttl_secs: settings.access_token_ttl_seconds,
+            refresh_ttl_secs: settings.refresh_token_ttl_seconds,
+            idle_timeout_secs: settings.session_idle_timeout_seconds,
+            states,
+            profiles,
+            token_claims: MokaCache::builder()
+                .max_capacity(capacity)
+                .expire_after(UntilAccessExp)
+                .build(),
+            token_key: Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC takes any key"),
+            cookies,
+            token_accounts,
+            access_verifications: [
+                "valid",
+                "invalid",
+                "expired",
+                "session_revoked",
+                "user_disabled",
+            ]
+            .map(|r| metrics::counter!("token_verifications_total", "kind" => "access", "result" => r)),
+        }
+    }
+
+    /// The public signing keys (JWKS), for callers that verify tokens locally.
+    pub fn jwks(&self) -> &serde_json::Value {
+        self.jwt.jwks()
+    }
+
+    // ---- session states ---------------------------------------------------------
+
+    /// Tombstones outlive every access token the session may have issued.
+    fn tombstone_ttl(&self) -> Duration {
+        Duration::from_secs(self.access_ttl_secs + crate::crypto::jwt::LEEWAY_SECS + 60)
+    }
+
+    /// Records a session state in Redis (best effort: PostgreSQL stays the truth)
+    /// and, when the session ended, drops it from every replica's cache (the
+    /// PostgreSQL trigger on `sessions` says the same without Redis).
+    async fn record(&self, sid: Uuid, state: &SessionState) {
+        let ttl = match state {
+            SessionState::Live { .. } => LIVE_SESSION_CACHE,
+            SessionState::Revoked { .. } => self.tombstone_ttl(),
+        };
+        if let Err(e) = self.redis.put(sid, state, ttl).await {
+            tracing::warn!(error = %e, "session cache write failed");
+        }
+        if matches!(state, SessionState::Revoked { .. }) {
+            self.invalidation.session_changed(sid).await;
+        }
+    }
+
+    /// After a transaction that ended `sids` for `reason` has committed: the
+    /// tombstones, and every replica drops them.
+    pub async fn ended(&self, sids: &[Uuid], reason: &str) {
+        for sid in sids {
+            let state = SessionState::Revoked {
+                reason: reason.into(),
+            };
+            self.record(*sid, &state).await;
+        }
+    }
+
+    /// Drops cached "live" entries (after a role change) so the next request reads
+    /// PostgreSQL.
+    async fn forget_session(&self, sid: Uuid) {
+        let _ = self.redis.forget(sid).await;
+        self.invalidation.session_changed(sid).await;
+    }
+
+    /// Drops the cached state of every live session of a user, so a change of
+    /// roles is seen on the next request.
+    pub async fn forget_user_sessions(&self, user_id: Uuid) -> ServiceResult<()> {
+        for sid in sessions::live_ids_for_user(&self.db, user_id).await? {
+            self.forget_session(sid).await;
+        }
+        Ok(())
+    }
+
+    /// Is the session live? From this process's cache while fresh (30 s, which
+    /// is also how often activity is recorded); then a Redis tombstone, else
+    /// PostgreSQL (which records the activity). An ended session is dropped from
+    /// every replica's cache by the invalidation channels.
+    async fn state(&self, sid: Uuid) -> ServiceResult<SessionState> {
+        self.states.get_or_load(sid, || self.load_state(sid)).await
+    }
+
+    async fn load_state(&self, sid: Uuid) -> ServiceResult<SessionState> {
+        match self.redis.get(sid).await {
+            Ok(Some(state @ SessionState::Revoked { .. })) => return Ok(state),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "session cache unavailable, asking PostgreSQL"),
+        }
+        let idle = self.idle_timeout_secs;
+        let state = match sessions::auth_state(&self.db, sid, idle).await? {
+            None => SessionState::Revoked {
+                reason: "unknown".into(),
+            },
+            Some(s) if s.user_status != "active" => SessionState::Revoked {
+                reason: "user_disabled".into(),
+            },
+            Some(s) if s.revoked || s.expired => SessionState::Revoked {
+                reason: s.revoked_reason.unwrap_or_else(|| "expired".into()),
+            },
+            Some(s) => SessionState::Live {
+                user_id: s.user_id,
+                roles: s.roles,
+            },
+        };
+        if let SessionState::Revoked { .. } = state {
+            // A tombstone for the other replicas; no invalidation (nothing changed).
+            let _ = self.redis.put(sid, &state, self.tombstone_ttl()).await;
+        }
+        Ok(state)
+    }
+
+    /// A user as the caches hold it (`None`: no such user). Shared with the
+    /// cache: a hit copies nothing.
+    pub async fn user(&self, id: Uuid) -> ServiceResult<Option<Arc<User>>> {
+        self.profiles
+            .get_or_load(id, || async move {
+                Ok(users::get(&self.db, id)
+                    .await?
+                    .map(|u| Arc::new(u.into_user())))
+            })
+            .await
+    }
+
+    // ---- opening, rotating and ending sessions ----------------------------------
+
+    /// A new session for `user`, whose credentials a use case has just checked;
+    /// `audit` (the login's row) is written with it, naming the session.
+    pub async fn open(
+        &self,
+        meta: &RequestMeta,
+        user: User,
+        audit: AuditEntry,
+    ) -> ServiceResult<LoginTokens> {
+        let session_id = Uuid::now_v7();
+        let refresh = super::random_token();
+        let expires_at = Utc::now() + chrono::Duration::seconds(self.refresh_ttl_secs as i64);
+        let mut tx = self.db.begin().await?;
+        sessions::create(
+            &mut tx,
+            session_id,
+            user.id,
+            expires_at,
+            meta.ip.map(|ip| ip.to_string()),
+            meta.user_agent.as_deref(),
+        )
+        .await?;
+        sessions::insert_refresh_token(&mut tx, session_id, &sha256(&refresh), expires_at).await?;
+        tx.audit(&audit.target("session", session_id).meta(meta))
+            .await?;
+        tx.commit().await?;
+        let live = SessionState::Live {
+            user_id: user.id,
+            roles: user.roles.clone(),
+        };
+        self.record(session_id, &live).await;
+        self.tokens_for(user, session_id, refresh)
+    }
+
+    fn tokens_for(
+        &self,
+        user: User,
+        session_id: Uuid,
+        refresh: String,
+    ) -> ServiceResult<LoginTokens> {
+        let ttl = self.access_ttl_secs;
+        let claims = self.jwt.claims(
+            TokenType::Access,
+            user.id.to_string(),
+            Duration::from_secs(ttl),
+            Some(session_id.to_string()),
+            None,
+        );
+        Ok(LoginTokens {
+            access_token: self.jwt.sign(&claims).map_err(ServiceError::internal)?,
+            refresh_token: refresh,
+            expires_in: ttl,
+            user,
+            session_id,
+        })
+    }
+
+    /// Rotates a refresh token. Presenting one already used is reuse: the whole
+    /// session ends, since either the client or a thief holds a stolen copy.
+    #[tracing::instrument(skip_all)]
+    pub async fn refresh(
+        &self,
+        meta: &RequestMeta,
+        refresh_token: &str,
+    ) -> ServiceResult<LoginTokens> {
+        if refresh_token.is_empty() || refresh_token.len() > 256 {
+            return Err(ServiceError::InvalidToken);
+        }
+        let mut tx = self.db.begin().await?;
+        let idle = self.idle_timeout_secs;
+        let Some(row) =
+            sessions::refresh_token_for_update(&mut tx, &sha256(refresh_token), idle).await?
+        else {
+            return Err(ServiceError::InvalidToken);
+        };
+        if row.used {
+            let audit = AuditEntry::new("auth.refresh.reused", Outcome::Denied);
+            return self
+                .end_on_refresh(tx, &row, "refresh_reuse", audit, meta)
+                .await;
+        }
+        if row.expired || !row.session_live {
+            return Err(ServiceError::InvalidToken);
+        }
+        if row.session_idle {
+            let audit = AuditEntry::new("auth.session.idle_timeout", Outcome::Denied)
+                .details(serde_json::json!({ "idle_timeout_seconds": idle }));
+            return self
+                .end_on_refresh(tx, &row, "idle_timeout", audit, meta)
+                .await;
+        }
+        let user = users::by_id(&mut tx, row.user_id)
+            .await?
+            .filter(|u| u.status == "active")
+            .ok_or(ServiceError::InvalidToken)?
+            .into_user();
+        sessions::mark_refresh_used(&mut tx, row.id).await?;
+        sessions::touch(&mut tx, row.session_id).await?;
+        let refresh = super::random_token();
+        sessions::insert_refresh_token(
+            &mut tx,
+            row.session_id,
+            &sha256(&refresh),
+            row.session_expires_at,
+        )
+        .await?;
+        tx.commit().await?;
+        // The used token no longer works as the session cookie on any replica
+        // (also said by the refresh_tokens trigger, for when Redis is down).
+        self.invalidation.session_changed(row.session_id).await;
+        self.tokens_for(user, row.session_id, refresh)
+    }
+
+    /// A refresh that ends its session (token reuse, idle timeout): revoke and
+    /// audit in one transaction, then the tombstone for every replica; the
+    /// caller gets 401 invalid_token.
+    async fn end_on_refresh(
+        &self,
+        mut tx: Tx,
+        row: &sessions::RefreshRow,
+        reason: &str,
+        audit: AuditEntry,
+        meta: &RequestMeta,
+    ) -> ServiceResult<LoginTokens> {
+        let ended = sessions::revoke(&mut tx, row.session_id, reason).await?;
+        tx.audit(
+            &audit
+                .actor("user", row.user_id)
+                .target("session", row.session_id)
+                .meta(meta)
+                .detail("session_ended", ended),
+        )
+        .await?;
+        tx.commit().await?;
+        self.ended(&[row.session_id], reason).await;
+        Err(ServiceError::InvalidToken)
+    }
+
+    /// Ends the caller's session at once (every replica sees the tombstone).
+    #[tracing::instrument(skip_all)]
+    pub async fn logout(&self, caller: &Caller, meta: &RequestMeta) -> ServiceResult<()> {
+        let Caller::User {
+            user_id,
+            session_id: Some(sid),
+            ..
+        } = caller
+        else {
+            return Ok(());
+        };
+        let mut tx = self.db.begin().await?;
+        if sessions::revoke(&mut tx, *sid, "logout").await? {
+            tx.audit(
+                &AuditEntry::new("auth.logout", Outcome::Success)
+                    .actor("user", user_id)
+                    .target("session", sid)
+                    .meta(meta),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        self.ended(&[*sid], "logout").await;
+        Ok(())
+    }
+
+    /// The caller's live sessions, newest first.
+    pub async fn list(&self, caller: &Caller) -> ServiceResult<Page<SessionView>> {
+        let (user_id, current) = caller.session_user()?;
+        let items = sessions::list_live(&self.db, user_id)
+            .await?
+            .into_iter()
+            .map(|s| SessionView {
+                current: Some(s.id) == current,
+                id: s.id,
+                created_at: s.created_at,
+                last_seen_at: s.last_seen_at,
+                ip: s.ip,
+                user_agent: s.user_agent,
+            })
+            .collect();
+        Ok(Page {
+            items,
+            next_cursor: None,
+        })
+    }
+
+    /// Ends one of the caller's own sessions; another user's is "not found".
+    pub async fn end(&self, caller: &Caller, meta: &RequestMeta, sid: Uuid) -> ServiceResult<()> {
+        let (user_id, _) = caller.session_user()?;
+        let mut tx = self.db.begin().await?;
+        if !sessions::live_of_user_for_update(&mut tx, sid, user_id).await? {
+            return Err(ServiceError::NotFound("session"));
+        }
+        sessions::revoke(&mut tx, sid, "ended").await?;
+        tx.audit(
+            &AuditEntry::new("session.ended", Outcome::Success)
+                .by(caller)
+                .target("session", sid)
+                .meta(meta),
+        )
+        .await?;
+        tx.commit().await?;
+        self.ended(&[sid], "ended").await;
+        Ok(())
+    }
+}

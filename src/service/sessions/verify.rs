@@ -1,0 +1,400 @@
+//! What every request needs: an access token, a session cookie or (VerifyToken) a
+//! caller's bearer token turned into a verdict, from this process's caches for a
+//! repeat token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::Mac;
+use uuid::Uuid;
+
+use super::{sha256, Sessions};
+use crate::crypto::jwt::{Claims, JwtError, TokenType};
+use crate::domain::account::AccountAccess;
+use crate::domain::session::SessionState;
+use crate::domain::user::User;
+use crate::service::{now_secs, Caller, ServiceError, ServiceResult};
+use crate::store::sessions;
+
+/// Accounts listed per user in VerifyToken, at most (as the accounts service).
+const MAX_TOKEN_ACCOUNTS: i64 = 1000;
+
+/// Why an access token was refused; VerifyToken reports it, the gateway says 401.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    Invalid,
+    Expired,
+    SessionRevoked,
+    UserDisabled,
+}
+
+impl From<TokenRefusal> for ServiceError {
+    fn from(_: TokenRefusal) -> Self {
+        ServiceError::InvalidToken
+    }
+}
+
+/// A verified access token, with its (cached) user.
+#[derive(Debug, Clone)]
+pub struct AccessGrant {
+    pub user_id: Uuid,
+    pub session_id: Uuid,
+    pub roles: Vec<String>,
+    pub expires_at: i64,
+    pub user: Arc<User>,
+}
+
+impl AccessGrant {
+    pub fn caller(&self) -> Caller {
+        Caller::User {
+            user_id: self.user_id,
+            roles: self.roles.clone(),
+            session_id: Some(self.session_id),
+            key: None,
+        }
+    }
+}
+
+/// The answer to VerifyToken: a bad token is an answer, not an error.
+pub enum TokenVerification {
+    Valid {
+        user: Arc<User>,
+        accounts: Arc<[AccountAccess]>,
+        session_id: Uuid,
+        expires_at: i64,
+    },
+    Refused(TokenRefusal),
+}
+
+/// What an access token's signature established, cached by a keyed hash of the
+/// token: nothing here can be revoked (the session and user are checked apart).
+#[derive(Debug)]
+pub(super) struct AccessClaims {
+    user_id: Uuid,
+    session_id: Uuid,
+    exp: i64,
+}
+
+/// A session cookie (the session's current refresh token) as last read.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CookieSession {
+    pub(super) session_id: Uuid,
+    user_id: Uuid,
+    /// Unused, unexpired and its session live when read.
+    usable: bool,
+}
+
+/// Verified access tokens live until the signature check would refuse them:
+/// `exp` plus the verifier's leeway, to the second.
+pub(super) struct UntilAccessExp;
+
+impl moka::Expiry<[u8; 32], Arc<AccessClaims>> for UntilAccessExp {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Arc<AccessClaims>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        let last_valid = value.exp + crate::crypto::jwt::LEEWAY_SECS as i64;
+        Some(Duration::from_secs(
+            (last_valid + 1).saturating_sub(now_secs()).max(0) as u64,
+        ))
+    }
+}
+
+impl Sessions {
+    fn token_hash(&self, token: &str) -> [u8; 32] {
+        let mut mac = self.token_key.clone();
+        mac.update(token.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The signature facts of an access token: from the cache for a repeat
+    /// (refused once past `exp` plus the leeway, exactly as the verifier would),
+    /// otherwise by an Ed25519 verification.
+    fn access_claims(&self, token: &str) -> Result<Arc<AccessClaims>, TokenRefusal> {
+        let key = self.token_hash(token);
+        if let Some(c) = self.token_claims.get(&key) {
+            if now_secs() > c.exp + crate::crypto::jwt::LEEWAY_SECS as i64 {
+                return Err(TokenRefusal::Expired);
+            }
+            return Ok(c);
+        }
+        let claims: Claims = match self.jwt.verify(token, TokenType::Access) {
+            Ok(c) => c,
+            Err(JwtError::Expired) => return Err(TokenRefusal::Expired),
+            Err(JwtError::Invalid) => return Err(TokenRefusal::Invalid),
+        };
+        let (Ok(user_id), Some(session_id)) = (
+            Uuid::parse_str(&claims.sub),
+            claims.sid.as_deref().and_then(|s| Uuid::parse_str(s).ok()),
+        ) else {
+            return Err(TokenRefusal::Invalid);
+        };
+        let c = Arc::new(AccessClaims {
+            user_id,
+            session_id,
+            exp: claims.exp,
+        });
+        self.token_claims.insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// Verifies an access token and that its session is live. The outer error is
+    /// a failure to find out (database down), not a verdict on the token.
+    pub async fn verify_access_token(
+        &self,
+        token: &str,
+    ) -> ServiceResult<Result<AccessGrant, TokenRefusal>> {
+        let verdict = self.check_access_token(token).await?;
+        let i = match &verdict {
+            Ok(_) => 0,
+            Err(TokenRefusal::Invalid) => 1,
+            Err(TokenRefusal::Expired) => 2,
+            Err(TokenRefusal::SessionRevoked) => 3,
+            Err(TokenRefusal::UserDisabled) => 4,
+        };
+        self.access_verifications[i].increment(1);
+        Ok(verdict)
+    }
+
+    async fn check_access_token(
+        &self,
+        token: &str,
+    ) -> ServiceResult<Result<AccessGrant, TokenRefusal>> {
+        let claims = match self.access_claims(token) {
+            Ok(c) => c,
+            Err(r) => return Ok(Err(r)),
+        };
+        let (user_id, sid) = (claims.user_id, claims.session_id);
+        match self.state(sid).await? {
+            SessionState::Live { user_id: uid, .. } if uid == user_id => {}
+            SessionState::Live { .. } => return Ok(Err(TokenRefusal::Invalid)),
+            SessionState::Revoked { reason } if reason == "user_disabled" => {
+                return Ok(Err(TokenRefusal::UserDisabled))
+            }
+            SessionState::Revoked { .. } => return Ok(Err(TokenRefusal::SessionRevoked)),
+        }
+        // Roles and status from the user as it is now (a role change or a
+        // disabled user drops the cached copy on every replica).
+        Ok(match self.user(user_id).await? {
+            Some(u) if u.is_active() => Ok(AccessGrant {
+                user_id,
+                session_id: sid,
+                roles: u.roles.clone(),
+                expires_at: claims.exp,
+                user: u,
+            }),
+            Some(_) => Err(TokenRefusal::UserDisabled),
+            None => Err(TokenRefusal::Invalid),
+        })
+    }
+
+    /// The session cookie holds the session's current refresh token: it
+    /// authenticates browser requests without rotating.
+    pub async fn verify_session_cookie(&self, value: &str) -> ServiceResult<Caller> {
+        let cookie = self
+            .cookies
+            .get_or_load(self.token_hash(value), || async {
+                let idle = self.idle_timeout_secs;
+                Ok(
+                    match sessions::refresh_token(&self.db, &sha256(value), idle).await? {
+                        None => CookieSession {
+                            session_id: Uuid::nil(),
+                            user_id: Uuid::nil(),
+                            usable: false,
+                        },
+                        Some(row) => CookieSession {
+                            session_id: row.session_id,
+                            user_id: row.user_id,
+                            usable: !(row.used || row.expired || !row.session_live),
+                        },
+                    },
+                )
+            })
+            .await?;
+        if !cookie.usable {
+            return Err(ServiceError::InvalidToken);
+        }
+        match self.state(cookie.session_id).await? {
+            SessionState::Live { user_id, .. } if user_id == cookie.user_id => {}
+            _ => return Err(ServiceError::InvalidToken),
+        }
+        match self.user(cookie.user_id).await? {
+            Some(u) if u.is_active() => Ok(Caller::User {
+                user_id: u.id,
+                roles: u.roles.clone(),
+                session_id: Some(cookie.session_id),
+                key: None,
+            }),
+            _ => Err(ServiceError::InvalidToken),
+        }
+    }
+
+    /// VerifyToken for a service client holding `auth:verify`: signature, claims,
+    /// session still live and user still active, with the user's accounts. A
+    /// repeat token is answered from this process's caches.
+    pub async fn verify_token(
+        &self,
+        caller: &Caller,
+        token: &str,
+    ) -> ServiceResult<TokenVerification> {
+        if !matches!(caller, Caller::ServiceClient { .. })
+            || !caller.key_allows_scope("auth:verify")
+        {
+            return Err(ServiceError::Forbidden("scope auth:verify required".into()));
+        }
+        let grant = match self.verify_access_token(token).await? {
+            Ok(g) => g,
+            Err(r) => return Ok(TokenVerification::Refused(r)),
+        };
+        let uid = grant.user_id;
+        let accounts = self
+            .token_accounts
+            .get_or_load(uid, || async move {
+                let list = crate::store::accounts::list_for_user(
+                    &self.db,
+                    uid,
+                    None,
+                    None,
+                    MAX_TOKEN_ACCOUNTS,
+                )
+                .await?;
+                Ok(Arc::from(list))
+            })
+            .await?;
+        Ok(TokenVerification::Valid {
+            user: grant.user,
+            accounts,
+            session_id: grant.session_id,
+            expires_at: grant.expires_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use crate::service::invalidation::Invalidation;
+    use crate::store::{Cache, Db};
+
+    pub(super) fn offline_sessions() -> Sessions {
+        let vars = [
+            ("DATABASE_URL", "postgres://x@127.0.0.1:1/x"),
+            ("REDIS_URL", "redis://127.0.0.1:1/0"),
+            (
+                "JWT_PRIVATE_KEY",
+                &crate::crypto::key_material::generate_signing_key_pem(),
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let settings = Settings::from_vars(vars).unwrap();
+        let db = Db::connect_lazy(&settings).unwrap();
+        let cache = Cache::connect(&settings).unwrap();
+        let jwt = Arc::new(crate::crypto::jwt::JwtKeys::from_settings(&settings).unwrap());
+        Sessions::new(&settings, db, cache.clone(), Invalidation::new(cache), jwt)
+    }
+
+    /// A cached access token is refused in the very second the signature check
+    /// would refuse it (exp plus the verifier's leeway), not when its cache
+    /// entry happens to go.
+    #[tokio::test]
+    async fn cached_access_tokens_expire_to_the_second() {
+        let s = offline_sessions();
+        let mut claims = s.jwt.claims(
+            TokenType::Access,
+            Uuid::new_v4().to_string(),
+            Duration::from_secs(300),
+            Some(Uuid::new_v4().to_string()),
+            None,
+        );
+        // Still accepted during this second only.
+        let leeway = crate::crypto::jwt::LEEWAY_SECS as i64;
+        claims.exp = now_secs() - leeway;
+        let token = s.jwt.sign(&claims).unwrap();
+        if s.access_claims(&token).is_err() {
+            return; // the second ended between the two lines: nothing to learn
+        }
+        assert!(s.token_claims.contains_key(&s.token_hash(&token)));
+        while now_secs() <= claims.exp + leeway {
+            assert!(s.access_claims(&token).is_ok());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(s.access_claims(&token).unwrap_err(), TokenRefusal::Expired);
+        // And a token that never verified is never cached.
+        let forged = format!("{token}x");
+        assert_eq!(s.access_claims(&forged).unwrap_err(), TokenRefusal::Invalid);
+        assert!(!s.token_claims.contains_key(&s.token_hash(&forged)));
+    }
+}
+
+#[cfg(test)]
+mod rss_probe {
+    use super::*;
+
+    fn rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap()
+    }
+
+    /// What 100,000 distinct cached tokens (each its own session and user) cost:
+    /// `cargo test --release --lib rss_of_100k -- --ignored --nocapture`.
+    #[tokio::test]
+    #[ignore = "a measurement, run by hand"]
+    async fn rss_of_100k_cached_tokens() {
+        let s = super::tests::offline_sessions();
+        let before = rss_kib();
+        for i in 0..100_000u32 {
+            let uid = Uuid::new_v4();
+            let sid = Uuid::new_v4();
+            let mut h = [0u8; 32];
+            h[..4].copy_from_slice(&i.to_le_bytes());
+            s.token_claims.insert(
+                h,
+                Arc::new(AccessClaims {
+                    user_id: uid,
+                    session_id: sid,
+                    exp: now_secs() + 900,
+                }),
+            );
+            let _ = s
+                .states
+                .get_or_load(sid, || async move {
+                    Ok(SessionState::Live {
+                        user_id: uid,
+                        roles: vec!["user".into()],
+                    })
+                })
+                .await;
+            let _ = s
+                .profiles
+                .get_or_load(uid, || async move {
+                    Ok(Some(Arc::new(User {
+                        id: uid,
+                        email: format!("user{i}@example.com"),
+                        full_name: format!("User number {i}"),
+                        roles: vec!["user".into()],
+                        status: "active".into(),
+                        created_at: chrono::Utc::now(),
+                    })))
+                })
+                .await;
+            let _ = s
+                .token_accounts
+                .get_or_load(uid, || async { Ok(Arc::from(Vec::new())) })
+                .await;
+        }
+        s.token_claims.run_pending_tasks();
+        println!(
+            "RSS {} KiB -> {} KiB: {} KiB for 100k tokens (claims, session, user, accounts)",
+            before,
+            rss_kib(),
+            rss_kib() - before
+        );
+    }
+}
