@@ -1,6 +1,8 @@
 //! Service-client authentication for our three gRPC services: every call carries
 //! `authorization: Bearer <service token>`; the verified `Caller` goes into the
-//! request extensions, and each method names its scope with `require_scope`.
+//! request extensions, and the service each method calls decides what that
+//! caller may do (VerifyApiKey, whose use case takes no caller, still names its
+//! scope here with `require_scope`).
 
 use tonic::service::Interceptor;
 use tonic::{Request, Status};

@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::interceptor::require_scope;
 use crate::proto::user_service_server::UserService;
 use crate::proto::{
     CheckPermissionRequest, CheckPermissionResponse, ListUserAccountsRequest,
@@ -57,9 +56,9 @@ impl UserService for UserApi {
         &self,
         req: Request<GetUserRequest>,
     ) -> Result<Response<GetUserResponse>, Status> {
-        let caller = require_scope(&req, "users:read")?;
+        let caller = super::convert_accounts::caller(&req)?;
         let id = super::convert_accounts::id(&req.get_ref().user_id, "user_id")?;
-        let user = self.users.get_user(caller, id).await?;
+        let user = self.users.get_user(&caller, id).await?;
         Ok(Response::new(GetUserResponse {
             user: Some(user_to_proto(&user)),
         }))

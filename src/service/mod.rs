@@ -178,6 +178,14 @@ impl Caller {
         }
     }
 
+    /// The RPCs only service clients call: the caller is one, holding `scope`.
+    pub fn require_service_scope(&self, scope: &str) -> ServiceResult<()> {
+        match self {
+            Caller::ServiceClient { scopes, .. } if scopes.iter().any(|s| s == scope) => Ok(()),
+            _ => Err(ServiceError::Forbidden(format!("scope {scope} required"))),
+        }
+    }
+
     /// An API-key caller may only use what its key's scopes allow; a session
     /// caller is limited by its roles (checked by the policy engine).
     pub fn key_allows_scope(&self, scope: &str) -> bool {
@@ -209,6 +217,28 @@ pub(crate) fn random_token() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_scopes_are_for_service_clients_holding_them() {
+        let client = Caller::ServiceClient {
+            client_id: "backend".into(),
+            scopes: vec!["auth:verify".to_string()].into(),
+        };
+        assert!(client.require_service_scope("auth:verify").is_ok());
+        let refused = client.require_service_scope("users:read").unwrap_err();
+        assert!(
+            matches!(&refused, ServiceError::Forbidden(m) if m == "scope users:read required"),
+            "{refused:?}"
+        );
+        // A user (even an admin) never holds a service scope.
+        let user = Caller::User {
+            user_id: Uuid::nil(),
+            roles: vec!["admin".into()],
+            session_id: None,
+            key: None,
+        };
+        assert!(user.require_service_scope("auth:verify").is_err());
+    }
 
     #[test]
     fn a_busy_hashing_pool_is_unavailable_not_internal() {

@@ -295,10 +295,7 @@ impl Users {
 
     /// A user by id, for service clients holding `users:read`.
     pub async fn get_user(&self, caller: &Caller, id: Uuid) -> ServiceResult<User> {
-        if !matches!(caller, Caller::ServiceClient { .. }) || !caller.key_allows_scope("users:read")
-        {
-            return Err(ServiceError::Forbidden("scope users:read required".into()));
-        }
+        caller.require_service_scope("users:read")?;
         users::get(&self.db, id)
             .await?
             .map(|u| u.into_user())

@@ -26,5 +26,6 @@ mod openapi;
 mod own_postgres;
 mod runtime;
 mod scale_out;
+mod service_scopes;
 mod tls;
 mod token_cache;

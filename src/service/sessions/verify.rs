@@ -239,11 +239,7 @@ impl Sessions {
         caller: &Caller,
         token: &str,
     ) -> ServiceResult<TokenVerification> {
-        if !matches!(caller, Caller::ServiceClient { .. })
-            || !caller.key_allows_scope("auth:verify")
-        {
-            return Err(ServiceError::Forbidden("scope auth:verify required".into()));
-        }
+        caller.require_service_scope("auth:verify")?;
         let grant = match self.verify_access_token(token).await? {
             Ok(g) => g,
             Err(r) => return Ok(TokenVerification::Refused(r)),
