@@ -137,7 +137,7 @@ fn verified_key_to_proto(k: &VerifiedKey, account: Option<uuid::Uuid>) -> Verify
             id: k.user.id.to_string(),
             email: k.user.email.clone(),
             full_name: k.user.full_name.clone(),
-            roles: k.user.roles.clone(),
+            roles: k.user.roles.iter().map(|r| r.as_str().into()).collect(),
             status: k.user.status.clone(),
             created_at: Some(timestamp(k.user.created_at)),
         }),

@@ -44,8 +44,8 @@ pub fn user_to_proto(u: &crate::domain::user::User) -> crate::proto::User {
         id: u.id.to_string(),
         email: u.email.clone(),
         full_name: u.full_name.clone(),
-        roles: u.roles.clone(),
-        status: u.status.clone(),
+        roles: u.roles.iter().map(|r| r.as_str().into()).collect(),
+        status: u.status.as_str().into(),
         created_at: Some(timestamp(u.created_at)),
     }
 }

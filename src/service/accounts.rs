@@ -22,6 +22,7 @@ use crate::domain::account::{
 };
 use crate::domain::policy::{Decision, Resource};
 use crate::domain::scope;
+use crate::domain::user::Role;
 use crate::store::accounts::{self as store, After, SealedCredentials};
 use crate::store::{audit, Db, StoreError};
 
@@ -220,7 +221,7 @@ impl AccountsService {
         let mut tx = self.db.begin().await?;
         // The tier is billing's business, as on PATCH: refused rather than
         // silently defaulted, so a client never believes it bought a tier.
-        if input.subscription_tier.is_some() && !caller.has_role("admin") {
+        if input.subscription_tier.is_some() && !caller.has_role(Role::Admin) {
             let d = Denial::forbidden(
                 "subscription_admin_only",
                 "subscription_tier is set by an administrator; leave it out to get the default",
@@ -323,7 +324,7 @@ impl AccountsService {
             Ok(g) => g,
             Err(e) => return self.commit_denial(tx, e).await,
         };
-        if patch.touches_subscription() && !caller.has_role("admin") {
+        if patch.touches_subscription() && !caller.has_role(Role::Admin) {
             let d = Denial::forbidden(
                 "subscription_admin_only",
                 "subscription terms are changed by billing, not by the account holder",

@@ -137,7 +137,7 @@ pub struct OwnerInfo {
     pub id: Uuid,
     pub email: String,
     pub full_name: String,
-    pub roles: Vec<String>,
+    pub roles: Vec<crate::domain::user::Role>,
     pub status: String,
     pub created_at: DateTime<Utc>,
 }
@@ -615,7 +615,7 @@ impl ApiKeyService {
                 id: key.user_id,
                 email: row.user_email,
                 full_name: row.user_full_name,
-                roles: row.user_roles,
+                roles: crate::domain::user::Role::from_names(&row.user_roles),
                 status: row.user_status,
                 created_at: row.user_created_at,
             },

@@ -17,6 +17,7 @@ use crate::config::Settings;
 use crate::crypto::password::PasswordHasher;
 use crate::domain::email::Email;
 use crate::domain::password::Password;
+use crate::domain::user::UserStatus;
 use crate::store::{users, Db};
 
 pub struct Login {
@@ -108,7 +109,7 @@ impl Login {
                 return refuse("locked");
             }
             Checked::Wrong => return refuse("failed"),
-            Checked::Right if record.status != "active" => {
+            Checked::Right if record.status != UserStatus::Active => {
                 self.audit_alone(failed("disabled", Some(record.id))).await;
                 return refuse("failed");
             }

@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 pub use graph::Services;
 
+use crate::domain::user::Role;
 /// Field-level validation failures are a domain notion (the domain's parsers
 /// produce them); re-exported here, where every use case reports them.
 pub use crate::domain::FieldError;
@@ -127,7 +128,7 @@ pub struct KeyGrant {
 pub enum Caller {
     User {
         user_id: Uuid,
-        roles: Vec<String>,
+        roles: Vec<Role>,
         /// Set when authenticated by an access token or session cookie.
         session_id: Option<Uuid>,
         /// Set when authenticated by an API key: limits what the caller may do.
@@ -148,8 +149,8 @@ impl Caller {
         }
     }
 
-    pub fn has_role(&self, role: &str) -> bool {
-        matches!(self, Caller::User { roles, .. } if roles.iter().any(|r| r == role))
+    pub fn has_role(&self, role: Role) -> bool {
+        matches!(self, Caller::User { roles, .. } if roles.contains(&role))
     }
 
     /// For audit rows: ("user", id), ("api_key", id) or ("service_client", id).
@@ -233,7 +234,7 @@ mod tests {
         // A user (even an admin) never holds a service scope.
         let user = Caller::User {
             user_id: Uuid::nil(),
-            roles: vec!["admin".into()],
+            roles: vec![Role::Admin],
             session_id: None,
             key: None,
         };

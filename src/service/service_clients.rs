@@ -145,7 +145,7 @@ impl ServiceClients {
         let client = service_clients::by_client_id(&self.db, client_id).await?;
         let hash = client
             .as_ref()
-            .filter(|c| c.status == "active")
+            .filter(|c| c.active)
             .and_then(|c| c.secret_hash.clone());
         let ok = match hash {
             // Secrets issued before SHA-256 storage: argon2, on the hashing pool,

@@ -20,7 +20,8 @@ use crate::config::Settings;
 use crate::crypto::password::PasswordHasher;
 use crate::domain::email::Email;
 use crate::domain::password::Password;
-use crate::domain::user::{User, ROLES};
+use crate::domain::session::RevocationReason;
+use crate::domain::user::{Role, User, UserStatus};
 use crate::store::{sessions, users, Db};
 
 /// A page of a list: `{"items": [...], "next_cursor": null | "…"}`.
@@ -101,8 +102,24 @@ pub struct RegisterInput {
 /// 2026120100030102); a login session needs none.
 pub const PROFILE_WRITE: &str = "profile:write";
 
+/// Requested role names as roles, sorted and each once; or the first unknown
+/// name (in that order).
+fn parse_roles(mut names: Vec<String>) -> Result<Vec<Role>, String> {
+    names.sort();
+    names.dedup();
+    names
+        .iter()
+        .map(|n| Role::parse(n).ok_or_else(|| n.clone()))
+        .collect()
+}
+
+fn parse_status(s: &str) -> Result<UserStatus, FieldError> {
+    UserStatus::parse(s)
+        .ok_or_else(|| FieldError::new("status", "invalid", "status must be active or disabled"))
+}
+
 fn require_admin(caller: &Caller) -> ServiceResult<()> {
-    if caller.has_role("admin") && caller.key_allows_scope("admin:users") {
+    if caller.has_role(Role::Admin) && caller.key_allows_scope("admin:users") {
         Ok(())
     } else {
         Err(ServiceError::Forbidden("the admin role is required".into()))
@@ -199,7 +216,7 @@ impl Users {
             &email,
             &name,
             password.into_secret(),
-            &["user".into()],
+            &[Role::User],
         )
         .await
     }
@@ -218,23 +235,13 @@ impl Users {
             Email::parse(email).map_err(|m| ServiceError::validation("email", "invalid", m))?;
         let name = full_name_of(full_name)?;
         let password = self.parse_new_password(password, &email, &name)?;
-        let mut roles = if roles.is_empty() {
-            vec!["user".to_string()]
+        let roles = if roles.is_empty() {
+            vec![Role::User]
         } else {
-            roles.to_vec()
+            parse_roles(roles.to_vec()).map_err(|bad| {
+                ServiceError::validation("role", "unknown_role", format!("unknown role {bad}"))
+            })?
         };
-        roles.sort();
-        roles.dedup();
-        if let Some(bad) = roles
-            .iter()
-            .find(|r| !crate::domain::user::ROLES.contains(&r.as_str()))
-        {
-            return Err(ServiceError::validation(
-                "role",
-                "unknown_role",
-                format!("unknown role {bad}"),
-            ));
-        }
         self.create(
             &RequestMeta::default(),
             CreatedBy::Operator,
@@ -254,7 +261,7 @@ impl Users {
         email: &Email,
         name: &str,
         password: SecretString,
-        roles: &[String],
+        roles: &[Role],
     ) -> ServiceResult<User> {
         let hash = self
             .hasher
@@ -392,9 +399,13 @@ impl Users {
         let mut tx = self.db.begin().await?;
         users::lock(&mut tx, user_id).await?;
         users::set_password_hash(&mut tx, user_id, &hash).await?;
-        let ended =
-            sessions::revoke_all_for_user(&mut tx, user_id, current_session, "password_changed")
-                .await?;
+        let ended = sessions::revoke_all_for_user(
+            &mut tx,
+            user_id,
+            current_session,
+            RevocationReason::PasswordChanged,
+        )
+        .await?;
         tx.audit(
             &AuditEntry::new("user.password.changed", Outcome::Success)
                 .by(caller)
@@ -404,7 +415,9 @@ impl Users {
         )
         .await?;
         tx.commit().await?;
-        self.sessions.ended(&ended, "password_changed").await;
+        self.sessions
+            .ended(&ended, RevocationReason::PasswordChanged)
+            .await;
         // The other sessions ended above; nothing cached about the user changed.
         Ok(())
     }
@@ -423,25 +436,15 @@ impl Users {
                 format!("limit must be between 1 and {}", paging::MAX_LIMIT),
             )
         })?;
-        if let Some(s) = f.status.as_deref() {
-            if !["active", "disabled"].contains(&s) {
-                return Err(ServiceError::validation(
-                    "status",
-                    "invalid",
-                    "status must be active or disabled",
-                ));
-            }
-        }
+        let status = f
+            .status
+            .as_deref()
+            .map(parse_status)
+            .transpose()
+            .map_err(|e| ServiceError::Validation(vec![e]))?;
         let after = f.cursor.as_deref().map(decode_cursor).transpose()?;
         let email = paging::text_filter("email", f.email.map(|e| e.trim().to_string()))?;
-        let rows = users::list(
-            &self.db,
-            email.as_deref(),
-            f.status.as_deref(),
-            after,
-            limit + 1,
-        )
-        .await?;
+        let rows = users::list(&self.db, email.as_deref(), status, after, limit + 1).await?;
         let page = paging::finish(rows, limit, |u| encode_cursor(u.created_at, u.id));
         Ok(Page {
             items: page.items.into_iter().map(|r| r.into_user()).collect(),
@@ -459,38 +462,32 @@ impl Users {
         change: UserChange,
     ) -> ServiceResult<User> {
         require_admin(caller)?;
+        // Both fields are checked, and every failure reported.
         let mut errors = Vec::new();
-        if let Some(s) = change.status.as_deref() {
-            if !["active", "disabled"].contains(&s) {
-                errors.push(FieldError::new(
-                    "status",
-                    "invalid",
-                    "status must be active or disabled",
-                ));
-            }
-        }
-        let roles = change.roles.map(|mut r| {
-            r.sort();
-            r.dedup();
-            r
-        });
-        if let Some(r) = &roles {
-            if let Some(bad) = r.iter().find(|r| !ROLES.contains(&r.as_str())) {
-                errors.push(FieldError::new(
-                    "roles",
-                    "unknown_role",
-                    format!("unknown role {bad}"),
-                ));
-            }
-        }
+        let status = change
+            .status
+            .as_deref()
+            .map(parse_status)
+            .transpose()
+            .unwrap_or_else(|e| {
+                errors.push(e);
+                None
+            });
+        let roles = change
+            .roles
+            .map(parse_roles)
+            .transpose()
+            .unwrap_or_else(|bad| {
+                let message = format!("unknown role {bad}");
+                errors.push(FieldError::new("roles", "unknown_role", message));
+                None
+            });
         if !errors.is_empty() {
             return Err(ServiceError::Validation(errors));
         }
         if caller.user_id() == Some(id)
-            && (change.status.as_deref() == Some("disabled")
-                || roles
-                    .as_ref()
-                    .is_some_and(|r| !r.iter().any(|x| x == "admin")))
+            && (status == Some(UserStatus::Disabled)
+                || roles.as_ref().is_some_and(|r| !r.contains(&Role::Admin)))
         {
             return Err(ServiceError::Forbidden(
                 "admins cannot disable themselves or drop their own admin role".into(),
@@ -502,7 +499,7 @@ impl Users {
             .await?
             .ok_or(ServiceError::NotFound("user"))?;
         let mut details = serde_json::Map::new();
-        if let Some(s) = change.status.as_deref().filter(|s| *s != before.status) {
+        if let Some(s) = status.filter(|s| *s != before.status) {
             users::set_status(&mut tx, id, s).await?;
             details.insert(
                 "status".into(),
@@ -516,9 +513,10 @@ impl Users {
                 serde_json::json!({ "from": before.roles, "to": r }),
             );
         }
-        let disabled = change.status.as_deref() == Some("disabled") && before.status != "disabled";
+        let disabled =
+            status == Some(UserStatus::Disabled) && before.status != UserStatus::Disabled;
         let ended = if disabled {
-            sessions::revoke_all_for_user(&mut tx, id, None, "user_disabled").await?
+            sessions::revoke_all_for_user(&mut tx, id, None, RevocationReason::UserDisabled).await?
         } else {
             Vec::new()
         };
@@ -539,7 +537,9 @@ impl Users {
             .into_user();
         tx.commit().await?;
 
-        self.sessions.ended(&ended, "user_disabled").await;
+        self.sessions
+            .ended(&ended, RevocationReason::UserDisabled)
+            .await;
         if !details.is_empty() {
             // Cached session roles and other replicas' API-key caches.
             self.sessions.forget_user_sessions(id).await?;

@@ -12,12 +12,14 @@ pub struct ServiceClientRecord {
     pub name: String,
     pub scopes: Vec<String>,
     pub secret_hash: Option<String>,
-    pub status: String,
+    /// `status = 'active'` (`service_clients_status_check`: active or disabled).
+    pub active: bool,
 }
 
 pub async fn by_client_id(db: &Db, client_id: &str) -> StoreResult<Option<ServiceClientRecord>> {
     Ok(sqlx::query_as::<_, ServiceClientRecord>(
-        "select id, client_id, name, scopes, secret_hash, status from service_clients where client_id = $1",
+        "select id, client_id, name, scopes, secret_hash, status = 'active' as active
+           from service_clients where client_id = $1",
     )
     .bind(client_id)
     .fetch_optional(&db.pool)

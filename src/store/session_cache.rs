@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{Cache, StoreResult};
-use crate::domain::session::SessionState;
+use crate::domain::session::{RevocationReason, SessionState};
+use crate::domain::user::Role;
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "s", rename_all = "lowercase")]
@@ -43,9 +44,11 @@ impl SessionCache {
         Ok(serde_json::from_str::<Stored>(&text).ok().map(|s| match s {
             Stored::Live { uid, roles } => SessionState::Live {
                 user_id: uid,
-                roles,
+                roles: Role::from_names(&roles),
             },
-            Stored::Revoked { reason } => SessionState::Revoked { reason },
+            Stored::Revoked { reason } => SessionState::Revoked {
+                reason: RevocationReason::from_stored(&reason),
+            },
         }))
     }
 
@@ -53,10 +56,10 @@ impl SessionCache {
         let stored = match state {
             SessionState::Live { user_id, roles } => Stored::Live {
                 uid: *user_id,
-                roles: roles.clone(),
+                roles: roles.iter().map(|r| r.as_str().to_string()).collect(),
             },
             SessionState::Revoked { reason } => Stored::Revoked {
-                reason: reason.clone(),
+                reason: reason.as_str().to_string(),
             },
         };
         let text = serde_json::to_string(&stored)

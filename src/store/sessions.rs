@@ -6,16 +6,28 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{Db, StoreResult, Tx};
+use crate::domain::session::RevocationReason;
+use crate::domain::user::{Role, UserStatus};
 
 /// What a request needs to know about its session, read in one query.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct SessionAuth {
     pub user_id: Uuid,
-    pub revoked_reason: Option<String>,
+    pub revoked_reason: Option<RevocationReason>,
     pub revoked: bool,
     pub expired: bool,
-    pub user_status: String,
-    pub roles: Vec<String>,
+    pub user_status: UserStatus,
+    pub roles: Vec<Role>,
+}
+
+#[derive(sqlx::FromRow)]
+struct SessionAuthRow {
+    user_id: Uuid,
+    revoked_reason: Option<String>,
+    revoked: bool,
+    expired: bool,
+    user_status: String,
+    roles: Vec<String>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -142,7 +154,7 @@ pub async fn mark_refresh_used(tx: &mut Tx, id: Uuid) -> StoreResult<()> {
 /// racing another over the same idle session (its UPDATE finds the row already
 /// revoked) still answers "ended".
 pub async fn auth_state(db: &Db, id: Uuid, idle_secs: u64) -> StoreResult<Option<SessionAuth>> {
-    Ok(sqlx::query_as::<_, SessionAuth>(
+    let row = sqlx::query_as::<_, SessionAuthRow>(
         "with idle as (
              update sessions set revoked_at = now(), revoked_reason = 'idle_timeout'
               where id = $1 and revoked_at is null and expires_at > now()
@@ -176,7 +188,21 @@ pub async fn auth_state(db: &Db, id: Uuid, idle_secs: u64) -> StoreResult<Option
     .bind(id)
     .bind(idle_secs as f64)
     .fetch_optional(&db.pool)
-    .await?)
+    .await?;
+    row.map(|r| {
+        Ok(SessionAuth {
+            user_id: r.user_id,
+            revoked_reason: r
+                .revoked_reason
+                .as_deref()
+                .map(RevocationReason::from_stored),
+            revoked: r.revoked,
+            expired: r.expired,
+            user_status: super::users::user_status(&r.user_status)?,
+            roles: Role::from_names(&r.roles),
+        })
+    })
+    .transpose()
 }
 
 /// Records activity on a session (a refresh).
@@ -189,13 +215,13 @@ pub async fn touch(tx: &mut Tx, id: Uuid) -> StoreResult<()> {
 }
 
 /// Ends one session; returns whether it was live.
-pub async fn revoke(tx: &mut Tx, id: Uuid, reason: &str) -> StoreResult<bool> {
+pub async fn revoke(tx: &mut Tx, id: Uuid, reason: RevocationReason) -> StoreResult<bool> {
     let n = sqlx::query(
         "update sessions set revoked_at = now(), revoked_reason = $2
           where id = $1 and revoked_at is null",
     )
     .bind(id)
-    .bind(reason)
+    .bind(reason.as_str())
     .execute(&mut **tx)
     .await?
     .rows_affected();
@@ -207,7 +233,7 @@ pub async fn revoke_all_for_user(
     tx: &mut Tx,
     user_id: Uuid,
     keep: Option<Uuid>,
-    reason: &str,
+    reason: RevocationReason,
 ) -> StoreResult<Vec<Uuid>> {
     Ok(sqlx::query_scalar::<_, Uuid>(
         "update sessions set revoked_at = now(), revoked_reason = $3
@@ -216,7 +242,7 @@ pub async fn revoke_all_for_user(
     )
     .bind(user_id)
     .bind(keep)
-    .bind(reason)
+    .bind(reason.as_str())
     .fetch_all(&mut **tx)
     .await?)
 }

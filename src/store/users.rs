@@ -4,18 +4,60 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{Db, StoreError, StoreResult, Tx};
-use crate::domain::user::User;
+use crate::domain::user::{Role, User, UserStatus};
 
 /// A user row with the password hash, which never leaves the service layer.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct UserRecord {
     pub id: Uuid,
     pub email: String,
     pub full_name: String,
     pub password_hash: Option<String>,
-    pub status: String,
+    pub status: UserStatus,
     pub created_at: DateTime<Utc>,
-    pub roles: Vec<String>,
+    pub roles: Vec<Role>,
+}
+
+/// The row as PostgreSQL answers it.
+#[derive(sqlx::FromRow)]
+struct UserRow {
+    id: Uuid,
+    email: String,
+    full_name: String,
+    password_hash: Option<String>,
+    status: String,
+    created_at: DateTime<Utc>,
+    roles: Vec<String>,
+}
+
+impl TryFrom<UserRow> for UserRecord {
+    type Error = StoreError;
+
+    fn try_from(r: UserRow) -> StoreResult<Self> {
+        Ok(UserRecord {
+            status: user_status(&r.status)?,
+            roles: Role::from_names(&r.roles),
+            id: r.id,
+            email: r.email,
+            full_name: r.full_name,
+            password_hash: r.password_hash,
+            created_at: r.created_at,
+        })
+    }
+}
+
+/// `users_status_check` allows no other value.
+pub(super) fn user_status(s: &str) -> StoreResult<UserStatus> {
+    UserStatus::parse(s)
+        .ok_or_else(|| StoreError::Other(anyhow::anyhow!("users.status holds {s:?}")))
+}
+
+fn names(roles: &[Role]) -> Vec<&'static str> {
+    roles.iter().map(|r| r.as_str()).collect()
+}
+
+fn record(row: Option<UserRow>) -> StoreResult<Option<UserRecord>> {
+    row.map(UserRecord::try_from).transpose()
 }
 
 impl UserRecord {
@@ -42,7 +84,7 @@ pub async fn insert(
     email: &str,
     full_name: &str,
     password_hash: &str,
-    roles: &[String],
+    roles: &[Role],
 ) -> StoreResult<UserRecord> {
     sqlx::query("insert into users (id, email, full_name, password_hash) values ($1, $2, $3, $4)")
         .bind(id)
@@ -55,8 +97,8 @@ pub async fn insert(
     by_id(tx, id).await?.ok_or(StoreError::NotFound("user"))
 }
 
-/// Replaces the user's roles; unknown role names are ignored (the caller checks).
-pub async fn set_roles(tx: &mut Tx, user_id: Uuid, roles: &[String]) -> StoreResult<()> {
+/// Replaces the user's roles.
+pub async fn set_roles(tx: &mut Tx, user_id: Uuid, roles: &[Role]) -> StoreResult<()> {
     sqlx::query("delete from user_roles where user_id = $1")
         .bind(user_id)
         .execute(&mut **tx)
@@ -65,15 +107,15 @@ pub async fn set_roles(tx: &mut Tx, user_id: Uuid, roles: &[String]) -> StoreRes
         "insert into user_roles (user_id, role_id) select $1, id from roles where name = any($2)",
     )
     .bind(user_id)
-    .bind(roles)
+    .bind(names(roles))
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
 pub async fn by_email(db: &Db, email: &str) -> StoreResult<Option<UserRecord>> {
-    Ok(
-        sqlx::query_as::<_, UserRecord>(&format!("{SELECT} where lower(u.email) = lower($1)"))
+    record(
+        sqlx::query_as::<_, UserRow>(&format!("{SELECT} where lower(u.email) = lower($1)"))
             .bind(email)
             .fetch_optional(&db.pool)
             .await?,
@@ -81,8 +123,8 @@ pub async fn by_email(db: &Db, email: &str) -> StoreResult<Option<UserRecord>> {
 }
 
 pub async fn by_id(tx: &mut Tx, id: Uuid) -> StoreResult<Option<UserRecord>> {
-    Ok(
-        sqlx::query_as::<_, UserRecord>(&format!("{SELECT} where u.id = $1"))
+    record(
+        sqlx::query_as::<_, UserRow>(&format!("{SELECT} where u.id = $1"))
             .bind(id)
             .fetch_optional(&mut **tx)
             .await?,
@@ -90,8 +132,8 @@ pub async fn by_id(tx: &mut Tx, id: Uuid) -> StoreResult<Option<UserRecord>> {
 }
 
 pub async fn get(db: &Db, id: Uuid) -> StoreResult<Option<UserRecord>> {
-    Ok(
-        sqlx::query_as::<_, UserRecord>(&format!("{SELECT} where u.id = $1"))
+    record(
+        sqlx::query_as::<_, UserRow>(&format!("{SELECT} where u.id = $1"))
             .bind(id)
             .fetch_optional(&db.pool)
             .await?,
@@ -100,8 +142,8 @@ pub async fn get(db: &Db, id: Uuid) -> StoreResult<Option<UserRecord>> {
 
 /// Locks the row for the rest of the transaction (password change, admin edits).
 pub async fn lock(tx: &mut Tx, id: Uuid) -> StoreResult<Option<UserRecord>> {
-    Ok(
-        sqlx::query_as::<_, UserRecord>(&format!("{SELECT} where u.id = $1 for update of u"))
+    record(
+        sqlx::query_as::<_, UserRow>(&format!("{SELECT} where u.id = $1 for update of u"))
             .bind(id)
             .fetch_optional(&mut **tx)
             .await?,
@@ -126,10 +168,10 @@ pub async fn set_password_hash(tx: &mut Tx, id: Uuid, hash: &str) -> StoreResult
     Ok(())
 }
 
-pub async fn set_status(tx: &mut Tx, id: Uuid, status: &str) -> StoreResult<()> {
+pub async fn set_status(tx: &mut Tx, id: Uuid, status: UserStatus) -> StoreResult<()> {
     sqlx::query("update users set status = $2, updated_at = now() where id = $1")
         .bind(id)
-        .bind(status)
+        .bind(status.as_str())
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -139,7 +181,7 @@ pub async fn set_status(tx: &mut Tx, id: Uuid, status: &str) -> StoreResult<()> 
 pub async fn list(
     db: &Db,
     email_contains: Option<&str>,
-    status: Option<&str>,
+    status: Option<UserStatus>,
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
 ) -> StoreResult<Vec<UserRecord>> {
@@ -152,7 +194,7 @@ pub async fn list(
                 .replace('_', "\\_")
         )
     });
-    Ok(sqlx::query_as::<_, UserRecord>(&format!(
+    sqlx::query_as::<_, UserRow>(&format!(
         "{SELECT}
           where ($1::text is null or lower(u.email) like $1)
             and ($2::text is null or u.status = $2)
@@ -161,10 +203,13 @@ pub async fn list(
           limit $5"
     ))
     .bind(pattern)
-    .bind(status)
+    .bind(status.map(UserStatus::as_str))
     .bind(after.map(|a| a.0))
     .bind(after.map(|a| a.1))
     .bind(limit)
     .fetch_all(&db.pool)
-    .await?)
+    .await?
+    .into_iter()
+    .map(UserRecord::try_from)
+    .collect()
 }

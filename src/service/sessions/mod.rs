@@ -27,8 +27,8 @@ use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::config::Settings;
 use crate::crypto::jwt::{JwtKeys, TokenType};
 use crate::domain::account::AccountAccess;
-use crate::domain::session::SessionState;
-use crate::domain::user::User;
+use crate::domain::session::{RevocationReason, SessionState};
+use crate::domain::user::{User, UserStatus};
 use crate::store::{sessions, users, Cache, Db, SessionCache, Tx};
 
 /// How long Redis keeps a "live" session state.
@@ -198,12 +198,9 @@ impl Sessions {
 
     /// After a transaction that ended `sids` for `reason` has committed: the
     /// tombstones, and every replica drops them.
-    pub async fn ended(&self, sids: &[Uuid], reason: &str) {
+    pub async fn ended(&self, sids: &[Uuid], reason: RevocationReason) {
         for sid in sids {
-            let state = SessionState::Revoked {
-                reason: reason.into(),
-            };
-            self.record(*sid, &state).await;
+            self.record(*sid, &SessionState::Revoked { reason }).await;
         }
     }
 
@@ -240,13 +237,13 @@ impl Sessions {
         let idle = self.idle_timeout_secs;
         let state = match sessions::auth_state(&self.db, sid, idle).await? {
             None => SessionState::Revoked {
-                reason: "unknown".into(),
+                reason: RevocationReason::Unknown,
             },
-            Some(s) if s.user_status != "active" => SessionState::Revoked {
-                reason: "user_disabled".into(),
+            Some(s) if s.user_status != UserStatus::Active => SessionState::Revoked {
+                reason: RevocationReason::UserDisabled,
             },
             Some(s) if s.revoked || s.expired => SessionState::Revoked {
-                reason: s.revoked_reason.unwrap_or_else(|| "expired".into()),
+                reason: s.revoked_reason.unwrap_or(RevocationReason::Expired),
             },
             Some(s) => SessionState::Live {
                 user_id: s.user_id,
@@ -351,7 +348,7 @@ impl Sessions {
         if row.used {
             let audit = AuditEntry::new("auth.refresh.reused", Outcome::Denied);
             return self
-                .end_on_refresh(tx, &row, "refresh_reuse", audit, meta)
+                .end_on_refresh(tx, &row, RevocationReason::RefreshReuse, audit, meta)
                 .await;
         }
         if row.expired || !row.session_live {
@@ -361,12 +358,12 @@ impl Sessions {
             let audit = AuditEntry::new("auth.session.idle_timeout", Outcome::Denied)
                 .details(serde_json::json!({ "idle_timeout_seconds": idle }));
             return self
-                .end_on_refresh(tx, &row, "idle_timeout", audit, meta)
+                .end_on_refresh(tx, &row, RevocationReason::IdleTimeout, audit, meta)
                 .await;
         }
         let user = users::by_id(&mut tx, row.user_id)
             .await?
-            .filter(|u| u.status == "active")
+            .filter(|u| u.status == UserStatus::Active)
             .ok_or(ServiceError::InvalidToken)?
             .into_user();
         sessions::mark_refresh_used(&mut tx, row.id).await?;
@@ -393,7 +390,7 @@ impl Sessions {
         &self,
         mut tx: Tx,
         row: &sessions::RefreshRow,
-        reason: &str,
+        reason: RevocationReason,
         audit: AuditEntry,
         meta: &RequestMeta,
     ) -> ServiceResult<LoginTokens> {
@@ -423,7 +420,7 @@ impl Sessions {
             return Ok(());
         };
         let mut tx = self.db.begin().await?;
-        if sessions::revoke(&mut tx, *sid, "logout").await? {
+        if sessions::revoke(&mut tx, *sid, RevocationReason::Logout).await? {
             tx.audit(
                 &AuditEntry::new("auth.logout", Outcome::Success)
                     .actor("user", user_id)
@@ -433,7 +430,7 @@ impl Sessions {
             .await?;
         }
         tx.commit().await?;
-        self.ended(&[*sid], "logout").await;
+        self.ended(&[*sid], RevocationReason::Logout).await;
         Ok(())
     }
 
@@ -465,7 +462,7 @@ impl Sessions {
         if !sessions::live_of_user_for_update(&mut tx, sid, user_id).await? {
             return Err(ServiceError::NotFound("session"));
         }
-        sessions::revoke(&mut tx, sid, "ended").await?;
+        sessions::revoke(&mut tx, sid, RevocationReason::Ended).await?;
         tx.audit(
             &AuditEntry::new("session.ended", Outcome::Success)
                 .by(caller)
@@ -474,7 +471,7 @@ impl Sessions {
         )
         .await?;
         tx.commit().await?;
-        self.ended(&[sid], "ended").await;
+        self.ended(&[sid], RevocationReason::Ended).await;
         Ok(())
     }
 }

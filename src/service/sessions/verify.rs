@@ -11,8 +11,8 @@ use uuid::Uuid;
 use super::{sha256, Sessions};
 use crate::crypto::jwt::{Claims, JwtError, TokenType};
 use crate::domain::account::AccountAccess;
-use crate::domain::session::SessionState;
-use crate::domain::user::User;
+use crate::domain::session::{RevocationReason, SessionState};
+use crate::domain::user::{Role, User};
 use crate::service::{now_secs, Caller, ServiceError, ServiceResult};
 use crate::store::sessions;
 
@@ -39,7 +39,7 @@ impl From<TokenRefusal> for ServiceError {
 pub struct AccessGrant {
     pub user_id: Uuid,
     pub session_id: Uuid,
-    pub roles: Vec<String>,
+    pub roles: Vec<Role>,
     pub expires_at: i64,
     pub user: Arc<User>,
 }
@@ -170,9 +170,9 @@ impl Sessions {
         match self.state(sid).await? {
             SessionState::Live { user_id: uid, .. } if uid == user_id => {}
             SessionState::Live { .. } => return Ok(Err(TokenRefusal::Invalid)),
-            SessionState::Revoked { reason } if reason == "user_disabled" => {
-                return Ok(Err(TokenRefusal::UserDisabled))
-            }
+            SessionState::Revoked {
+                reason: RevocationReason::UserDisabled,
+            } => return Ok(Err(TokenRefusal::UserDisabled)),
             SessionState::Revoked { .. } => return Ok(Err(TokenRefusal::SessionRevoked)),
         }
         // Roles and status from the user as it is now (a role change or a
@@ -363,7 +363,7 @@ mod rss_probe {
                 .get_or_load(sid, || async move {
                     Ok(SessionState::Live {
                         user_id: uid,
-                        roles: vec!["user".into()],
+                        roles: vec![Role::User],
                     })
                 })
                 .await;
@@ -374,8 +374,8 @@ mod rss_probe {
                         id: uid,
                         email: format!("user{i}@example.com"),
                         full_name: format!("User number {i}"),
-                        roles: vec!["user".into()],
-                        status: "active".into(),
+                        roles: vec![Role::User],
+                        status: crate::domain::user::UserStatus::Active,
                         created_at: chrono::Utc::now(),
                     })))
                 })
