@@ -130,7 +130,11 @@ async fn create_user(
         .create_user_by_operator(email, full_name, password, roles)
         .await
         .map_err(|e| anyhow::anyhow!("create-user: {}", describe(e)))?;
-    println!("{}", serde_json::to_string(&user)?);
+    // The gateway's wire form, so scripts read one shape.
+    println!(
+        "{}",
+        serde_json::to_string(&crate::http::users::User::from(user))?
+    );
     Ok(())
 }
 

@@ -12,14 +12,13 @@ pub mod policy;
 pub mod scope;
 pub mod user;
 
-/// One field-level validation failure.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+/// One field-level validation failure (the gateway answers it as
+/// `http::problem::FieldError`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
     /// The request field (or `body` / `query`) that failed.
-    #[schema(example = "password")]
     pub field: String,
     /// Machine code of the failure, e.g. `invalid`, `too_weak`, `required`.
-    #[schema(example = "invalid")]
     pub code: &'static str,
     pub message: String,
 }

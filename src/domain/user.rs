@@ -1,13 +1,12 @@
-//! A user as the wire sees it (never the password hash).
+//! A user (never the password hash: no layer above store/ sees it).
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use uuid::Uuid;
 
 /// Roles a user may hold.
 pub const ROLES: [&str; 3] = ["admin", "user", "viewer"];
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
     pub id: Uuid,
     pub email: String,

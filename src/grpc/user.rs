@@ -1,7 +1,9 @@
-//! UserService adapter.
+//! UserService adapter: convert, call the service, convert.
 
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
+use super::convert::{accounts, IdField};
 use super::interceptor::require_scope;
 use crate::app::AppState;
 use crate::proto::user_service_server::UserService;
@@ -10,6 +12,7 @@ use crate::proto::{
     ListUserAccountsResponse,
 };
 use crate::proto::{GetUserRequest, GetUserResponse};
+use crate::service::{Caller, RequestMeta};
 
 pub struct UserApi {
     state: AppState,
@@ -21,26 +24,6 @@ impl UserApi {
     }
 }
 
-/// RFC 3339 time → protobuf Timestamp.
-pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
-
-/// The wire form of a user (never the password hash: the domain type has none).
-pub fn user_to_proto(u: &crate::domain::user::User) -> crate::proto::User {
-    crate::proto::User {
-        id: u.id.to_string(),
-        email: u.email.clone(),
-        full_name: u.full_name.clone(),
-        roles: u.roles.clone(),
-        status: u.status.clone(),
-        created_at: Some(timestamp(u.created_at)),
-    }
-}
-
 #[tonic::async_trait]
 impl UserService for UserApi {
     async fn get_user(
@@ -48,10 +31,10 @@ impl UserService for UserApi {
         req: Request<GetUserRequest>,
     ) -> Result<Response<GetUserResponse>, Status> {
         let caller = require_scope(&req, "users:read")?;
-        let id = super::convert_accounts::id(&req.get_ref().user_id, "user_id")?;
+        let id = Uuid::try_from(IdField("user_id", &req.get_ref().user_id))?;
         let user = self.state.identity.get_user(caller, id).await?;
         Ok(Response::new(GetUserResponse {
-            user: Some(user_to_proto(&user)),
+            user: Some((&user).into()),
         }))
     }
 
@@ -59,19 +42,16 @@ impl UserService for UserApi {
         &self,
         req: Request<ListUserAccountsRequest>,
     ) -> Result<Response<ListUserAccountsResponse>, Status> {
-        let caller = super::convert_accounts::caller(&req)?;
-        let meta = super::convert_accounts::request_meta(&req);
-        let user_id = super::convert_accounts::id(&req.get_ref().user_id, "user_id")?;
-        let accounts = self
+        let caller = Caller::try_from(&req)?;
+        let meta = RequestMeta::from(&req);
+        let user_id = Uuid::try_from(IdField("user_id", &req.get_ref().user_id))?;
+        let list = self
             .state
             .accounts
             .accounts_for_service(&caller, &meta, user_id)
             .await?;
         Ok(Response::new(ListUserAccountsResponse {
-            accounts: accounts
-                .iter()
-                .map(super::convert_accounts::account_access_to_proto)
-                .collect(),
+            accounts: accounts(list.iter()),
         }))
     }
 
@@ -79,8 +59,8 @@ impl UserService for UserApi {
         &self,
         req: Request<CheckPermissionRequest>,
     ) -> Result<Response<CheckPermissionResponse>, Status> {
-        let caller = super::convert_accounts::caller(&req)?;
-        let meta = super::convert_accounts::request_meta(&req);
+        let caller = Caller::try_from(&req)?;
+        let meta = RequestMeta::from(&req);
         let r = req.get_ref();
         let decision = self
             .state

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::auth::{clear_session_cookie, cookie_value, session_cookie, Authenticated};
 use super::extract::{Json, Meta};
 use super::problem::Problem;
+use super::users::User;
 use super::AppState;
-use crate::domain::user::User;
 use crate::service::auth::{LoginTokens, RegisterInput};
 use crate::service::{FieldError, ServiceError};
 
@@ -64,7 +64,7 @@ async fn register(
             },
         )
         .await?;
-    Ok((StatusCode::CREATED, axum::Json(user)))
+    Ok((StatusCode::CREATED, axum::Json(user.into())))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -97,7 +97,7 @@ fn token_response(state: &AppState, t: LoginTokens) -> Response {
         refresh_token: t.refresh_token,
         token_type: "Bearer",
         expires_in: t.expires_in,
-        user: t.user,
+        user: t.user.into(),
     })
     .into_response();
     res.headers_mut().insert(SET_COOKIE, cookie);

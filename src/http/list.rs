@@ -1,9 +1,12 @@
 //! The body every paginated route answers, `{"items": [...], "next_cursor": null | "…"}`,
 //! shared so the lists cannot drift apart on the wire or in the OpenAPI document.
+//! Two names for one shape: the document published the user and session lists as
+//! `Page_<Item>` and the others as `PageBody_<Item>`, and generated clients keep
+//! those names.
 
 use serde::Serialize;
 
-use crate::service::paging::Page;
+use crate::service::paging;
 
 // Named `PageBody` on purpose: utoipa names each instance `PageBody_<Item>` in the
 // document's components, which clients may already generate code from. A plain
@@ -14,11 +17,30 @@ pub struct PageBody<T> {
     next_cursor: Option<String>,
 }
 
-impl<S, T: From<S>> From<Page<S>> for PageBody<T> {
-    fn from(p: Page<S>) -> Self {
+impl<S, T: From<S>> From<paging::Page<S>> for PageBody<T> {
+    fn from(p: paging::Page<S>) -> Self {
         Self {
             items: p.items.into_iter().map(T::from).collect(),
             next_cursor: p.next_cursor,
+        }
+    }
+}
+
+/// A page of a list: `{"items": [...], "next_cursor": null | "…"}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Page<T> {
+    items: Vec<T>,
+    next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    pub fn new<S>(items: Vec<S>, next_cursor: Option<String>) -> Self
+    where
+        T: From<S>,
+    {
+        Self {
+            items: items.into_iter().map(T::from).collect(),
+            next_cursor,
         }
     }
 }

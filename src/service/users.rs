@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use uuid::Uuid;
 
 use super::audit::{AuditEntry, Outcome};
@@ -17,7 +16,7 @@ use crate::domain::user::{User, ROLES};
 use crate::store::{audit, sessions, users};
 
 /// One of the caller's sessions.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone)]
 pub struct SessionView {
     pub id: Uuid,
     pub created_at: DateTime<Utc>,
@@ -28,8 +27,8 @@ pub struct SessionView {
     pub current: bool,
 }
 
-/// A page of a list: `{"items": [...], "next_cursor": null | "…"}`.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+/// A page of users or sessions; `next_cursor` continues the list.
+#[derive(Debug, Clone)]
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next_cursor: Option<String>,
