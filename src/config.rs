@@ -95,6 +95,23 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where notifications go: the alert service, or the service's own log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifySink {
+    Http,
+    Log,
+}
+
+impl NotifySink {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Log => "log",
+        }
+    }
+}
+
 fn default_env() -> Environment {
     Environment::Development
 }
@@ -325,6 +342,73 @@ pub struct Settings {
     /// how often session activity is recorded, hence at most 30.
     #[serde(default = "default_token_cache_ttl")]
     pub token_cache_ttl_seconds: u64,
+
+    // ---- recovery, verification and notifications (issue 15) ----
+    /// Base URL of the web app that links in emails point under
+    /// (`{PUBLIC_APP_URL}/verify-email?token=…`); unset, the environment's own.
+    pub public_app_url: Option<String>,
+    /// Bearer token sent to the alert service, when it wants one.
+    pub alert_service_token: Option<SecretString>,
+    /// `http` (POST to ALERT_SERVICE_URL) or `log` (the message, link included,
+    /// in the service log); unset: `log` in development, `http` elsewhere.
+    pub notify_sink: Option<NotifySink>,
+    /// Delivery attempts of one notification before it is marked dead.
+    #[serde(default = "default_notify_max_attempts")]
+    pub notify_max_attempts: u32,
+    /// The wait after the first failed delivery; it doubles with each failure.
+    #[serde(default = "default_notify_backoff_base_ms")]
+    pub notify_backoff_base_ms: u64,
+    /// The longest wait between two delivery attempts.
+    #[serde(default = "default_notify_backoff_max_ms")]
+    pub notify_backoff_max_ms: u64,
+    /// How often each replica looks for notifications to deliver.
+    #[serde(default = "default_notify_poll_interval_ms")]
+    pub notify_poll_interval_ms: u64,
+    /// One POST to the alert service gets this long.
+    #[serde(default = "default_notify_http_timeout_ms")]
+    pub notify_http_timeout_ms: u64,
+    /// Step-up operations refused (403 email_unverified) until the user's email is
+    /// verified; unset: false in development, true elsewhere.
+    pub require_verified_email: Option<bool>,
+    #[serde(default = "default_password_reset_ttl")]
+    pub password_reset_ttl_seconds: u64,
+    #[serde(default = "default_email_verification_ttl")]
+    pub email_verification_ttl_seconds: u64,
+    /// Password-reset requests and verification resends per email address per
+    /// hour (whether or not it belongs to a user); 0 turns the throttle off.
+    #[serde(default = "default_recovery_email_max")]
+    pub password_reset_email_max_per_hour: u32,
+    /// Password-reset requests per client IP per hour; 0 turns the throttle off.
+    #[serde(default = "default_recovery_ip_max")]
+    pub password_reset_ip_max_per_hour: u32,
+}
+
+fn default_notify_max_attempts() -> u32 {
+    8
+}
+fn default_notify_backoff_base_ms() -> u64 {
+    5_000
+}
+fn default_notify_backoff_max_ms() -> u64 {
+    15 * 60 * 1000
+}
+fn default_notify_poll_interval_ms() -> u64 {
+    1_000
+}
+fn default_notify_http_timeout_ms() -> u64 {
+    5_000
+}
+fn default_password_reset_ttl() -> u64 {
+    1800
+}
+fn default_email_verification_ttl() -> u64 {
+    24 * 3600
+}
+fn default_recovery_email_max() -> u32 {
+    5
+}
+fn default_recovery_ip_max() -> u32 {
+    30
 }
 
 fn default_token_cache_ttl() -> u64 {
@@ -733,6 +817,32 @@ impl Settings {
             .unwrap_or(self.app_env == Environment::Development)
     }
 
+    /// NOTIFY_SINK, or the environment's default (log in development).
+    pub fn notify_sink(&self) -> NotifySink {
+        match (self.notify_sink, self.app_env) {
+            (Some(s), _) => s,
+            (None, Environment::Development) => NotifySink::Log,
+            (None, _) => NotifySink::Http,
+        }
+    }
+
+    /// REQUIRE_VERIFIED_EMAIL, or the environment's default (off in development).
+    pub fn require_verified_email(&self) -> bool {
+        self.require_verified_email
+            .unwrap_or(self.app_env != Environment::Development)
+    }
+
+    /// PUBLIC_APP_URL without a trailing slash; unset, the environment's web app
+    /// (the origins CORS_ALLOWED_ORIGINS names first in the env files).
+    pub fn public_app_url(&self) -> String {
+        match (&self.public_app_url, self.app_env) {
+            (Some(u), _) => u.trim_end_matches('/').to_string(),
+            (None, Environment::Development) => "http://localhost:3000".into(),
+            (None, Environment::Staging) => "http://localhost:3002".into(),
+            (None, Environment::Production) => "https://app.stocksblitz.com".into(),
+        }
+    }
+
     pub fn cors_origins(&self) -> Vec<String> {
         self.cors_allowed_origins
             .split(',')
@@ -808,6 +918,7 @@ impl Settings {
         if self.session_cookie_samesite == SameSite::None && !self.session_cookie_secure {
             p.push("SESSION_COOKIE_SAMESITE=none requires SESSION_COOKIE_SECURE=true".into());
         }
+        p.extend(self.notification_problems());
         p.extend(self.key_material_problems());
         if self.app_env == Environment::Development {
             return p;
@@ -843,6 +954,50 @@ impl Settings {
             p.push(format!(
                 "CORS_ALLOWED_ORIGINS must not contain '*' in {env}"
             ));
+        }
+        p
+    }
+
+    /// Recovery and notifications: a sink that can deliver, links that point at a
+    /// real app, and outside development no tokens in the log.
+    fn notification_problems(&self) -> Vec<String> {
+        let env = self.app_env.as_str();
+        let mut p = Vec::new();
+        if self.notify_max_attempts == 0 {
+            p.push("NOTIFY_MAX_ATTEMPTS must be at least 1".into());
+        }
+        if self.notify_poll_interval_ms == 0 || self.notify_http_timeout_ms == 0 {
+            p.push("NOTIFY_POLL_INTERVAL_MS and NOTIFY_HTTP_TIMEOUT_MS must be at least 1".into());
+        }
+        if self.notify_backoff_base_ms == 0 || self.notify_backoff_max_ms < self.notify_backoff_base_ms
+        {
+            p.push(
+                "NOTIFY_BACKOFF_BASE_MS must be at least 1 and at most NOTIFY_BACKOFF_MAX_MS".into(),
+            );
+        }
+        if !(60..=86_400).contains(&self.password_reset_ttl_seconds) {
+            p.push("PASSWORD_RESET_TTL_SECONDS must be between 60 and 86400".into());
+        }
+        if !(60..=7 * 86_400).contains(&self.email_verification_ttl_seconds) {
+            p.push("EMAIL_VERIFICATION_TTL_SECONDS must be between 60 and 604800".into());
+        }
+        match self.notify_sink() {
+            NotifySink::Http => match self.alert_service_url.as_deref().map(url::Url::parse) {
+                None => p.push("NOTIFY_SINK=http needs ALERT_SERVICE_URL".into()),
+                Some(Ok(u)) if matches!(u.scheme(), "http" | "https") => {}
+                Some(_) => p.push("ALERT_SERVICE_URL must be an http(s) URL".into()),
+            },
+            // The log sink prints every link, reset tokens included.
+            NotifySink::Log if self.app_env != Environment::Development => p.push(format!(
+                "NOTIFY_SINK=log would print password-reset links to the log, refused in {env}"
+            )),
+            NotifySink::Log => {}
+        }
+        if let Some(raw) = &self.public_app_url {
+            match url::Url::parse(raw) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => p.push("PUBLIC_APP_URL must be an http(s) URL".into()),
+            }
         }
         p
     }
@@ -1138,6 +1293,47 @@ impl Settings {
             (
                 "TOKEN_CACHE_TTL_SECONDS",
                 self.token_cache_ttl_seconds.to_string(),
+            ),
+            // ---- recovery, verification and notifications (issue 15) ----
+            ("PUBLIC_APP_URL", self.public_app_url()),
+            ("ALERT_SERVICE_TOKEN", secret(&self.alert_service_token)),
+            ("NOTIFY_SINK", self.notify_sink().as_str().into()),
+            ("NOTIFY_MAX_ATTEMPTS", self.notify_max_attempts.to_string()),
+            (
+                "NOTIFY_BACKOFF_BASE_MS",
+                self.notify_backoff_base_ms.to_string(),
+            ),
+            (
+                "NOTIFY_BACKOFF_MAX_MS",
+                self.notify_backoff_max_ms.to_string(),
+            ),
+            (
+                "NOTIFY_POLL_INTERVAL_MS",
+                self.notify_poll_interval_ms.to_string(),
+            ),
+            (
+                "NOTIFY_HTTP_TIMEOUT_MS",
+                self.notify_http_timeout_ms.to_string(),
+            ),
+            (
+                "REQUIRE_VERIFIED_EMAIL",
+                self.require_verified_email().to_string(),
+            ),
+            (
+                "PASSWORD_RESET_TTL_SECONDS",
+                self.password_reset_ttl_seconds.to_string(),
+            ),
+            (
+                "EMAIL_VERIFICATION_TTL_SECONDS",
+                self.email_verification_ttl_seconds.to_string(),
+            ),
+            (
+                "PASSWORD_RESET_EMAIL_MAX_PER_HOUR",
+                self.password_reset_email_max_per_hour.to_string(),
+            ),
+            (
+                "PASSWORD_RESET_IP_MAX_PER_HOUR",
+                self.password_reset_ip_max_per_hour.to_string(),
             ),
         ]
     }

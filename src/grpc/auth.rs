@@ -139,6 +139,7 @@ fn verified_key_to_proto(k: &VerifiedKey, account: Option<uuid::Uuid>) -> Verify
             roles: k.user.roles.clone(),
             status: k.user.status.clone(),
             created_at: Some(timestamp(k.user.created_at)),
+            email_verified: k.user.email_verified,
         }),
         key: Some(crate::proto::ApiKey {
             id: k.key.id.to_string(),

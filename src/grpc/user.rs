@@ -38,6 +38,7 @@ pub fn user_to_proto(u: &crate::domain::user::User) -> crate::proto::User {
         roles: u.roles.clone(),
         status: u.status.clone(),
         created_at: Some(timestamp(u.created_at)),
+        email_verified: u.email_verified,
     }
 }
 

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod account_races;
+mod alert_receiver;
 mod account_rules;
 mod accounts;
 mod api_keys;
@@ -21,9 +22,11 @@ mod http2;
 mod invitations;
 mod lockout;
 mod network;
+mod notify;
 mod observability;
 mod openapi;
 mod own_postgres;
+mod recovery;
 mod runtime;
 mod scale_out;
 mod tls;
