@@ -969,10 +969,12 @@ impl Settings {
         if self.notify_poll_interval_ms == 0 || self.notify_http_timeout_ms == 0 {
             p.push("NOTIFY_POLL_INTERVAL_MS and NOTIFY_HTTP_TIMEOUT_MS must be at least 1".into());
         }
-        if self.notify_backoff_base_ms == 0 || self.notify_backoff_max_ms < self.notify_backoff_base_ms
+        if self.notify_backoff_base_ms == 0
+            || self.notify_backoff_max_ms < self.notify_backoff_base_ms
         {
             p.push(
-                "NOTIFY_BACKOFF_BASE_MS must be at least 1 and at most NOTIFY_BACKOFF_MAX_MS".into(),
+                "NOTIFY_BACKOFF_BASE_MS must be at least 1 and at most NOTIFY_BACKOFF_MAX_MS"
+                    .into(),
             );
         }
         if !(60..=86_400).contains(&self.password_reset_ttl_seconds) {

@@ -23,10 +23,7 @@ pub fn routes() -> Router<AppState> {
             post(confirm_password_reset),
         )
         .route("/v1/users/me/email", post(change_email))
-        .route(
-            "/v1/users/me/email/verification",
-            post(resend_verification),
-        )
+        .route("/v1/users/me/email/verification", post(resend_verification))
         .route(
             "/v1/admin/users/{id}/password-reset",
             post(admin_password_reset),

@@ -28,7 +28,12 @@ const PURGE_EVERY: u32 = 600;
 
 /// Queues `template` for the user's current address, in `tx`. For callers that
 /// have the user id only (security notices: `mfa_enabled`, `password_changed` …).
-pub async fn notify(tx: &mut Tx, template: Template, user_id: Uuid, data: Value) -> ServiceResult<()> {
+pub async fn notify(
+    tx: &mut Tx,
+    template: Template,
+    user_id: Uuid,
+    data: Value,
+) -> ServiceResult<()> {
     let email = crate::store::users::by_id(tx, user_id)
         .await?
         .ok_or(ServiceError::NotFound("user"))?

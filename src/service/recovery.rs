@@ -250,7 +250,11 @@ impl Identity {
     /// `POST /v1/users/me/email/verification`: a new link to the caller's address;
     /// nothing is sent when it is already verified.
     #[tracing::instrument(skip_all)]
-    pub async fn resend_verification(&self, caller: &Caller, meta: &RequestMeta) -> ServiceResult<()> {
+    pub async fn resend_verification(
+        &self,
+        caller: &Caller,
+        meta: &RequestMeta,
+    ) -> ServiceResult<()> {
         let user_id = session_user(caller)?;
         let record = users::get(&self.db.pool, user_id)
             .await?
@@ -296,7 +300,8 @@ impl Identity {
             Email::parse(email).map_err(|m| ServiceError::validation("email", "invalid", m))?;
         if let Some(ip) = meta.ip {
             let max = self.settings.password_reset_ip_max_per_hour;
-            self.throttle(&format!("pwreset:ip:{ip}"), max, HOUR).await?;
+            self.throttle(&format!("pwreset:ip:{ip}"), max, HOUR)
+                .await?;
         }
         let max = self.settings.password_reset_email_max_per_hour;
         self.throttle(&mail_key(email.as_str()), max, HOUR).await?;
@@ -521,7 +526,14 @@ async fn issue_reset(
     let entry = AuditEntry::new("user.password_reset.requested", Outcome::Success).meta(meta);
     let entry = match record {
         Some(r) if r.status == "active" => {
-            issue_link(&mut tx, settings, r.id, &r.email, TokenPurpose::ResetPassword).await?;
+            issue_link(
+                &mut tx,
+                settings,
+                r.id,
+                &r.email,
+                TokenPurpose::ResetPassword,
+            )
+            .await?;
             entry.target("user", r.id)
         }
         Some(r) => AuditEntry {

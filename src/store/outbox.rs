@@ -114,11 +114,11 @@ pub async fn mark_dead(conn: &mut PgConnection, id: Uuid, error: &str) -> StoreR
 
 /// Messages not yet delivered nor dead (the `notification_outbox_pending` gauge).
 pub async fn pending_count(pool: &PgPool) -> StoreResult<i64> {
-    Ok(sqlx::query_scalar(
-        "select count(*) from notification_outbox where status = 'pending'",
+    Ok(
+        sqlx::query_scalar("select count(*) from notification_outbox where status = 'pending'")
+            .fetch_one(pool)
+            .await?,
     )
-    .fetch_one(pool)
-    .await?)
 }
 
 /// Delivered messages are kept a week for operators, then dropped; dead ones stay

@@ -34,7 +34,8 @@ impl UserRecord {
     }
 }
 
-const SELECT: &str = "select u.id, u.email, u.full_name, u.password_hash, u.status, u.email_verified, u.created_at,
+const SELECT: &str = "select u.id, u.email, u.full_name, u.password_hash, u.status, u.created_at,
+        u.email_verified,
         coalesce(array(select r.name from user_roles ur join roles r on r.id = ur.role_id
                         where ur.user_id = u.id order by r.name), '{}') as roles
    from users u";

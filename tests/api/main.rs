@@ -4,9 +4,9 @@
 mod helpers;
 
 mod account_races;
-mod alert_receiver;
 mod account_rules;
 mod accounts;
+mod alert_receiver;
 mod api_keys;
 mod audit_chain;
 mod auth;
@@ -27,6 +27,7 @@ mod observability;
 mod openapi;
 mod own_postgres;
 mod recovery;
+mod recovery_logs;
 mod runtime;
 mod scale_out;
 mod tls;

@@ -21,13 +21,11 @@ fn email() -> String {
 }
 
 async fn outbox_row(app: &TestApp, id: &str) -> (String, i32, Value) {
-    sqlx::query_as(
-        "select status, attempts, data from notification_outbox where id = $1::uuid",
-    )
-    .bind(id)
-    .fetch_one(&app.db)
-    .await
-    .unwrap()
+    sqlx::query_as("select status, attempts, data from notification_outbox where id = $1::uuid")
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
 }
 
 /// Waits until the message is in a final state (delivered or dead).
@@ -73,7 +71,11 @@ async fn a_notification_reaches_the_alert_service_as_the_contract_says() {
         .await;
     let body = &got.body;
     let id = body["id"].as_str().unwrap();
-    assert_eq!(got.idempotency_key.as_deref(), Some(id), "Idempotency-Key is the id");
+    assert_eq!(
+        got.idempotency_key.as_deref(),
+        Some(id),
+        "Idempotency-Key is the id"
+    );
     assert_eq!(
         got.authorization.as_deref(),
         Some("Bearer alert-bearer-token-1")
@@ -81,9 +83,17 @@ async fn a_notification_reaches_the_alert_service_as_the_contract_says() {
     assert_eq!(body["template"], "email_verification");
     assert_eq!(body["user_id"], user["id"]);
     assert!(body["created_at"].as_str().unwrap().contains('T'));
-    let mut keys: Vec<&str> = body.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    let mut keys: Vec<&str> = body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
     keys.sort();
-    assert_eq!(keys, ["created_at", "data", "id", "template", "to", "user_id"]);
+    assert_eq!(
+        keys,
+        ["created_at", "data", "id", "template", "to", "user_id"]
+    );
     let token = body["data"]["token"].as_str().unwrap();
     assert_eq!(token.len(), 43, "256 bits, base64url");
     assert_eq!(
@@ -96,7 +106,10 @@ async fn a_notification_reaches_the_alert_service_as_the_contract_says() {
     // its hash.
     let (status, attempts, data) = settled(&app, id).await;
     assert_eq!((status.as_str(), attempts), ("delivered", 1));
-    assert!(data.get("token").is_none() && data.get("link").is_none(), "{data}");
+    assert!(
+        data.get("token").is_none() && data.get("link").is_none(),
+        "{data}"
+    );
     let stored: i64 = sqlx::query_scalar(
         "select count(*) from user_tokens where token_hash = sha256(convert_to($1, 'utf8'))",
     )
@@ -135,7 +148,9 @@ async fn refusals_are_retried_with_growing_waits_under_one_idempotency_key() {
     }
     let got = receiver.all();
     let id = got[0].body["id"].as_str().unwrap().to_string();
-    assert!(got.iter().all(|r| r.idempotency_key.as_deref() == Some(id.as_str())));
+    assert!(got
+        .iter()
+        .all(|r| r.idempotency_key.as_deref() == Some(id.as_str())));
     assert!(got.iter().all(|r| r.body["id"] == id.as_str()));
     let (status, attempts, _) = settled(&app, &id).await;
     assert_eq!((status.as_str(), attempts), ("delivered", 4));
@@ -166,7 +181,10 @@ async fn a_message_refused_max_attempts_times_is_dead_and_keeps_no_token() {
     let id = got.body["id"].as_str().unwrap().to_string();
     let (status, attempts, data) = settled(&app, &id).await;
     assert_eq!((status.as_str(), attempts), ("dead", 3));
-    assert!(data.get("token").is_none() && data.get("link").is_none(), "{data}");
+    assert!(
+        data.get("token").is_none() && data.get("link").is_none(),
+        "{data}"
+    );
     let error: String =
         sqlx::query_scalar("select last_error from notification_outbox where id = $1::uuid")
             .bind(&id)
@@ -185,15 +203,27 @@ async fn a_change_that_rolls_back_sends_nothing() {
     let app = TestApp::spawn_with(|v| to_receiver(v, &receiver)).await;
     {
         let mut tx = app.state.db.begin().await.unwrap();
-        notify_to(&mut tx, Template::PasswordChanged, "rolled@example.com", None, json!({}))
-            .await
-            .unwrap();
+        notify_to(
+            &mut tx,
+            Template::PasswordChanged,
+            "rolled@example.com",
+            None,
+            json!({}),
+        )
+        .await
+        .unwrap();
         // Dropped without commit: rolls back.
     }
     let mut tx = app.state.db.begin().await.unwrap();
-    notify_to(&mut tx, Template::PasswordChanged, "kept@example.com", None, json!({}))
-        .await
-        .unwrap();
+    notify_to(
+        &mut tx,
+        Template::PasswordChanged,
+        "kept@example.com",
+        None,
+        json!({}),
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
     receiver
         .wait_for("committed", |b| b["to"] == "kept@example.com")
@@ -251,7 +281,9 @@ async fn two_replicas_deliver_every_message_exactly_once() {
     let got = receiver.all();
     let mut per_id: HashMap<String, usize> = HashMap::new();
     for r in &got {
-        *per_id.entry(r.body["id"].as_str().unwrap().to_string()).or_default() += 1;
+        *per_id
+            .entry(r.body["id"].as_str().unwrap().to_string())
+            .or_default() += 1;
     }
     assert_eq!(per_id.len(), 60);
     assert!(
@@ -308,7 +340,10 @@ async fn a_postgres_restart_mid_delivery_loses_nothing() {
                 break rows;
             }
         }
-        assert!(Instant::now() < deadline, "not all delivered after the restart");
+        assert!(
+            Instant::now() < deadline,
+            "not all delivered after the restart"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(statuses.len(), 3);

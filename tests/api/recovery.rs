@@ -20,7 +20,9 @@ fn email() -> String {
     )
 }
 
-async fn spawn(adjust: impl FnOnce(&mut std::collections::HashMap<String, String>)) -> (TestApp, Receiver) {
+async fn spawn(
+    adjust: impl FnOnce(&mut std::collections::HashMap<String, String>),
+) -> (TestApp, Receiver) {
     let receiver = Receiver::start().await;
     let app = TestApp::spawn_with(|v| {
         to_receiver(v, &receiver);
@@ -79,14 +81,27 @@ async fn sign_up_sends_a_verification_link_that_verifies_once() {
         assert_eq!(body["errors"][0]["field"], "token");
         assert!(!body.to_string().contains(bad));
     }
-    let res = post(&app, "/v1/auth/verify-email", None, json!({"token": link_token})).await;
+    let res = post(
+        &app,
+        "/v1/auth/verify-email",
+        None,
+        json!({"token": link_token}),
+    )
+    .await;
     assert_eq!(res.status().as_u16(), 204);
     assert_eq!(me(&app, &token).await["email_verified"], true);
     // Single use.
-    let res = post(&app, "/v1/auth/verify-email", None, json!({"token": link_token})).await;
+    let res = post(
+        &app,
+        "/v1/auth/verify-email",
+        None,
+        json!({"token": link_token}),
+    )
+    .await;
     assert_problem(res, 400, "validation_failed").await;
     assert_eq!(audit_count(&app, "user.email.verified").await, 1);
-    assert_eq!(audit_count(&app, "user.email.verify_failed").await, 3);
+    // The unknown token and the reuse (a malformed one is refused unread).
+    assert_eq!(audit_count(&app, "user.email.verify_failed").await, 2);
 
     // gRPC users carry it too.
     let mut users = UserServiceClient::new(
@@ -108,7 +123,13 @@ async fn resend_sends_a_new_link_until_verified() {
     let (app, receiver) = spawn(|_| {}).await;
     let (_, e, token) = app.user_with_token().await;
     receiver.message("email_verification", &e).await;
-    let res = post(&app, "/v1/users/me/email/verification", Some(&token), json!({})).await;
+    let res = post(
+        &app,
+        "/v1/users/me/email/verification",
+        Some(&token),
+        json!({}),
+    )
+    .await;
     assert_eq!(res.status().as_u16(), 202);
     let deadline = Instant::now() + Duration::from_secs(10);
     while receiver.count("email_verification", &e) < 2 {
@@ -118,14 +139,26 @@ async fn resend_sends_a_new_link_until_verified() {
     let second = receiver
         .all()
         .into_iter()
-        .filter(|r| r.body["to"] == e.as_str())
+        .filter(|r| r.body["to"] == e.as_str() && r.body["template"] == "email_verification")
         .nth(1)
         .unwrap()
         .body;
-    let res = post(&app, "/v1/auth/verify-email", None, json!({"token": token_of(&second)})).await;
+    let res = post(
+        &app,
+        "/v1/auth/verify-email",
+        None,
+        json!({"token": token_of(&second)}),
+    )
+    .await;
     assert_eq!(res.status().as_u16(), 204);
     // Verified: 202, and nothing more is sent.
-    let res = post(&app, "/v1/users/me/email/verification", Some(&token), json!({})).await;
+    let res = post(
+        &app,
+        "/v1/users/me/email/verification",
+        Some(&token),
+        json!({}),
+    )
+    .await;
     assert_eq!(res.status().as_u16(), 202);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(receiver.count("email_verification", &e), 2);
@@ -183,7 +216,10 @@ async fn step_up_operations_wait_for_a_verified_email_when_required() {
     assert_problem(creds(&token).await.unwrap(), 403, "email_unverified").await;
     let res = post(
         &app,
-        &format!("/v1/trading-accounts/{}/members", account["id"].as_str().unwrap()),
+        &format!(
+            "/v1/trading-accounts/{}/members",
+            account["id"].as_str().unwrap()
+        ),
         Some(&token),
         json!({"email": email(), "role": "viewer"}),
     )
@@ -218,7 +254,13 @@ async fn a_password_reset_replaces_the_password_and_ends_every_session() {
     let (user_id, e, old_token) = app.user_with_token().await;
     let other_session = app.login(&e, STRONG_PASSWORD).await;
 
-    let res = post(&app, "/v1/auth/password-reset", None, json!({"email": e.to_uppercase()})).await;
+    let res = post(
+        &app,
+        "/v1/auth/password-reset",
+        None,
+        json!({"email": e.to_uppercase()}),
+    )
+    .await;
     assert_eq!(res.status().as_u16(), 202);
     let message = receiver.message("password_reset", &e).await;
     assert_eq!(message["user_id"], user_id.to_string());
@@ -227,8 +269,11 @@ async fn a_password_reset_replaces_the_password_and_ends_every_session() {
         .as_str()
         .unwrap()
         .ends_with(&format!("/reset-password?token={link_token}")));
-    let expires: chrono::DateTime<chrono::Utc> =
-        message["data"]["expires_at"].as_str().unwrap().parse().unwrap();
+    let expires: chrono::DateTime<chrono::Utc> = message["data"]["expires_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let ttl = expires - chrono::Utc::now();
     assert!(ttl > chrono::Duration::seconds(1700) && ttl <= chrono::Duration::seconds(1800));
 
@@ -245,13 +290,24 @@ async fn a_password_reset_replaces_the_password_and_ends_every_session() {
     assert_eq!(body["errors"][0]["field"], "password");
     assert_eq!(confirm(NEW_PASSWORD).await.status().as_u16(), 204);
     // Single use.
-    assert_problem(confirm("another-long-pass-phrase-77").await, 400, "validation_failed").await;
+    assert_problem(
+        confirm("another-long-pass-phrase-77").await,
+        400,
+        "validation_failed",
+    )
+    .await;
 
     // Every session ended; the old password is dead, the new one works.
     for t in [&old_token, &other_session] {
-        assert_eq!(get_bearer(&app, "/v1/users/me", t).await.status().as_u16(), 401);
+        assert_eq!(
+            get_bearer(&app, "/v1/users/me", t).await.status().as_u16(),
+            401
+        );
     }
-    assert_eq!(login_raw(&app, &e, STRONG_PASSWORD).await.status().as_u16(), 401);
+    assert_eq!(
+        login_raw(&app, &e, STRONG_PASSWORD).await.status().as_u16(),
+        401
+    );
     let token = app.login(&e, NEW_PASSWORD).await;
     // The link reached the address: it is verified now (as Kratos does).
     assert_eq!(me(&app, &token).await["email_verified"], true);
@@ -279,7 +335,10 @@ async fn an_expired_reset_link_is_refused() {
     )
     .await;
     assert_problem(res, 400, "validation_failed").await;
-    assert_eq!(login_raw(&app, &e, STRONG_PASSWORD).await.status().as_u16(), 200);
+    assert_eq!(
+        login_raw(&app, &e, STRONG_PASSWORD).await.status().as_u16(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -309,25 +368,30 @@ async fn a_reset_request_answers_the_same_for_unknown_addresses() {
     };
     let a = ask(known.clone()).await;
     let b = ask(unknown.clone()).await;
-    assert_eq!((a.0, &a.1, &a.2), (b.0, &b.1, &b.2), "same status, headers and body");
+    assert_eq!(
+        (a.0, &a.1, &a.2),
+        (b.0, &b.1, &b.2),
+        "same status, headers and body"
+    );
     assert_eq!(a.0, 202);
     assert!(a.2.is_empty());
 
     // Timing: the answer does no per-address work, so known and unknown addresses
-    // take the same time (medians of alternating samples).
-    let mut known_ms = Vec::new();
-    let mut unknown_ms = Vec::new();
+    // take the same time. Paired samples, taken alternately, cancel the machine's
+    // load; their median difference stays within noise.
+    let mut diffs = Vec::new();
     for _ in 0..15 {
-        known_ms.push(ask(known.clone()).await.3.as_secs_f64() * 1000.0);
-        unknown_ms.push(ask(unknown.clone()).await.3.as_secs_f64() * 1000.0);
+        let k = ask(known.clone()).await.3.as_secs_f64() * 1000.0;
+        let u = ask(unknown.clone()).await.3.as_secs_f64() * 1000.0;
+        diffs.push(k - u);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
-    let (k, u) = (median(&mut known_ms), median(&mut unknown_ms));
-    println!("password-reset request medians: known {k:.2} ms, unknown {u:.2} ms");
-    assert!((k - u).abs() < 5.0, "known {k:.2} ms vs unknown {u:.2} ms");
+    diffs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = diffs[diffs.len() / 2];
+    println!("password-reset request: median known - unknown = {median:.2} ms");
+    assert!(
+        median.abs() < 3.0,
+        "known - unknown = {median:.2} ms: {diffs:?}"
+    );
 
     receiver.message("password_reset", &known).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -361,7 +425,13 @@ async fn reset_requests_are_throttled_per_address_and_per_ip() {
         assert!(res_headers.contains_key("retry-after"));
     }
     // Per IP: six requests counted so far from this client; a seventh is refused.
-    let res = post(&app, "/v1/auth/password-reset", None, json!({"email": email()})).await;
+    let res = post(
+        &app,
+        "/v1/auth/password-reset",
+        None,
+        json!({"email": email()}),
+    )
+    .await;
     assert_problem(res, 429, "rate_limited").await;
 }
 
@@ -372,13 +442,32 @@ async fn an_admin_can_send_a_reset_link() {
     app.make_admin(admin_id).await;
     let (user_id, e, user_token) = app.user_with_token().await;
     let path = format!("/v1/admin/users/{user_id}/password-reset");
-    assert_problem(post(&app, &path, Some(&user_token), json!({})).await, 403, "forbidden").await;
+    assert_problem(
+        post(&app, &path, Some(&user_token), json!({})).await,
+        403,
+        "forbidden",
+    )
+    .await;
     let unknown = format!("/v1/admin/users/{}/password-reset", uuid::Uuid::new_v4());
-    assert_problem(post(&app, &unknown, Some(&admin), json!({})).await, 404, "not_found").await;
-    assert_eq!(post(&app, &path, Some(&admin), json!({})).await.status().as_u16(), 202);
+    assert_problem(
+        post(&app, &unknown, Some(&admin), json!({})).await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_eq!(
+        post(&app, &path, Some(&admin), json!({}))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
     let link_token = token_of(&receiver.message("password_reset", &e).await);
     // The old password still works until the link is used.
-    assert_eq!(login_raw(&app, &e, STRONG_PASSWORD).await.status().as_u16(), 200);
+    assert_eq!(
+        login_raw(&app, &e, STRONG_PASSWORD).await.status().as_u16(),
+        200
+    );
     let res = post(
         &app,
         "/v1/auth/password-reset/confirm",
@@ -414,9 +503,19 @@ async fn an_email_change_applies_when_the_new_address_confirms_it() {
             json!({"new_email": new_email, "current_password": password}),
         )
     };
-    let body = assert_problem(change(&new, "wrong-password-entirely").await, 400, "validation_failed").await;
+    let body = assert_problem(
+        change(&new, "wrong-password-entirely").await,
+        400,
+        "validation_failed",
+    )
+    .await;
     assert_eq!(body["errors"][0]["field"], "current_password");
-    let body = assert_problem(change("not-an-email", STRONG_PASSWORD).await, 400, "validation_failed").await;
+    let body = assert_problem(
+        change("not-an-email", STRONG_PASSWORD).await,
+        400,
+        "validation_failed",
+    )
+    .await;
     assert_eq!(body["errors"][0]["field"], "new_email");
     let body = assert_problem(change(&taken, STRONG_PASSWORD).await, 409, "conflict").await;
     assert_eq!(body["errors"][0]["field"], "new_email");
@@ -425,21 +524,39 @@ async fn an_email_change_applies_when_the_new_address_confirms_it() {
     // Nothing changes until the new address confirms.
     assert_eq!(me(&app, &token).await["email"], old.as_str());
     let message = receiver.message("email_verification", &new).await;
-    let res = post(&app, "/v1/auth/verify-email", None, json!({"token": token_of(&message)})).await;
+    let res = post(
+        &app,
+        "/v1/auth/verify-email",
+        None,
+        json!({"token": token_of(&message)}),
+    )
+    .await;
     assert_eq!(res.status().as_u16(), 204);
     let profile = me(&app, &token).await;
     assert_eq!(profile["email"], new.as_str());
     assert_eq!(profile["email_verified"], true);
     let notice = receiver.message("email_changed", &old).await;
     assert_eq!(notice["data"], json!({"new_email": new}));
-    assert_eq!(login_raw(&app, &old, STRONG_PASSWORD).await.status().as_u16(), 401);
+    assert_eq!(
+        login_raw(&app, &old, STRONG_PASSWORD)
+            .await
+            .status()
+            .as_u16(),
+        401
+    );
     app.login(&new, STRONG_PASSWORD).await;
     assert_eq!(audit_count(&app, "user.email.change_requested").await, 1);
     assert_eq!(audit_count(&app, "user.email.changed").await, 1);
 
     // The sign-up link sent to the old address died with it.
     let first = receiver.message("email_verification", &old).await;
-    let res = post(&app, "/v1/auth/verify-email", None, json!({"token": token_of(&first)})).await;
+    let res = post(
+        &app,
+        "/v1/auth/verify-email",
+        None,
+        json!({"token": token_of(&first)}),
+    )
+    .await;
     assert_problem(res, 400, "validation_failed").await;
 }
 
@@ -474,7 +591,10 @@ async fn security_notices_go_out_in_the_transaction_of_the_change() {
     assert_eq!(res.status().as_u16(), 201);
     let key: Value = res.json().await.unwrap();
     let notice = receiver.message("api_key_created", &e).await;
-    assert_eq!(notice["data"], json!({"name": "bot", "prefix": key["prefix"]}));
+    assert_eq!(
+        notice["data"],
+        json!({"name": "bot", "prefix": key["prefix"]})
+    );
 
     let res = post(
         &app,
