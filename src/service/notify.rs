@@ -83,6 +83,8 @@ impl Dispatcher {
     /// the process exits first, rolls back, and the messages go out after restart.
     pub fn spawn(self, shutdown: Shutdown, tasks: &TaskTracker) {
         let this = Arc::new(self);
+        // The series exists from the start (metrics do not appear mid-run).
+        metrics::gauge!("notification_outbox_pending").set(0.0);
         tasks.spawn(async move {
             let mut rounds: u32 = 0;
             loop {
