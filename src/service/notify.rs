@@ -23,8 +23,10 @@ use crate::store::{outbox, Db, StoreError, Tx};
 const BATCH: i64 = 16;
 /// Delivered messages older than this are dropped from the outbox.
 const KEEP_DELIVERED_DAYS: i32 = 7;
-/// Rounds between two purges of delivered messages.
+/// Polls between two purges of delivered messages.
 const PURGE_EVERY: u32 = 600;
+/// Polls between two readings of the pending gauge.
+const GAUGE_EVERY: u32 = 10;
 
 /// Queues `template` for the user's current address, in `tx`. For callers that
 /// have the user id only (security notices: `mfa_enabled`, `password_changed` …).
@@ -107,8 +109,11 @@ impl Dispatcher {
                 if rounds % PURGE_EVERY == 1 {
                     this.housekeeping().await;
                 }
-                if let Ok(n) = outbox::pending_count(&this.db.pool).await {
-                    metrics::gauge!("notification_outbox_pending").set(n as f64);
+                // A count, not free when the alert service has been down for long.
+                if rounds % GAUGE_EVERY == 1 {
+                    if let Ok(n) = outbox::pending_count(&this.db.pool).await {
+                        metrics::gauge!("notification_outbox_pending").set(n as f64);
+                    }
                 }
             }
         });

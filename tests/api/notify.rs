@@ -364,3 +364,58 @@ async fn a_postgres_restart_mid_delivery_loses_nothing() {
     assert!(keys.values().all(|k| k.len() == 1), "{keys:?}");
     assert!(got.len() > 3, "the held delivery was repeated: {got:?}");
 }
+
+/// The settings of section 8 per environment: the defaults by APP_ENV, the env
+/// files saying the same, and the log sink refused where it would log tokens.
+#[test]
+fn environments_choose_the_sink_and_whether_verification_is_required() {
+    use user_service::config::Settings;
+    let settings = |pairs: &[(&str, &str)]| {
+        let mut vars = vec![
+            (
+                "DATABASE_URL".to_string(),
+                "postgres://u@localhost/db".to_string(),
+            ),
+            ("REDIS_URL".to_string(), "redis://localhost/0".to_string()),
+        ];
+        vars.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Settings::from_vars(vars).unwrap()
+    };
+    for (env, file, required, sink) in [
+        ("development", ".env.dev", false, "log"),
+        ("staging", ".env.staging", true, "http"),
+        ("production", ".env.production", true, "http"),
+    ] {
+        let s = settings(&[("APP_ENV", env)]);
+        assert_eq!(s.require_verified_email(), required, "{env}");
+        assert_eq!(s.notify_sink().as_str(), sink, "{env}");
+        assert_eq!(s.password_reset_ttl_seconds, 1800);
+        assert_eq!(s.notify_max_attempts, 8);
+        let text =
+            std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l == format!("REQUIRE_VERIFIED_EMAIL={required}")),
+            "{file}"
+        );
+    }
+    let prod_log = settings(&[("APP_ENV", "production"), ("NOTIFY_SINK", "log")]);
+    assert!(
+        prod_log
+            .problems()
+            .iter()
+            .any(|p| p.starts_with("NOTIFY_SINK=log would print password-reset links")),
+        "{:?}",
+        prod_log.problems()
+    );
+    let no_url = settings(&[("NOTIFY_SINK", "http")]);
+    assert!(no_url
+        .problems()
+        .contains(&"NOTIFY_SINK=http needs ALERT_SERVICE_URL".to_string()));
+    let shown: HashMap<&str, String> = settings(&[("ALERT_SERVICE_TOKEN", "s3cret-token")])
+        .effective()
+        .into_iter()
+        .collect();
+    assert_eq!(shown["ALERT_SERVICE_TOKEN"], "***");
+    assert_eq!(shown["PUBLIC_APP_URL"], "http://localhost:3000");
+}
