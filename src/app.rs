@@ -95,7 +95,12 @@ impl App {
             key_ring,
             policy.clone(),
             invalidation.clone(),
-        );
+        )
+        // Hook (issue 15): REQUIRE_VERIFIED_EMAIL, for accounts, invitations and keys.
+        .with_email_gate(crate::service::recovery::EmailGate::new(
+            db.clone(),
+            &settings,
+        ));
         let audit_log = crate::service::audit_log::AuditLog::new(db.clone(), policy.clone());
         let invitations =
             crate::service::invitations::InvitationsService::new(db.clone(), accounts.clone());
@@ -129,6 +134,9 @@ impl App {
             .invalidation
             .start_pg(&state.db, state.shutdown.clone(), &state.tasks)
             .await;
+        // Hook (issue 15): this replica's notification dispatcher (the outbox).
+        crate::service::notify::Dispatcher::new(&state.settings, state.db.clone())?
+            .spawn(state.shutdown.clone(), &state.tasks);
         state.api_keys.usage_buffer().spawn_flusher(
             state.db.clone(),
             Duration::from_millis(state.settings.usage_log_flush_interval_ms),

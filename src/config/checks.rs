@@ -3,7 +3,7 @@
 
 use secrecy::ExposeSecret;
 
-use super::{ConfigError, Environment, SameSite, Settings};
+use super::{ConfigError, Environment, NotifySink, SameSite, Settings};
 use crate::crypto::key_material::{self, Fingerprint};
 
 impl Settings {
@@ -65,6 +65,7 @@ impl Settings {
         if self.session_cookie_samesite == SameSite::None && !self.session_cookie_secure {
             p.push("SESSION_COOKIE_SAMESITE=none requires SESSION_COOKIE_SECURE=true".into());
         }
+        p.extend(self.notification_problems());
         p.extend(self.key_material_problems());
         if self.app_env == Environment::Development {
             return p;
@@ -100,6 +101,52 @@ impl Settings {
             p.push(format!(
                 "CORS_ALLOWED_ORIGINS must not contain '*' in {env}"
             ));
+        }
+        p
+    }
+
+    /// Recovery and notifications: a sink that can deliver, links that point at a
+    /// real app, and outside development no tokens in the log.
+    fn notification_problems(&self) -> Vec<String> {
+        let env = self.app_env.as_str();
+        let mut p = Vec::new();
+        if self.notify_max_attempts == 0 {
+            p.push("NOTIFY_MAX_ATTEMPTS must be at least 1".into());
+        }
+        if self.notify_poll_interval_ms == 0 || self.notify_http_timeout_ms == 0 {
+            p.push("NOTIFY_POLL_INTERVAL_MS and NOTIFY_HTTP_TIMEOUT_MS must be at least 1".into());
+        }
+        if self.notify_backoff_base_ms == 0
+            || self.notify_backoff_max_ms < self.notify_backoff_base_ms
+        {
+            p.push(
+                "NOTIFY_BACKOFF_BASE_MS must be at least 1 and at most NOTIFY_BACKOFF_MAX_MS"
+                    .into(),
+            );
+        }
+        if !(60..=86_400).contains(&self.password_reset_ttl_seconds) {
+            p.push("PASSWORD_RESET_TTL_SECONDS must be between 60 and 86400".into());
+        }
+        if !(60..=7 * 86_400).contains(&self.email_verification_ttl_seconds) {
+            p.push("EMAIL_VERIFICATION_TTL_SECONDS must be between 60 and 604800".into());
+        }
+        match self.notify_sink() {
+            NotifySink::Http => match self.alert_service_url.as_deref().map(url::Url::parse) {
+                None => p.push("NOTIFY_SINK=http needs ALERT_SERVICE_URL".into()),
+                Some(Ok(u)) if matches!(u.scheme(), "http" | "https") => {}
+                Some(_) => p.push("ALERT_SERVICE_URL must be an http(s) URL".into()),
+            },
+            // The log sink prints every link, reset tokens included.
+            NotifySink::Log if self.app_env != Environment::Development => p.push(format!(
+                "NOTIFY_SINK=log would print password-reset links to the log, refused in {env}"
+            )),
+            NotifySink::Log => {}
+        }
+        if let Some(raw) = &self.public_app_url {
+            match url::Url::parse(raw) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => p.push("PUBLIC_APP_URL must be an http(s) URL".into()),
+            }
         }
         p
     }

@@ -40,7 +40,7 @@ mod settings;
 pub(crate) mod table;
 
 pub use env_file::{choose_env_file, parse_env_file, parse_env_file_all};
-pub use settings::{Environment, LogFormat, SameSite, Settings, SETTINGS};
+pub use settings::{Environment, LogFormat, NotifySink, SameSite, Settings, SETTINGS};
 pub use table::Setting;
 
 use crate::domain::network::IpNetworks;
@@ -96,6 +96,27 @@ impl Settings {
     /// Self sign-up (REGISTRATION_ENABLED, by default on in development only).
     pub fn registration_enabled(&self) -> bool {
         self.registration_enabled
+    }
+
+    /// NOTIFY_SINK (log in development unless set).
+    pub fn notify_sink(&self) -> NotifySink {
+        self.notify_sink
+    }
+
+    /// REQUIRE_VERIFIED_EMAIL (off in development unless set).
+    pub fn require_verified_email(&self) -> bool {
+        self.require_verified_email
+    }
+
+    /// PUBLIC_APP_URL without a trailing slash; unset, the environment's web app
+    /// (the origins CORS_ALLOWED_ORIGINS names first in the env files).
+    pub fn public_app_url(&self) -> String {
+        match (&self.public_app_url, self.app_env) {
+            (Some(u), _) => u.trim_end_matches('/').to_string(),
+            (None, Environment::Development) => "http://localhost:3000".into(),
+            (None, Environment::Staging) => "http://localhost:3002".into(),
+            (None, Environment::Production) => "https://app.stocksblitz.com".into(),
+        }
     }
 
     pub fn cors_origins(&self) -> Vec<String> {

@@ -156,6 +156,37 @@ settings_table! {
         /// again (changes reach it sooner through the invalidation channels); also
         /// how often session activity is recorded, hence at most 30.
         token_cache_ttl_seconds: u64 = 30;
+
+        /// Base URL of the web app that links in emails point under
+        /// (`{PUBLIC_APP_URL}/verify-email?token=…`); unset, the environment's own.
+        public_app_url: Option<String>;
+        /// Bearer token sent to the alert service, when it wants one.
+        alert_service_token: Option<SecretString>, secret;
+        /// `http` (POST to ALERT_SERVICE_URL) or `log` (the message, link included,
+        /// in the service log; development only).
+        notify_sink: NotifySink = by_env(NotifySink::Log, NotifySink::Http, NotifySink::Http);
+        /// Delivery attempts of one notification before it is marked dead.
+        notify_max_attempts: u32 = 8;
+        /// The wait after the first failed delivery; it doubles with each failure.
+        notify_backoff_base_ms: u64 = 5_000;
+        /// The longest wait between two delivery attempts.
+        notify_backoff_max_ms: u64 = 900_000;
+        /// How often each replica looks for notifications to deliver.
+        notify_poll_interval_ms: u64 = 1_000;
+        /// One POST to the alert service gets this long.
+        notify_http_timeout_ms: u64 = 5_000;
+        /// Step-up operations refused (403 email_unverified) until the user's email
+        /// is verified.
+        require_verified_email: bool = by_env(false, true, true);
+        /// Lifetime of a password-reset link.
+        password_reset_ttl_seconds: u64 = 1800;
+        /// Lifetime of an email-verification link.
+        email_verification_ttl_seconds: u64 = 86_400;
+        /// Password-reset requests and verification resends per email address per
+        /// hour (whether or not it belongs to a user); 0 turns the throttle off.
+        password_reset_email_max_per_hour: u32 = 5;
+        /// Password-reset requests per client IP per hour; 0 turns the throttle off.
+        password_reset_ip_max_per_hour: u32 = 30;
     }
     internal {
         /// Fingerprints of this checkout's development key material (`.secrets/dev.env`),
@@ -252,6 +283,29 @@ pub enum LogFormat {
     #[serde(alias = "text")]
     Plain,
     Json,
+}
+
+/// Where notifications go: the alert service, or the service's own log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifySink {
+    Http,
+    Log,
+}
+
+impl NotifySink {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Log => "log",
+        }
+    }
+}
+
+impl Show for NotifySink {
+    fn show(&self) -> String {
+        self.as_str().into()
+    }
 }
 
 impl Show for LogFormat {

@@ -9,6 +9,7 @@ pub mod lockout;
 pub mod network;
 pub mod password;
 pub mod policy;
+pub mod recovery;
 pub mod scope;
 pub mod user;
 

@@ -14,6 +14,8 @@ pub struct User {
     pub roles: Vec<String>,
     /// `active` or `disabled`.
     pub status: String,
+    /// Whether the user proved they receive mail at `email` (DESIGN.md section 8).
+    pub email_verified: bool,
     pub created_at: DateTime<Utc>,
 }
 

@@ -155,6 +155,7 @@ impl From<&User> for proto::User {
             roles: u.roles.clone(),
             status: u.status.clone(),
             created_at: Some(timestamp(u.created_at)),
+            email_verified: u.email_verified,
         }
     }
 }
@@ -168,6 +169,7 @@ impl From<&OwnerInfo> for proto::User {
             full_name: u.full_name.clone(),
             roles: u.roles.clone(),
             status: u.status.clone(),
+            email_verified: u.email_verified,
             created_at: Some(timestamp(u.created_at)),
         }
     }

@@ -18,6 +18,9 @@ impl From<ServiceError> for Status {
             ServiceError::InvalidToken => Status::unauthenticated("missing or invalid token"),
             ServiceError::InvalidClient => Status::unauthenticated("invalid client credentials"),
             ServiceError::Forbidden(detail) => Status::permission_denied(detail),
+            ServiceError::EmailUnverified => {
+                Status::permission_denied("verify your email address first")
+            }
             ServiceError::NotFound(what) => Status::not_found(format!("{what} not found")),
             ServiceError::Conflict(detail)
             | ServiceError::Taken {

@@ -16,6 +16,7 @@ pub mod network;
 pub mod observe;
 pub mod openapi;
 pub mod problem;
+pub mod recovery;
 pub mod users;
 
 use axum::extract::{DefaultBodyLimit, Request};
@@ -44,6 +45,7 @@ pub fn routes(state: AppState) -> Router {
         .merge(api_keys::routes())
         .merge(invitations::routes())
         .merge(users::routes())
+        .merge(recovery::routes())
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }

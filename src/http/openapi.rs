@@ -14,7 +14,9 @@ use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Response as Doc
 use utoipa::{Modify, OpenApi};
 
 use super::problem::Problem;
-use super::{accounts, admin_audit, api_keys, auth_api, health, invitations, metrics, users};
+use super::{
+    accounts, admin_audit, api_keys, auth_api, health, invitations, metrics, recovery, users,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -32,6 +34,9 @@ use super::{accounts, admin_audit, api_keys, auth_api, health, invitations, metr
         auth_api::logout,
         auth_api::token,
         auth_api::jwks,
+        recovery::verify_email,
+        recovery::request_password_reset,
+        recovery::confirm_password_reset,
         users::me,
         users::update_me,
         users::change_password,
@@ -39,6 +44,9 @@ use super::{accounts, admin_audit, api_keys, auth_api, health, invitations, metr
         users::end_session,
         users::admin_list_users,
         users::admin_update_user,
+        recovery::change_email,
+        recovery::resend_verification,
+        recovery::admin_password_reset,
         accounts::create,
         accounts::list,
         accounts::my_accounts,

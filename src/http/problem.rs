@@ -134,6 +134,11 @@ impl From<ServiceError> for Problem {
             ServiceError::Forbidden(detail) => {
                 Problem::new(StatusCode::FORBIDDEN, "forbidden", detail)
             }
+            ServiceError::EmailUnverified => Problem::new(
+                StatusCode::FORBIDDEN,
+                "email_unverified",
+                "verify your email address first (POST /v1/users/me/email/verification resends the link)",
+            ),
             ServiceError::NotFound(what) => Problem::new(
                 StatusCode::NOT_FOUND,
                 "not_found",

@@ -40,6 +40,8 @@ pub struct User {
     roles: Vec<String>,
     /// `active` or `disabled`.
     status: String,
+    // Whether the user proved they receive mail at `email` (DESIGN §8).
+    email_verified: bool,
     created_at: DateTime<Utc>,
 }
 
@@ -51,6 +53,7 @@ impl From<&domain::user::User> for User {
             full_name: u.full_name.clone(),
             roles: u.roles.clone(),
             status: u.status.clone(),
+            email_verified: u.email_verified,
             created_at: u.created_at,
         }
     }
@@ -64,6 +67,7 @@ impl From<domain::user::User> for User {
             full_name: u.full_name,
             roles: u.roles,
             status: u.status,
+            email_verified: u.email_verified,
             created_at: u.created_at,
         }
     }

@@ -97,6 +97,8 @@ pub struct AccountsService {
     /// Bumped by every invalidation; a load that overlaps one is not cached, so
     /// a removal racing a cache fill cannot resurrect the old answer.
     epoch: Arc<AtomicU64>,
+    /// REQUIRE_VERIFIED_EMAIL for the step-up operations (issue 15).
+    email_gate: crate::service::recovery::EmailGate,
 }
 
 impl AccountsService {
@@ -151,7 +153,19 @@ impl AccountsService {
             access_cache,
             lists_cache,
             epoch,
+            email_gate: crate::service::recovery::EmailGate::off(),
         }
+    }
+
+    /// Hook (issue 15): the step-up operations refuse unverified emails.
+    pub fn with_email_gate(mut self, gate: crate::service::recovery::EmailGate) -> Self {
+        self.email_gate = gate;
+        self
+    }
+
+    /// 403 `email_unverified` when the gate is on and the caller is unverified.
+    pub async fn require_verified(&self, caller: &Caller) -> ServiceResult<()> {
+        self.email_gate.require_verified(caller).await
     }
 
     pub fn key_ring(&self) -> Option<&KeyRing> {
@@ -414,16 +428,18 @@ impl AccountsService {
         id: Uuid,
         creds: BrokerCredentials,
     ) -> ServiceResult<()> {
+        self.require_verified(caller).await?;
         let keys = self.keys.as_ref().ok_or_else(|| {
             ServiceError::Unavailable("CREDENTIALS_ENCRYPTION_KEYS is not configured".into())
         })?;
         let mut tx = self.db.begin().await?;
-        if let Err(e) = self
+        let owner = match self
             .authorize(&mut tx, caller, meta, id, Permission::Manage, true)
             .await?
         {
-            return self.commit_denial(tx, e).await;
-        }
+            Ok(g) => g.account.owner_user_id,
+            Err(e) => return self.commit_denial(tx, e).await,
+        };
         let sealed = seal_credentials(keys, id, &creds)?;
         store::set_credentials(&mut tx, id, &sealed, &credentials_hint(&creds.api_key)).await?;
         audit::insert(
@@ -436,6 +452,14 @@ impl AccountsService {
                     "key_id": sealed.credentials_key_id,
                     "has_access_token": creds.access_token.is_some(),
                 })),
+        )
+        .await?;
+        // Hook (issue 15): the owner hears of it, in this transaction.
+        crate::service::notify::notify(
+            &mut tx,
+            crate::domain::recovery::Template::BrokerCredentialsChanged,
+            owner,
+            json!({ "account_id": id }),
         )
         .await?;
         tx.commit().await.map_err(StoreError::from)?;
@@ -500,6 +524,7 @@ impl AccountsService {
         member: Uuid,
         role: MemberRole,
     ) -> ServiceResult<Member> {
+        self.require_verified(caller).await?;
         let mut tx = self.db.begin().await?;
         let g = match self
             .authorize(&mut tx, caller, meta, id, Permission::Manage, true)
@@ -560,6 +585,10 @@ impl AccountsService {
         member: Uuid,
     ) -> ServiceResult<()> {
         let leaving = caller.user_id() == Some(member);
+        // Leaving gives nothing away: only removing someone else is a step-up operation.
+        if !leaving {
+            self.require_verified(caller).await?;
+        }
         let need = if leaving {
             Permission::Read
         } else {

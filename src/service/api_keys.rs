@@ -139,6 +139,7 @@ pub struct OwnerInfo {
     pub full_name: String,
     pub roles: Vec<String>,
     pub status: String,
+    pub email_verified: bool,
     pub created_at: DateTime<Utc>,
 }
 
@@ -617,6 +618,7 @@ impl ApiKeyService {
                 full_name: row.user_full_name,
                 roles: row.user_roles,
                 status: row.user_status,
+                email_verified: row.user_email_verified,
                 created_at: row.user_created_at,
             },
             accounts,
@@ -666,6 +668,8 @@ impl ApiKeyService {
     ) -> ServiceResult<IssuedKey> {
         let user_id = key_manager(caller)?;
         tracing::Span::current().record("user_id", tracing::field::display(user_id));
+        // Hook (issue 15): a step-up operation, refused until the email is verified.
+        self.accounts.require_verified(caller).await?;
         let grants = self.check_grants(user_id, input).await?;
         let secret = ApiKeySecret::generate(self.env);
         let hash = self.hasher.hash(&secret);
@@ -700,6 +704,14 @@ impl ApiKeyService {
                     "name": grants.name,
                     "scopes": grants.scopes,
                 })),
+        )
+        .await?;
+        // Hook (issue 15): the `api_key_created` notice, in this transaction.
+        crate::service::notify::notify(
+            &mut tx,
+            crate::domain::recovery::Template::ApiKeyCreated,
+            user_id,
+            json!({ "name": grants.name, "prefix": secret.prefix() }),
         )
         .await?;
         tx.commit().await.map_err(crate::store::StoreError::from)?;
@@ -917,6 +929,8 @@ impl ApiKeyService {
         id: Uuid,
     ) -> ServiceResult<IssuedKey> {
         let user_id = key_manager(caller)?;
+        // Hook (issue 15): a step-up operation, refused until the email is verified.
+        self.accounts.require_verified(caller).await?;
         let mut tx = self.db.begin().await?;
         let old = store::lock_for_user(&mut tx, user_id, id)
             .await?
@@ -960,6 +974,14 @@ impl ApiKeyService {
                     "old_key_id": old.id,
                     "old_prefix": old.prefix,
                 })),
+        )
+        .await?;
+        // Hook (issue 15): a rotation hands out a new key, so the owner hears of it.
+        crate::service::notify::notify(
+            &mut tx,
+            crate::domain::recovery::Template::ApiKeyCreated,
+            user_id,
+            json!({ "name": old.name, "prefix": secret.prefix() }),
         )
         .await?;
         tx.commit().await.map_err(crate::store::StoreError::from)?;

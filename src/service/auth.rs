@@ -289,6 +289,10 @@ impl Identity {
         let user = users::insert(&mut tx, id, email.as_str(), name, &hash, roles)
             .await?
             .into_user();
+        // Hook (issue 15): sign-up sends the `email_verification` link.
+        if by == CreatedBy::SignUp {
+            super::recovery::on_registered(&mut tx, &self.settings, id, email.as_str()).await?;
+        }
         let action = match by {
             CreatedBy::SignUp => "auth.register",
             CreatedBy::Operator => "user.created",
@@ -517,6 +521,8 @@ impl Identity {
         )
         .await?;
         sessions::insert_refresh_token(&mut tx, session_id, &sha256(&refresh), expires_at).await?;
+        // Hook (issue 15): `new_sign_in` from an address unseen for 30 days.
+        super::recovery::on_sign_in(&mut tx, record.id, &record.email, meta).await?;
         audit::insert(
             &mut tx,
             &AuditEntry::new("auth.login.succeeded", Outcome::Success)

@@ -749,6 +749,7 @@ mod rss_probe {
                         full_name: format!("User number {i}"),
                         roles: vec!["user".into()],
                         status: "active".into(),
+                        email_verified: false,
                         created_at: chrono::Utc::now(),
                     })))
                 })

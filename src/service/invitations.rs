@@ -42,6 +42,8 @@ impl InvitationsService {
         target: MemberTarget,
         role: MemberRole,
     ) -> ServiceResult<Invitation> {
+        // Hook (issue 15): member add is a step-up operation.
+        self.accounts.require_verified(caller).await?;
         let mut tx = self.db.begin().await?;
         let g = match self
             .accounts

@@ -11,8 +11,10 @@ pub mod auth;
 pub mod identity;
 pub mod invalidation;
 pub mod invitations;
+pub mod notify;
 pub mod paging;
 pub mod policy;
+pub mod recovery;
 pub mod swr;
 pub mod users;
 
@@ -39,6 +41,10 @@ pub enum ServiceError {
     InvalidClient,
     #[error("{0}")]
     Forbidden(String),
+    /// A step-up operation refused until the user's email is verified
+    /// (REQUIRE_VERIFIED_EMAIL): 403 `email_unverified`.
+    #[error("verify your email address first")]
+    EmailUnverified,
     /// `what` names the kind of thing ("trading account"), never whether it exists.
     #[error("{0} not found")]
     NotFound(&'static str),

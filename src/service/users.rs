@@ -167,6 +167,9 @@ impl Identity {
         new_password: String,
     ) -> ServiceResult<()> {
         let (user_id, current_session) = session_user(caller)?;
+        // Hook (issue 15): a step-up operation, refused until the email is verified.
+        super::recovery::require_verified(&self.db, self.settings.require_verified_email(), caller)
+            .await?;
         let current = Password::candidate(current_password)
             .map_err(|e| ServiceError::validation("current_password", e.code, e.message))?;
         let record = users::get(&self.db.pool, user_id)
@@ -209,6 +212,14 @@ impl Identity {
         let ended =
             sessions::revoke_all_for_user(&mut tx, user_id, current_session, "password_changed")
                 .await?;
+        // Hook (issue 15): the `password_changed` notice, in this transaction.
+        super::notify::notify(
+            &mut tx,
+            crate::domain::recovery::Template::PasswordChanged,
+            user_id,
+            serde_json::json!({}),
+        )
+        .await?;
         audit::insert(
             &mut tx,
             &AuditEntry::new("user.password.changed", Outcome::Success)

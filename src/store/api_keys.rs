@@ -36,6 +36,7 @@ pub struct KeyWithOwner {
     pub user_email: String,
     pub user_full_name: String,
     pub user_status: String,
+    pub user_email_verified: bool,
     pub user_created_at: DateTime<Utc>,
     pub user_roles: Vec<String>,
 }
@@ -83,7 +84,7 @@ pub async fn find_by_hash(pool: &PgPool, hash: &[u8]) -> StoreResult<Option<KeyW
         "select k.id, k.user_id, k.name, k.prefix, k.key_hash, k.scopes, k.allowed_ips,
                 k.trading_account_ids, k.rate_limit_per_minute, k.expires_at, k.last_used_at,
                 k.revoked_at, k.created_at,
-                u.email as user_email, u.full_name as user_full_name, u.status as user_status,
+                u.email as user_email, u.full_name as user_full_name, u.status as user_status, u.email_verified as user_email_verified,
                 u.created_at as user_created_at,
                 array(select r.name from user_roles ur join roles r on r.id = ur.role_id
                       where ur.user_id = u.id order by r.name) as user_roles

@@ -15,6 +15,7 @@ pub struct UserRecord {
     pub full_name: String,
     pub password_hash: Option<String>,
     pub status: String,
+    pub email_verified: bool,
     pub created_at: DateTime<Utc>,
     pub roles: Vec<String>,
 }
@@ -27,12 +28,14 @@ impl UserRecord {
             full_name: self.full_name,
             roles: self.roles,
             status: self.status,
+            email_verified: self.email_verified,
             created_at: self.created_at,
         }
     }
 }
 
 const SELECT: &str = "select u.id, u.email, u.full_name, u.password_hash, u.status, u.created_at,
+        u.email_verified,
         coalesce(array(select r.name from user_roles ur join roles r on r.id = ur.role_id
                         where ur.user_id = u.id order by r.name), '{}') as roles
    from users u";

@@ -48,6 +48,13 @@ const EXPECTED: &[&str] = &[
     "GET /v1/admin/audit-logs",
     "GET /openapi.json",
     "GET /metrics",
+    // DESIGN.md section 8: verification, reset, email change (issue 15).
+    "POST /v1/auth/verify-email",
+    "POST /v1/auth/password-reset",
+    "POST /v1/auth/password-reset/confirm",
+    "POST /v1/users/me/email",
+    "POST /v1/users/me/email/verification",
+    "POST /v1/admin/users/{id}/password-reset",
 ];
 
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
