@@ -40,12 +40,32 @@ pub enum AdminCommand {
     /// holds; otherwise {"ok": false, "rows", "broken": {"id", "position", "reason"}}
     /// for the first broken link, and exits 1.
     VerifyAuditChain,
+    /// Import users of the FastAPI user_service from a JSON-lines file (DESIGN.md
+    /// section 8) with their bcrypt, argon2 or pbkdf2-sha256 password hashes; emails
+    /// already present are skipped. Prints {"imported", "skipped", "invalid":
+    /// [{"line", "reason"}], "dry_run"}; --dry-run writes nothing.
+    ImportUsers {
+        file: std::path::PathBuf,
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 pub async fn run(settings: Settings, cmd: AdminCommand) -> anyhow::Result<()> {
     match cmd {
         AdminCommand::TimeArgon2 { hashes } => time_argon2(hashes),
         AdminCommand::VerifyAuditChain => verify_audit_chain(&settings).await,
+        AdminCommand::ImportUsers { file, dry_run } => {
+            let input = std::fs::File::open(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let db = crate::store::Db::connect_lazy(&settings)?;
+            let input = std::io::BufReader::new(input);
+            let report = crate::service::import_users::import_users(&db, input, dry_run)
+                .await
+                .map_err(|e| anyhow::anyhow!("import-users: {}", describe(e)))?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         AdminCommand::ReencryptCredentials => reencrypt_credentials(&settings).await,
         AdminCommand::CreateUser {
             email,

@@ -4,6 +4,7 @@ pub mod account;
 pub mod api_key;
 pub mod audit;
 pub mod email;
+pub mod import;
 pub mod invitation;
 pub mod lockout;
 pub mod network;

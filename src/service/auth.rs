@@ -488,7 +488,7 @@ impl Identity {
                 meta,
                 record.id,
                 record.password_hash.clone(),
-                password,
+                password.clone(),
                 failed("wrong_password", Some(record.id)),
             )
             .await?;
@@ -504,6 +504,17 @@ impl Identity {
             }
             Checked::Right => {}
         }
+        // An imported user's legacy hash becomes a current argon2id one.
+        let hash = record.password_hash.as_deref();
+        super::import_users::upgrade_password_hash(
+            &self.hasher,
+            &self.db,
+            meta,
+            record.id,
+            hash,
+            password,
+        )
+        .await;
         metrics::counter!("logins_total", "result" => "succeeded").increment(1);
 
         let session_id = Uuid::now_v7();

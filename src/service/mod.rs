@@ -9,6 +9,7 @@ pub mod audit;
 pub mod audit_log;
 pub mod auth;
 pub mod identity;
+pub mod import_users;
 pub mod invalidation;
 pub mod invitations;
 pub mod notify;

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod audit_log;
 pub mod bus;
 pub mod db;
+pub mod imports;
 pub mod invitations;
 pub mod login_failures;
 pub mod outbox;

@@ -19,6 +19,7 @@ mod foundation;
 mod grpc_ids;
 mod hostile_input;
 mod http2;
+mod import_users;
 mod invitations;
 mod lockout;
 mod network;
