@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::audit::{AuditEntry, Outcome};
@@ -23,7 +22,7 @@ use crate::domain::account::{
 use crate::domain::policy::{Decision, Resource};
 use crate::domain::scope;
 use crate::store::accounts::{self as store, After, SealedCredentials};
-use crate::store::{audit, Db, StoreError};
+use crate::store::{Db, Tx};
 
 /// No user holds more accounts than this; the unpaginated list stops here.
 const MAX_ACCOUNTS: i64 = 1000;
@@ -170,7 +169,7 @@ impl AccountsService {
         }
         metrics::counter!("account_list_cache_total", "result" => "miss").increment(1);
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let list = store::list_for_user(&self.db.pool, user_id, None, None, MAX_ACCOUNTS).await?;
+        let list = store::list_for_user(&self.db, user_id, None, None, MAX_ACCOUNTS).await?;
         if self.epoch.load(Ordering::SeqCst) == epoch {
             self.lists_cache
                 .insert(user_id, Arc::new(list.clone()))
@@ -193,10 +192,7 @@ impl AccountsService {
         }
         metrics::counter!("account_access_cache_total", "result" => "miss").increment(1);
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
-        let access = store::get_with_access(&mut conn, user_id, account_id, false)
-            .await?
-            .and_then(|(_, access)| access);
+        let access = store::access_of(&self.db, user_id, account_id).await?;
         if self.epoch.load(Ordering::SeqCst) == epoch {
             self.access_cache
                 .insert((user_id, account_id), access)
@@ -242,8 +238,7 @@ impl AccountsService {
             },
         )
         .await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("trading_account.created", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -254,7 +249,7 @@ impl AccountsService {
                 })),
         )
         .await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         self.invalidation.publish(Change::User(user_id)).await;
         Ok(account)
     }
@@ -276,14 +271,8 @@ impl AccountsService {
             .map(paging::decode_time_id)
             .transpose()?
             .map(|(created_at, id)| After { created_at, id });
-        let rows = store::list_for_user(
-            &self.db.pool,
-            user_id,
-            key_accounts(caller),
-            after,
-            limit + 1,
-        )
-        .await?;
+        let rows =
+            store::list_for_user(&self.db, user_id, key_accounts(caller), after, limit + 1).await?;
         Ok(paging::finish(rows, limit, |r| {
             paging::encode_time_id(r.account.created_at, r.account.id)
         }))
@@ -303,7 +292,7 @@ impl AccountsService {
             Ok(g) => g,
             Err(e) => return self.commit_denial(tx, e).await,
         };
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         Ok(AccountAccess {
             account: g.account,
             access: g.access,
@@ -339,7 +328,7 @@ impl AccountsService {
                 .await;
         }
         if patch.is_empty() {
-            tx.commit().await.map_err(StoreError::from)?;
+            tx.commit().await?;
             return Ok(g.account);
         }
         let account = store::update(
@@ -354,8 +343,7 @@ impl AccountsService {
             },
         )
         .await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("trading_account.updated", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -363,7 +351,7 @@ impl AccountsService {
                 .details(json!({ "fields": patch.changed_fields() })),
         )
         .await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         // Cached account lists carry these fields.
         self.invalidation.publish(Change::Account(id)).await;
         Ok(account)
@@ -387,8 +375,7 @@ impl AccountsService {
                 .await;
         }
         let ended = store::soft_delete(&mut tx, id).await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("trading_account.deleted", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -396,7 +383,7 @@ impl AccountsService {
                 .details(json!({ "memberships_ended": ended.len() })),
         )
         .await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         self.invalidation.publish(Change::Account(id)).await;
         for user in ended.into_iter().chain([g.user_id]) {
             self.invalidation.publish(Change::User(user)).await;
@@ -426,8 +413,7 @@ impl AccountsService {
         }
         let sealed = seal_credentials(keys, id, &creds)?;
         store::set_credentials(&mut tx, id, &sealed, &credentials_hint(&creds.api_key)).await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("trading_account.credentials.updated", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -438,7 +424,7 @@ impl AccountsService {
                 })),
         )
         .await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         // Cached account lists show has_credentials and the hint.
         self.invalidation.publish(Change::Account(id)).await;
         Ok(())
@@ -459,7 +445,7 @@ impl AccountsService {
             Ok(g) => g,
             Err(e) => return self.commit_denial(tx, e).await,
         };
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         Ok(g.account)
     }
 
@@ -483,8 +469,8 @@ impl AccountsService {
         {
             return self.commit_denial(tx, e).await;
         }
-        tx.commit().await.map_err(StoreError::from)?;
-        let rows = store::list_members(&self.db.pool, id, after, limit + 1).await?;
+        tx.commit().await?;
+        let rows = store::list_members(&self.db, id, after, limit + 1).await?;
         Ok(paging::finish(rows, limit, |m| {
             paging::encode_time_id(m.added_at, m.user_id)
         }))
@@ -531,8 +517,7 @@ impl AccountsService {
         }
         let updated = store::set_member_role(&mut tx, id, member, role).await?;
         if current != role {
-            audit::insert(
-                &mut tx,
+            tx.audit(
                 &AuditEntry::new("membership.role_changed", Outcome::Success)
                     .by(caller)
                     .meta(meta)
@@ -545,7 +530,7 @@ impl AccountsService {
             )
             .await?;
         }
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         self.membership_changed(id, member).await;
         Ok(updated)
     }
@@ -581,8 +566,7 @@ impl AccountsService {
             return self.deny_in(tx, caller, meta, id, need, d).await;
         }
         store::remove_member(&mut tx, id, member).await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("membership.removed", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -594,7 +578,7 @@ impl AccountsService {
                 })),
         )
         .await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         self.membership_changed(id, member).await;
         Ok(())
     }
@@ -610,7 +594,7 @@ impl AccountsService {
     ) -> ServiceResult<TradingAccount> {
         self.require_client_scope(caller, meta, "accounts:read", Some(id))
             .await?;
-        store::get_live(&self.db.pool, id)
+        store::get_live(&self.db, id)
             .await?
             .ok_or(ServiceError::NotFound("trading account"))
     }
@@ -625,7 +609,7 @@ impl AccountsService {
         self.require_client_scope(caller, meta, "users:read", None)
             .await?;
         let accounts = self.accounts_of(user_id).await?;
-        if accounts.is_empty() && !store::user_exists(&self.db.pool, user_id).await? {
+        if accounts.is_empty() && !store::user_exists(&self.db, user_id).await? {
             return Err(ServiceError::NotFound("user"));
         }
         Ok(accounts)
@@ -683,18 +667,17 @@ impl AccountsService {
         let keys = self.keys.as_ref().ok_or_else(|| {
             ServiceError::Unavailable("CREDENTIALS_ENCRYPTION_KEYS is not configured".into())
         })?;
-        if store::get_live(&self.db.pool, id).await?.is_none() {
+        if store::get_live(&self.db, id).await?.is_none() {
             return Err(ServiceError::NotFound("trading account"));
         }
-        let sealed = store::sealed_credentials(&self.db.pool, id)
+        let sealed = store::sealed_credentials(&self.db, id)
             .await?
             .ok_or(ServiceError::NotFound("broker credentials"))?;
         let creds = match open_credentials(keys, id, &sealed) {
             Ok(c) => c,
             Err(e) => {
-                let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
-                audit::insert(
-                    &mut conn,
+                let mut tx = self.db.begin().await?;
+                tx.audit(
                     &AuditEntry::new(
                         "trading_account.credentials.decrypt_failed",
                         Outcome::Failure,
@@ -708,12 +691,12 @@ impl AccountsService {
                     })),
                 )
                 .await?;
+                tx.commit().await?;
                 return Err(ServiceError::Integrity("stored broker credentials"));
             }
         };
-        let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
-        audit::insert(
-            &mut conn,
+        let mut tx = self.db.begin().await?;
+        tx.audit(
             &AuditEntry::new("trading_account.credentials.read", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -721,6 +704,7 @@ impl AccountsService {
                 .details(json!({ "key_id": sealed.credentials_key_id })),
         )
         .await?;
+        tx.commit().await?;
         Ok(creds)
     }
 
@@ -748,12 +732,7 @@ impl AccountsService {
     ) -> ServiceResult<Uuid> {
         match self.scope_check(caller, scope, account).await? {
             Ok(user_id) => Ok(user_id),
-            Err(d) => {
-                let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
-                Err(self
-                    .record_denial(&mut conn, caller, meta, account, scope, d)
-                    .await)
-            }
+            Err(d) => Err(self.deny_now(caller, meta, account, scope, d).await),
         }
     }
 
@@ -793,7 +772,7 @@ impl AccountsService {
     /// locked for the transaction. `Err` inside `Ok` is a denial to be recorded.
     pub(super) async fn authorize(
         &self,
-        tx: &mut PgConnection,
+        tx: &mut Tx,
         caller: &Caller,
         meta: &RequestMeta,
         id: Uuid,
@@ -843,7 +822,7 @@ impl AccountsService {
     /// written in it), commits, and returns the refusal.
     pub(super) async fn deny_in<T>(
         &self,
-        mut tx: crate::store::Tx,
+        mut tx: Tx,
         caller: &Caller,
         meta: &RequestMeta,
         id: Uuid,
@@ -857,12 +836,8 @@ impl AccountsService {
     }
 
     /// Commits a transaction that holds only a denial's audit row.
-    pub(super) async fn commit_denial<T>(
-        &self,
-        tx: crate::store::Tx,
-        err: ServiceError,
-    ) -> ServiceResult<T> {
-        tx.commit().await.map_err(StoreError::from)?;
+    pub(super) async fn commit_denial<T>(&self, tx: Tx, err: ServiceError) -> ServiceResult<T> {
+        tx.commit().await?;
         Err(err)
     }
 
@@ -880,11 +855,31 @@ impl AccountsService {
         if holds {
             return Ok(());
         }
-        let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
         let d = Denial::forbidden("client_scope", &format!("requires the {scope} scope"));
-        Err(self
-            .record_denial(&mut conn, caller, meta, account, scope, d)
-            .await)
+        Err(self.deny_now(caller, meta, account, scope, d).await)
+    }
+
+    /// Records a refusal found before any transaction was needed, in one of its
+    /// own, and returns the refusal.
+    async fn deny_now(
+        &self,
+        caller: &Caller,
+        meta: &RequestMeta,
+        account: Option<Uuid>,
+        need: &str,
+        d: Denial,
+    ) -> ServiceError {
+        let mut tx = match self.db.begin().await {
+            Ok(tx) => tx,
+            Err(e) => return e.into(),
+        };
+        let err = self
+            .record_denial(&mut tx, caller, meta, account, need, d)
+            .await;
+        match tx.commit().await {
+            Ok(()) => err,
+            Err(e) => e.into(),
+        }
     }
 
     pub(super) async fn membership_changed(&self, account: Uuid, user: Uuid) {
@@ -898,7 +893,7 @@ impl AccountsService {
 /// re-run; values already under the active key are left alone.
 pub async fn reencrypt_credentials(db: &Db, keys: &KeyRing) -> ServiceResult<ReencryptSummary> {
     let active = keys.active_kid().to_string();
-    let ids = store::ids_sealed_with_other_key(&db.pool, &active).await?;
+    let ids = store::ids_sealed_with_other_key(db, &active).await?;
     let mut summary = ReencryptSummary {
         active_key_id: active.clone(),
         candidates: ids.len(),
@@ -941,15 +936,14 @@ pub async fn reencrypt_credentials(db: &Db, keys: &KeyRing) -> ServiceResult<Ree
                 )
             }
         };
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new(action, outcome)
                 .actor("system", "reencrypt-credentials")
                 .target(TARGET, id)
                 .details(details),
         )
         .await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
     }
     Ok(summary)
 }
@@ -960,7 +954,7 @@ impl AccountsService {
     /// row cannot be written the request fails anyway, so nothing is lost silently.
     async fn record_denial(
         &self,
-        conn: &mut PgConnection,
+        tx: &mut Tx,
         caller: &Caller,
         meta: &RequestMeta,
         account: Option<Uuid>,
@@ -979,7 +973,7 @@ impl AccountsService {
         if let Some(id) = account {
             entry = entry.target(TARGET, id);
         }
-        match self.policy.denials.write(conn, entry).await {
+        match self.policy.denials.write(tx, entry).await {
             Ok(()) => d.error,
             Err(e) => ServiceError::from(e),
         }

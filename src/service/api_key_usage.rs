@@ -149,7 +149,7 @@ impl UsageBuffer {
         if batch.is_empty() {
             return true;
         }
-        match flush_usage(&db.pool, &batch).await {
+        match flush_usage(db, &batch).await {
             Ok(()) => {
                 let uses: u64 = batch.iter().map(|r| r.count.max(0) as u64).sum();
                 metrics::counter!("api_key_usage_flushed_total").increment(uses);

@@ -565,7 +565,7 @@ impl ApiKeyService {
 
     async fn load(&self, hash: &[u8; 32]) -> ServiceResult<CacheEntry> {
         self.db_lookups.fetch_add(1, Ordering::Relaxed);
-        let Some(row) = store::find_by_hash(&self.db.pool, hash).await? else {
+        let Some(row) = store::find_by_hash(&self.db, hash).await? else {
             return Ok(CacheEntry::Missing);
         };
         // The index found it; confirm without a timing side channel anyway.
@@ -688,8 +688,7 @@ impl ApiKeyService {
             },
         )
         .await?;
-        crate::store::audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("api_key.created", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -702,7 +701,7 @@ impl ApiKeyService {
                 })),
         )
         .await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         Ok(IssuedKey {
             view: row.into(),
             secret,
@@ -722,7 +721,7 @@ impl ApiKeyService {
             ));
         }
 
-        let catalog = store::grantable_scopes(&self.db.pool).await?;
+        let catalog = store::grantable_scopes(&self.db).await?;
         let mut scopes: Vec<String> = Vec::new();
         if input.scopes.is_empty() {
             errors.push(FieldError::new(
@@ -871,14 +870,14 @@ impl ApiKeyService {
         let user_id = key_manager(caller)?;
         let limit = paging::limit(limit)?;
         let before = cursor.map(paging::decode_key::<Uuid>).transpose()?;
-        let rows = store::list_for_user(&self.db.pool, user_id, before, limit + 1).await?;
+        let rows = store::list_for_user(&self.db, user_id, before, limit + 1).await?;
         let page = paging::finish(rows, limit, |r| paging::encode(&r.id.to_string()));
         Ok(page.map(KeyView::from))
     }
 
     pub async fn get(&self, caller: &Caller, id: Uuid) -> ServiceResult<KeyView> {
         let user_id = key_manager(caller)?;
-        store::get_for_user(&self.db.pool, user_id, id)
+        store::get_for_user(&self.db, user_id, id)
             .await?
             .map(KeyView::from)
             .ok_or(ServiceError::NotFound("api key"))
@@ -893,8 +892,7 @@ impl ApiKeyService {
             .await?
             .ok_or(ServiceError::NotFound("api key"))?;
         if store::revoke(&mut tx, id, "revoked").await? {
-            crate::store::audit::insert(
-                &mut tx,
+            tx.audit(
                 &AuditEntry::new("api_key.revoked", Outcome::Success)
                     .by(caller)
                     .meta(meta)
@@ -903,7 +901,7 @@ impl ApiKeyService {
             )
             .await?;
         }
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         self.invalidation.publish(Change::ApiKey(id)).await;
         Ok(())
     }
@@ -948,8 +946,7 @@ impl ApiKeyService {
         )
         .await?;
         store::revoke(&mut tx, old.id, "rotated").await?;
-        crate::store::audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("api_key.rotated", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -962,7 +959,7 @@ impl ApiKeyService {
                 })),
         )
         .await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         self.invalidation.publish(Change::ApiKey(old.id)).await;
         Ok(IssuedKey {
             view: row.into(),
@@ -979,11 +976,11 @@ impl ApiKeyService {
     ) -> ServiceResult<Page<UsageItem>> {
         let user_id = key_manager(caller)?;
         let limit = paging::limit(limit)?;
-        store::get_for_user(&self.db.pool, user_id, id)
+        store::get_for_user(&self.db, user_id, id)
             .await?
             .ok_or(ServiceError::NotFound("api key"))?;
         let before = cursor.map(paging::decode_time_id::<i64>).transpose()?;
-        let rows = store::usage_page(&self.db.pool, id, before, limit + 1).await?;
+        let rows = store::usage_page(&self.db, id, before, limit + 1).await?;
         let page = paging::finish(rows, limit, |r| paging::encode_time_id(r.used_at, r.id));
         Ok(page.map(|r| UsageItem {
             used_at: r.used_at,

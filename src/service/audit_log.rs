@@ -53,7 +53,7 @@ impl AuditLog {
                 ));
             }
         }
-        let rows = audit_log::list(&self.db.pool, &filter, before, limit + 1).await?;
+        let rows = audit_log::list(&self.db, &filter, before, limit + 1).await?;
         Ok(paging::finish(rows, limit, |r| {
             paging::encode(&r.id.to_string())
         }))
@@ -71,11 +71,11 @@ impl AuditLog {
         if decision.as_ref().is_some_and(|d| d.allowed) {
             return Ok(());
         }
-        let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
+        let mut tx = self.db.begin().await?;
         self.policy
             .denials
             .write(
-                &mut conn,
+                &mut tx,
                 AuditEntry::new("authz.denied", Outcome::Denied)
                     .by(caller)
                     .meta(meta)
@@ -86,6 +86,7 @@ impl AuditLog {
                     })),
             )
             .await?;
+        tx.commit().await?;
         Err(ServiceError::Forbidden(
             "the admin role is required to read the audit trail".into(),
         ))
@@ -120,7 +121,7 @@ pub async fn verify_chain(db: &Db) -> Result<ChainReport, StoreError> {
     let mut prev: Option<Vec<u8>> = None;
     let mut position = 0_i64;
     loop {
-        let page = audit_log::chain_after(&db.pool, position, PAGE).await?;
+        let page = audit_log::chain_after(db, position, PAGE).await?;
         if page.is_empty() {
             return Ok(ChainReport {
                 rows: position as u64,
@@ -167,7 +168,7 @@ pub async fn verify_chain(db: &Db) -> Result<ChainReport, StoreError> {
 pub async fn append_only_problem(db: &Db, env: &str) -> Result<Option<String>, String> {
     let checked = tokio::time::timeout(
         std::time::Duration::from_secs(5),
-        audit::connected_role_can_alter(&db.pool),
+        audit::connected_role_can_alter(db),
     )
     .await;
     match checked {

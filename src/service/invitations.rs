@@ -4,7 +4,6 @@
 
 use chrono::Utc;
 use serde_json::json;
-use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::accounts::{AccountsService, Denial};
@@ -15,7 +14,7 @@ use crate::domain::account::{Access, AccountAccess, MemberRole, MemberTarget, Pe
 use crate::domain::invitation::{Invitation, InvitationStatus, ReceivedInvitation, INVITATION_TTL};
 use crate::store::accounts::{self as accounts_store, After};
 use crate::store::invitations::{self as store, NewInvitation};
-use crate::store::{audit, Db, StoreError};
+use crate::store::{Db, Tx};
 
 const TARGET: &str = "trading_account";
 
@@ -103,8 +102,7 @@ impl InvitationsService {
             },
         )
         .await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("membership.invited", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -117,7 +115,7 @@ impl InvitationsService {
         )
         .await?;
         queue_invitation_notice(&mut tx, &invitation).await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         Ok(invitation)
     }
 
@@ -140,8 +138,8 @@ impl InvitationsService {
         {
             return self.accounts.commit_denial(tx, e).await;
         }
-        tx.commit().await.map_err(StoreError::from)?;
-        let rows = store::pending_for_account(&self.db.pool, account_id, after, limit + 1).await?;
+        tx.commit().await?;
+        let rows = store::pending_for_account(&self.db, account_id, after, limit + 1).await?;
         Ok(paging::finish(rows, limit, |i| {
             paging::encode_time_id(i.created_at, i.id)
         }))
@@ -178,8 +176,7 @@ impl InvitationsService {
                 .await;
         }
         store::close(&mut tx, id, InvitationStatus::Revoked, None).await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("membership.invitation_revoked", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -187,7 +184,7 @@ impl InvitationsService {
                 .details(json!({ "invitation_id": id, "role": inv.role.as_str() })),
         )
         .await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -203,7 +200,7 @@ impl InvitationsService {
         let user_id = in_person(caller)?;
         let limit = paging::limit(limit)?;
         let after = decode_after(cursor)?;
-        let rows = store::pending_for_invitee(&self.db.pool, user_id, after, limit + 1).await?;
+        let rows = store::pending_for_invitee(&self.db, user_id, after, limit + 1).await?;
         Ok(paging::finish(rows, limit, |i| {
             paging::encode_time_id(i.created_at, i.id)
         }))
@@ -270,8 +267,7 @@ impl InvitationsService {
         }
         accounts_store::add_member(&mut tx, account_id, user_id, inv.role, granted_by).await?;
         store::close(&mut tx, id, InvitationStatus::Accepted, Some(user_id)).await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("membership.added", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -284,7 +280,7 @@ impl InvitationsService {
                 })),
         )
         .await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         self.accounts.membership_changed(account_id, user_id).await;
         Ok(AccountAccess {
             account,
@@ -304,8 +300,7 @@ impl InvitationsService {
             .await?
             .ok_or(ServiceError::NotFound("invitation"))?;
         store::close(&mut tx, id, InvitationStatus::Declined, Some(user_id)).await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("membership.invitation_declined", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -317,20 +312,20 @@ impl InvitationsService {
                 })),
         )
         .await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// Closes an invitation that no longer stands and answers 409 with why.
     async fn void<T>(
         &self,
-        mut tx: crate::store::Tx,
+        mut tx: Tx,
         id: Uuid,
         status: InvitationStatus,
         why: &str,
     ) -> ServiceResult<T> {
         store::close(&mut tx, id, status, None).await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         Err(ServiceError::Conflict(why.into()))
     }
 }
@@ -361,9 +356,6 @@ fn decode_after(cursor: Option<&str>) -> ServiceResult<Option<After>> {
 /// `account_invitation` message to `invitation.email` is written here, in the
 /// transaction that creates the invitation. Until then the invitee finds it in
 /// `GET /v1/users/me/invitations`.
-async fn queue_invitation_notice(
-    _tx: &mut PgConnection,
-    _invitation: &Invitation,
-) -> ServiceResult<()> {
+async fn queue_invitation_notice(_tx: &mut Tx, _invitation: &Invitation) -> ServiceResult<()> {
     Ok(())
 }

@@ -12,7 +12,7 @@ use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::policy::{self, parse_action, Decision, Policy, Resource, Subject};
-use crate::store::{self, Db, StoreError};
+use crate::store::{self, Db};
 
 /// Bounds staleness on a replica that missed an invalidation (Redis down); role
 /// and status changes publish `Change::User`, which drops the entry everywhere.
@@ -71,7 +71,7 @@ impl PolicyEngine {
         }
         metrics::counter!("policy_cache_total", "result" => "miss").increment(1);
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let loaded = store::policies::for_user(&self.db.pool, user_id)
+        let loaded = store::policies::for_user(&self.db, user_id)
             .await?
             .map(Arc::new);
         if self.epoch.load(Ordering::SeqCst) == epoch {
@@ -122,10 +122,10 @@ impl PolicyEngine {
         let holds = matches!(caller, Caller::ServiceClient { scopes, .. }
             if scopes.iter().any(|s| s == "permissions:check"));
         if !holds {
-            let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
+            let mut tx = self.db.begin().await?;
             self.denials
                 .write(
-                    &mut conn,
+                    &mut tx,
                     AuditEntry::new("authz.denied", Outcome::Denied)
                         .by(caller)
                         .meta(meta)
@@ -135,6 +135,7 @@ impl PolicyEngine {
                         })),
                 )
                 .await?;
+            tx.commit().await?;
             return Err(ServiceError::Forbidden(
                 "requires the permissions:check scope".into(),
             ));
@@ -156,7 +157,7 @@ impl PolicyEngine {
                 None => Decision::default_deny(),
             }),
             Subject::Client(client_id) => {
-                let scopes = store::policies::client_scopes(&self.db.pool, client_id).await?;
+                let scopes = store::policies::client_scopes(&self.db, client_id).await?;
                 Ok(match scopes {
                     Some(s) if s.iter().any(|s| s == action) => {
                         Decision::allow(format!("client_scope:{action}"))
