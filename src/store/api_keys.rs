@@ -6,7 +6,6 @@ use sqlx::FromRow;
 use uuid::Uuid;
 
 use super::{Db, StoreResult, Tx};
-use crate::service::audit::{AuditEntry, Outcome};
 
 #[derive(Debug, Clone, FromRow)]
 pub struct ApiKeyRow {
@@ -193,36 +192,32 @@ pub async fn usage_page(
     Ok(rows)
 }
 
-/// One use of a key, as buffered in memory until the next flush.
-#[derive(Debug, Clone)]
-pub struct UsageRecord {
+/// Identical uses of a key within one flush window, as one usage row.
+#[derive(Debug, Clone, Copy)]
+pub struct NewUsage<'a> {
     pub key_id: Uuid,
-    pub key_prefix: String,
+    /// The last of the uses.
     pub used_at: DateTime<Utc>,
     pub ip: Option<std::net::IpAddr>,
-    pub operation: String,
-    pub result: &'static str,
-    /// A revoked key was presented: audited as `api_key.revoked_used`.
-    pub revoked_use: bool,
-    /// How many identical uses this record stands for (the buffer aggregates).
+    pub operation: &'a str,
+    pub result: &'a str,
     pub count: i32,
 }
 
-/// Writes a batch in one transaction: one multi-row INSERT of the usage rows, one
-/// UPDATE of last_used_at for every key in the batch, and an audit row for each
-/// use of a revoked key. Rows of keys deleted meanwhile are skipped.
-pub async fn flush_usage(db: &Db, batch: &[UsageRecord]) -> StoreResult<()> {
+/// Writes a batch of usage rows in `tx`: one multi-row INSERT, and one UPDATE
+/// of last_used_at for every key used successfully. Rows of keys deleted
+/// meanwhile are skipped.
+pub async fn record_usage(tx: &mut Tx, batch: &[NewUsage<'_>]) -> StoreResult<()> {
     if batch.is_empty() {
         return Ok(());
     }
     let ids: Vec<Uuid> = batch.iter().map(|u| u.key_id).collect();
     let times: Vec<DateTime<Utc>> = batch.iter().map(|u| u.used_at).collect();
     let ips: Vec<Option<String>> = batch.iter().map(|u| u.ip.map(|i| i.to_string())).collect();
-    let ops: Vec<&str> = batch.iter().map(|u| u.operation.as_str()).collect();
+    let ops: Vec<&str> = batch.iter().map(|u| u.operation).collect();
     let results: Vec<&str> = batch.iter().map(|u| u.result).collect();
     let counts: Vec<i32> = batch.iter().map(|u| u.count).collect();
 
-    let mut tx = db.pool.begin().await?;
     sqlx::query(
         "insert into api_key_usage_logs (api_key_id, used_at, ip, operation, result, request_count)
          select u.id, u.t, u.ip, u.op, u.res, u.n
@@ -236,7 +231,7 @@ pub async fn flush_usage(db: &Db, batch: &[UsageRecord]) -> StoreResult<()> {
     .bind(&ops)
     .bind(&results)
     .bind(&counts)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
     // Only successful uses move last_used_at: a refused attempt is not a use.
     sqlx::query(
@@ -249,22 +244,7 @@ pub async fn flush_usage(db: &Db, batch: &[UsageRecord]) -> StoreResult<()> {
     .bind(&ids)
     .bind(&times)
     .bind(&results)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
-    for u in batch.iter().filter(|u| u.revoked_use) {
-        let entry = AuditEntry::new("api_key.revoked_used", Outcome::Denied)
-            .actor("api_key", u.key_id)
-            .target("api_key", u.key_id)
-            .details(serde_json::json!({
-                "key_id": u.key_id,
-                "prefix": u.key_prefix,
-                "operation": u.operation,
-                "used_at": u.used_at,
-                "uses": u.count,
-            }));
-        let entry = AuditEntry { ip: u.ip, ..entry };
-        super::audit::insert(&mut tx, &entry).await?;
-    }
-    tx.commit().await?;
     Ok(())
 }
