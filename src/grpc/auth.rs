@@ -2,6 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
+use super::convert_accounts::{caller, id, request_meta};
 use super::interceptor::require_scope;
 use super::user::user_to_proto;
 use crate::app::AppState;
@@ -37,7 +38,8 @@ impl AuthService for AuthApi {
         &self,
         req: Request<VerifyApiKeyRequest>,
     ) -> Result<Response<VerifyApiKeyResponse>, Status> {
-        require_scope(&req, "auth:verify")?;
+        let caller = caller(&req)?;
+        let meta = request_meta(&req);
         let r = req.into_inner();
         let client_ip = match r.client_ip.as_deref().map(str::trim) {
             None | Some("") => None,
@@ -48,10 +50,7 @@ impl AuthService for AuthApi {
         };
         let trading_account_id = match r.trading_account_id.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(s) => Some(
-                s.parse()
-                    .map_err(|_| Status::invalid_argument("trading_account_id is not a UUID"))?,
-            ),
+            Some(s) => Some(id(s, "trading_account_id")?),
         };
         let verify = VerifyRequest {
             client_ip,
@@ -61,7 +60,7 @@ impl AuthService for AuthApi {
         let answer = self
             .state
             .api_keys
-            .verify(&r.api_key, &verify, "grpc:VerifyApiKey")
+            .verify_for_client(&caller, &meta, &r.api_key, &verify)
             .await?;
         Ok(Response::new(match answer {
             Ok(k) => verified_key_to_proto(&k, verify.trading_account_id),

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
 use super::paging::{self, Page};
-use super::policy::PolicyEngine;
+use super::policy::{PolicyEngine, ScopeRefusal};
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::crypto::aead::{credential_aad, AeadError, KeyRing};
 use crate::domain::account::{
@@ -592,7 +592,8 @@ impl AccountsService {
         meta: &RequestMeta,
         id: Uuid,
     ) -> ServiceResult<TradingAccount> {
-        self.require_client_scope(caller, meta, "accounts:read", Some(id))
+        self.policy
+            .require_client_scope(caller, meta, "accounts:read", Some(id))
             .await?;
         store::get_live(&self.db, id)
             .await?
@@ -606,7 +607,8 @@ impl AccountsService {
         meta: &RequestMeta,
         user_id: Uuid,
     ) -> ServiceResult<Vec<AccountAccess>> {
-        self.require_client_scope(caller, meta, "users:read", None)
+        self.policy
+            .require_client_scope(caller, meta, "users:read", None)
             .await?;
         let accounts = self.accounts_of(user_id).await?;
         if accounts.is_empty() && !store::user_exists(&self.db, user_id).await? {
@@ -626,7 +628,8 @@ impl AccountsService {
         account_id: Uuid,
         permission: Permission,
     ) -> ServiceResult<(Decision, Option<Access>)> {
-        self.require_client_scope(caller, meta, "permissions:check", Some(account_id))
+        self.policy
+            .require_client_scope(caller, meta, "permissions:check", Some(account_id))
             .await?;
         let access = self.access_of(user_id, account_id).await?;
         let Some(access) = access else {
@@ -662,7 +665,8 @@ impl AccountsService {
         meta: &RequestMeta,
         id: Uuid,
     ) -> ServiceResult<BrokerCredentials> {
-        self.require_client_scope(caller, meta, "credentials:read", Some(id))
+        self.policy
+            .require_client_scope(caller, meta, "credentials:read", Some(id))
             .await?;
         let keys = self.keys.as_ref().ok_or_else(|| {
             ServiceError::Unavailable("CREDENTIALS_ENCRYPTION_KEYS is not configured".into())
@@ -742,27 +746,24 @@ impl AccountsService {
         scope: &'static str,
         account: Option<Uuid>,
     ) -> ServiceResult<Result<Uuid, Denial>> {
-        let Some(user_id) = caller.user_id() else {
-            return Ok(Err(Denial::forbidden(
-                "not_a_user",
-                "trading accounts are managed by users",
-            )));
-        };
-        if !caller.key_allows_scope(scope) {
-            return Ok(Err(Denial::forbidden(
-                "key_scope",
-                &format!("this API key lacks the {scope} scope"),
-            )));
-        }
         let resource = account.map(account_resource).unwrap_or(Resource::Any);
-        let decision = self.policy.user_allows(user_id, scope, &resource).await?;
-        if !decision.allowed {
-            return Ok(Err(Denial {
-                decided_by: Some(decision.decided_by),
-                ..Denial::forbidden("policy", &format!("your roles do not allow {scope}"))
-            }));
-        }
-        Ok(Ok(user_id))
+        Ok(
+            match self.policy.user_scope(caller, scope, &resource).await? {
+                Ok(user_id) => Ok(user_id),
+                Err(r @ ScopeRefusal::NotAUser) => Err(Denial::forbidden(
+                    r.reason(),
+                    "trading accounts are managed by users",
+                )),
+                Err(r @ ScopeRefusal::KeyScope) => Err(Denial::forbidden(
+                    r.reason(),
+                    &format!("this API key lacks the {scope} scope"),
+                )),
+                Err(ScopeRefusal::Policy { decided_by }) => Err(Denial {
+                    decided_by: Some(decided_by),
+                    ..Denial::forbidden("policy", &format!("your roles do not allow {scope}"))
+                }),
+            },
+        )
     }
 
     /// Everything a request on one account needs: scope (read → accounts:read,
@@ -839,24 +840,6 @@ impl AccountsService {
     pub(super) async fn commit_denial<T>(&self, tx: Tx, err: ServiceError) -> ServiceResult<T> {
         tx.commit().await?;
         Err(err)
-    }
-
-    /// The service-client methods decide here, not in the transport: only a
-    /// service client holding `scope` passes; any other caller is refused and the
-    /// refusal audited.
-    async fn require_client_scope(
-        &self,
-        caller: &Caller,
-        meta: &RequestMeta,
-        scope: &'static str,
-        account: Option<Uuid>,
-    ) -> ServiceResult<()> {
-        let holds = matches!(caller, Caller::ServiceClient { scopes, .. } if scopes.iter().any(|s| s == scope));
-        if holds {
-            return Ok(());
-        }
-        let d = Denial::forbidden("client_scope", &format!("requires the {scope} scope"));
-        Err(self.deny_now(caller, meta, account, scope, d).await)
     }
 
     /// Records a refusal found before any transaction was needed, in one of its

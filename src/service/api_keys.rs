@@ -365,6 +365,21 @@ impl ApiKeyService {
 
     // ---- verification -------------------------------------------------------
 
+    /// VerifyApiKey: only a service client holding `auth:verify` may ask (a
+    /// refusal is audited); then as `verify`.
+    pub async fn verify_for_client(
+        &self,
+        caller: &Caller,
+        meta: &RequestMeta,
+        presented: &str,
+        req: &VerifyRequest,
+    ) -> ServiceResult<Result<Arc<VerifiedKey>, VerifyFailure>> {
+        self.policy
+            .require_client_scope(caller, meta, "auth:verify", None)
+            .await?;
+        self.verify(presented, req, "grpc:VerifyApiKey").await
+    }
+
     /// Verifies a presented key. A bad key is `Ok(Err(reason))`; `Err` only when
     /// the answer cannot be known (the database is unreachable on a cache miss).
     #[tracing::instrument(skip_all)]

@@ -60,33 +60,26 @@ impl AuditLog {
     }
 
     async fn require_auditor(&self, caller: &Caller, meta: &RequestMeta) -> ServiceResult<()> {
-        let decision = match caller.user_id() {
-            Some(user_id) if caller.key_allows_scope(SCOPE) => Some(
-                self.policy
-                    .user_allows(user_id, SCOPE, &Resource::Any)
-                    .await?,
-            ),
-            _ => None,
+        let refusal = match self
+            .policy
+            .user_scope(caller, SCOPE, &Resource::Any)
+            .await?
+        {
+            Ok(_) => return Ok(()),
+            Err(r) => r,
         };
-        if decision.as_ref().is_some_and(|d| d.allowed) {
-            return Ok(());
-        }
-        let mut tx = self.db.begin().await?;
         self.policy
-            .denials
-            .write(
-                &mut tx,
+            .record_denial(
                 AuditEntry::new("authz.denied", Outcome::Denied)
                     .by(caller)
                     .meta(meta)
                     .details(json!({
                         "need": SCOPE,
-                        "reason": if decision.is_some() { "policy" } else { "key_scope_or_not_a_user" },
-                        "decided_by": decision.map(|d| d.decided_by),
+                        "reason": refusal.reason(),
+                        "decided_by": refusal.decided_by(),
                     })),
             )
             .await?;
-        tx.commit().await?;
         Err(ServiceError::Forbidden(
             "the admin role is required to read the audit trail".into(),
         ))
