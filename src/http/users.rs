@@ -10,10 +10,12 @@ use uuid::Uuid;
 
 use super::auth::Authenticated;
 use super::extract::{Json, Meta, Path, Query};
+use super::list::PageBody;
 use super::problem::Problem;
 use super::AppState;
 use crate::domain::user::User;
-use crate::service::users::{Page, SessionView, UserChange, UserFilter};
+use crate::service::paging::PageQuery;
+use crate::service::users::{SessionView, UserChange, UserFilter};
 use crate::service::ServiceError;
 
 pub fn routes() -> Router<AppState> {
@@ -109,13 +111,15 @@ async fn change_password(
     path = "/v1/users/me/sessions",
     tag = "users",
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    responses((status = 200, description = "Sessions, `current` marks this one", body = Page<SessionView>)),
+    responses((status = 200, description = "Sessions, `current` marks this one", body = PageBody<SessionView>)),
 )]
 async fn list_sessions(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
-) -> Result<axum::Json<Page<SessionView>>, ServiceError> {
-    Ok(axum::Json(state.identity.list_sessions(&caller).await?))
+) -> Result<axum::Json<PageBody<SessionView>>, ServiceError> {
+    Ok(axum::Json(
+        state.identity.list_sessions(&caller).await?.into(),
+    ))
 }
 
 /// Ends one of the caller's sessions.
@@ -160,7 +164,7 @@ struct AdminUserQuery {
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     params(AdminUserQuery),
     responses(
-        (status = 200, description = "A page of users", body = Page<User>),
+        (status = 200, description = "A page of users", body = PageBody<User>),
         (status = 403, description = "Not an admin (`forbidden`)", body = Problem, content_type = "application/problem+json"),
     ),
 )]
@@ -168,7 +172,7 @@ async fn admin_list_users(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
     Query(q): Query<AdminUserQuery>,
-) -> Result<axum::Json<Page<User>>, ServiceError> {
+) -> Result<axum::Json<PageBody<User>>, ServiceError> {
     Ok(axum::Json(
         state
             .identity
@@ -177,11 +181,14 @@ async fn admin_list_users(
                 UserFilter {
                     email: q.email,
                     status: q.status,
-                    limit: q.limit,
-                    cursor: q.cursor,
+                    page: PageQuery {
+                        limit: q.limit,
+                        cursor: q.cursor,
+                    },
                 },
             )
-            .await?,
+            .await?
+            .into(),
     ))
 }
 

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
-use super::paging::{self, Page};
+use super::paging::{self, Page, PageQuery};
 use super::policy::{PolicyEngine, ScopeRefusal};
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::crypto::aead::{credential_aad, AeadError, KeyRing};
@@ -21,7 +21,7 @@ use crate::domain::account::{
 };
 use crate::domain::policy::{Decision, Resource};
 use crate::domain::scope;
-use crate::store::accounts::{self as store, After, SealedCredentials};
+use crate::store::accounts::{self as store, SealedCredentials};
 use crate::store::{Db, Tx};
 
 /// No user holds more accounts than this; the unpaginated list stops here.
@@ -260,22 +260,21 @@ impl AccountsService {
         &self,
         caller: &Caller,
         meta: &RequestMeta,
-        limit: Option<i64>,
-        cursor: Option<&str>,
+        page: PageQuery,
     ) -> ServiceResult<Page<AccountAccess>> {
         let user_id = self
             .authorize_scope(caller, meta, "accounts:read", None)
             .await?;
-        let limit = paging::limit(limit)?;
-        let after = cursor
-            .map(paging::decode_time_id)
-            .transpose()?
-            .map(|(created_at, id)| After { created_at, id });
-        let rows =
-            store::list_for_user(&self.db, user_id, key_accounts(caller), after, limit + 1).await?;
-        Ok(paging::finish(rows, limit, |r| {
-            paging::encode_time_id(r.account.created_at, r.account.id)
-        }))
+        let page = page.parse()?;
+        let rows = store::list_for_user(
+            &self.db,
+            user_id,
+            key_accounts(caller),
+            page.after,
+            page.fetch(),
+        )
+        .await?;
+        Ok(page.page(rows, |r| (r.account.created_at, r.account.id)))
     }
 
     pub async fn get(
@@ -454,14 +453,9 @@ impl AccountsService {
         caller: &Caller,
         meta: &RequestMeta,
         id: Uuid,
-        limit: Option<i64>,
-        cursor: Option<&str>,
+        page: PageQuery,
     ) -> ServiceResult<Page<Member>> {
-        let limit = paging::limit(limit)?;
-        let after = cursor
-            .map(paging::decode_time_id)
-            .transpose()?
-            .map(|(created_at, id)| After { created_at, id });
+        let page = page.parse()?;
         let mut tx = self.db.begin().await?;
         if let Err(e) = self
             .authorize(&mut tx, caller, meta, id, Permission::Read, false)
@@ -470,10 +464,8 @@ impl AccountsService {
             return self.commit_denial(tx, e).await;
         }
         tx.commit().await?;
-        let rows = store::list_members(&self.db, id, after, limit + 1).await?;
-        Ok(paging::finish(rows, limit, |m| {
-            paging::encode_time_id(m.added_at, m.user_id)
-        }))
+        let rows = store::list_members(&self.db, id, page.after, page.fetch()).await?;
+        Ok(page.page(rows, |m| (m.added_at, m.user_id)))
     }
 
     /// Owner or manager. Nobody raises their own role, grants above their own,

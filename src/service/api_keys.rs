@@ -19,22 +19,19 @@ use super::accounts::AccountsService;
 use super::api_key_usage::{KeyUse, UsageBuffer};
 use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
-use super::paging::{self, Page};
+use super::paging::{Page, PageQuery};
 use super::policy::PolicyEngine;
-use super::{Caller, FieldError, KeyGrant, RequestMeta, ServiceError, ServiceResult};
+use super::{Caller, KeyGrant, RequestMeta, ServiceError, ServiceResult};
 use crate::config::{Environment, Settings};
 use crate::crypto::api_key_hash::ApiKeyHasher;
 use crate::domain::account::{Access, AccountAccess};
 use crate::domain::api_key::{
-    ip_allowed, parse_allowed_ip, valid_key_name, ApiKeySecret, KeyFormatError, MAX_ALLOWED_IPS,
+    ip_allowed, parse_allowed_ip, ApiKeySecret, KeyFormatError, RevocationReason,
 };
+use crate::domain::api_key_grant::{Grant, GrantFacts, NewKey};
 use crate::domain::scope;
 use crate::store::api_keys::{self as store, ApiKeyRow, NewApiKey};
 use crate::store::{Cache, Db};
-
-const MAX_SCOPES: usize = 50;
-/// Requests per minute a key may be limited to, at most.
-const MAX_RATE_LIMIT: i64 = 1_000_000;
 
 /// Why a key was refused; each maps to one wire reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,16 +249,6 @@ impl From<ApiKeyRow> for KeyView {
 pub struct IssuedKey {
     pub view: KeyView,
     pub secret: ApiKeySecret,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct NewKey {
-    pub name: String,
-    pub scopes: Vec<String>,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub allowed_ips: Vec<String>,
-    pub trading_account_ids: Vec<Uuid>,
-    pub rate_limit_per_minute: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -681,7 +668,7 @@ impl ApiKeyService {
     ) -> ServiceResult<IssuedKey> {
         let user_id = key_manager(caller)?;
         tracing::Span::current().record("user_id", tracing::field::display(user_id));
-        let grants = self.check_grants(user_id, input).await?;
+        let grant = self.check_grants(user_id, input).await?;
         let secret = ApiKeySecret::generate(self.env);
         let hash = self.hasher.hash(&secret);
         let id = Uuid::now_v7();
@@ -691,14 +678,14 @@ impl ApiKeyService {
             &NewApiKey {
                 id,
                 user_id,
-                name: &grants.name,
+                name: &grant.name,
                 prefix: secret.prefix(),
                 key_hash: &hash,
-                scopes: &grants.scopes,
-                allowed_ips: &grants.allowed_ips,
-                trading_account_ids: &grants.trading_account_ids,
-                rate_limit_per_minute: grants.rate_limit_per_minute,
-                expires_at: grants.expires_at,
+                scopes: &grant.scopes,
+                allowed_ips: &grant.allowed_ips,
+                trading_account_ids: &grant.trading_account_ids,
+                rate_limit_per_minute: grant.rate_limit_per_minute,
+                expires_at: grant.expires_at,
                 rotated_from: None,
             },
         )
@@ -711,8 +698,8 @@ impl ApiKeyService {
                 .details(json!({
                     "key_id": id,
                     "prefix": secret.prefix(),
-                    "name": grants.name,
-                    "scopes": grants.scopes,
+                    "name": grant.name,
+                    "scopes": grant.scopes,
                 })),
         )
         .await?;
@@ -723,171 +710,41 @@ impl ApiKeyService {
         })
     }
 
-    /// Every rule a new key's grant must meet: 400 for what is malformed or
-    /// unknown, 403 for a scope the user does not hold.
-    async fn check_grants(&self, user_id: Uuid, input: NewKey) -> ServiceResult<Grants> {
-        let mut errors = Vec::new();
-        let name = input.name.trim().to_string();
-        if !valid_key_name(&name) {
-            errors.push(FieldError::new(
-                "name",
-                "invalid",
-                "must be 1 to 100 printable characters",
-            ));
-        }
-
+    /// The grant rules (`domain::api_key_grant`) against the scope catalog and
+    /// the owner's accounts: 400 for what is malformed or unknown, then 403 for a
+    /// scope the user does not hold.
+    async fn check_grants(&self, user_id: Uuid, input: NewKey) -> ServiceResult<Grant> {
         let catalog = store::grantable_scopes(&self.db).await?;
-        let mut scopes: Vec<String> = Vec::new();
-        if input.scopes.is_empty() {
-            errors.push(FieldError::new(
-                "scopes",
-                "required",
-                "at least one scope is required",
-            ));
-        } else if input.scopes.len() > MAX_SCOPES {
-            errors.push(FieldError::new(
-                "scopes",
-                "too_many",
-                format!("at most {MAX_SCOPES} scopes"),
-            ));
-        }
-        for (i, s) in input.scopes.iter().enumerate() {
-            match catalog.iter().find(|(name, _)| name == s) {
-                Some((_, true)) => {
-                    if !scopes.contains(s) {
-                        scopes.push(s.clone());
-                    }
-                }
-                Some((_, false)) => errors.push(FieldError::new(
-                    format!("scopes[{i}]"),
-                    "not_grantable",
-                    format!("scope {s:?} cannot be granted to an API key"),
-                )),
-                None => errors.push(FieldError::new(
-                    format!("scopes[{i}]"),
-                    "unknown_scope",
-                    format!("unknown scope {s:?}"),
-                )),
-            }
-        }
-
-        if let Some(t) = input.expires_at {
-            if let Err(ServiceError::Validation(e)) = paging::check_time("expires_at", Some(t)) {
-                errors.extend(e);
-            } else if t <= Utc::now() {
-                errors.push(FieldError::new(
-                    "expires_at",
-                    "in_past",
-                    "must be in the future",
-                ));
-            }
-        }
-
-        let mut allowed_ips = Vec::new();
-        if input.allowed_ips.len() > MAX_ALLOWED_IPS {
-            errors.push(FieldError::new(
-                "allowed_ips",
-                "too_many",
-                format!("at most {MAX_ALLOWED_IPS} entries"),
-            ));
-        }
-        for (i, s) in input.allowed_ips.iter().enumerate() {
-            match parse_allowed_ip(s) {
-                Some(net) => {
-                    let net = net.to_string();
-                    if !allowed_ips.contains(&net) {
-                        allowed_ips.push(net);
-                    }
-                }
-                None => errors.push(FieldError::new(
-                    format!("allowed_ips[{i}]"),
-                    "invalid",
-                    "must be an IPv4 or IPv6 address or CIDR",
-                )),
-            }
-        }
-
-        let rate_limit_per_minute = match input.rate_limit_per_minute {
-            None => None,
-            Some(n) if (1..=MAX_RATE_LIMIT).contains(&n) => Some(n as i32),
-            Some(_) => {
-                errors.push(FieldError::new(
-                    "rate_limit_per_minute",
-                    "out_of_range",
-                    format!("must be between 1 and {MAX_RATE_LIMIT}"),
-                ));
-                None
-            }
-        };
-
-        let mut trading_account_ids = Vec::new();
-        if !input.trading_account_ids.is_empty() {
-            let accessible: HashMap<Uuid, Access> = self
-                .accounts
+        let access: HashMap<Uuid, Access> = if input.trading_account_ids.is_empty() {
+            HashMap::new()
+        } else {
+            self.accounts
                 .accounts_of(user_id)
                 .await?
                 .into_iter()
                 .map(|a| (a.account.id, a.access))
-                .collect();
-            for (i, id) in input.trading_account_ids.iter().enumerate() {
-                let field = || format!("trading_account_ids[{i}]");
-                match accessible.get(id) {
-                    // Same answer for "no such account" and "not yours".
-                    None => errors.push(FieldError::new(
-                        field(),
-                        "unknown_account",
-                        "no such trading account",
-                    )),
-                    Some(access) => {
-                        if let Some(s) = scope::first_uncovered(*access, &scopes) {
-                            errors.push(FieldError::new(
-                                field(),
-                                "insufficient_access",
-                                format!(
-                                    "the scope {s} needs {} on this account; your access is {}",
-                                    scope::account_permission(s),
-                                    access.as_str()
-                                ),
-                            ));
-                        } else if !trading_account_ids.contains(id) {
-                            trading_account_ids.push(*id);
-                        }
-                    }
-                }
-            }
-        }
-
-        if !errors.is_empty() {
-            return Err(ServiceError::Validation(errors));
-        }
+                .collect()
+        };
+        let facts = GrantFacts {
+            catalog: &catalog,
+            access: &access,
+            now: Utc::now(),
+        };
+        let grant = Grant::parse(input, facts).map_err(ServiceError::Validation)?;
         let held = self.policy.user_scopes(user_id).await?;
-        if let Some(s) = scopes.iter().find(|s| !held.contains(s)) {
+        if let Some(s) = grant.first_unheld(&held) {
             return Err(ServiceError::Forbidden(format!(
                 "you do not hold the scope {s:?}"
             )));
         }
-        Ok(Grants {
-            name,
-            scopes,
-            expires_at: input.expires_at,
-            allowed_ips,
-            trading_account_ids,
-            rate_limit_per_minute,
-        })
+        Ok(grant)
     }
 
-    pub async fn list(
-        &self,
-        caller: &Caller,
-        limit: Option<i64>,
-        cursor: Option<&str>,
-    ) -> ServiceResult<Page<KeyView>> {
+    pub async fn list(&self, caller: &Caller, page: PageQuery) -> ServiceResult<Page<KeyView>> {
         let user_id = key_manager(caller)?;
-        let limit = paging::limit(limit)?;
-        let before = cursor.map(paging::decode_key::<Uuid>).transpose()?;
-        let rows = store::list_for_user(&self.db, user_id, before, limit + 1).await?;
-        let page = paging::finish(rows, limit, |r| paging::encode(&r.id.to_string()));
-        Ok(page.map(KeyView::from))
+        let page = page.parse::<Uuid>()?;
+        let rows = store::list_for_user(&self.db, user_id, page.after, page.fetch()).await?;
+        Ok(page.page(rows, |r| r.id).map(KeyView::from))
     }
 
     pub async fn get(&self, caller: &Caller, id: Uuid) -> ServiceResult<KeyView> {
@@ -906,7 +763,7 @@ impl ApiKeyService {
         let key = store::lock_for_user(&mut tx, user_id, id)
             .await?
             .ok_or(ServiceError::NotFound("api key"))?;
-        if store::revoke(&mut tx, id, "revoked").await? {
+        if store::revoke(&mut tx, id, RevocationReason::Revoked).await? {
             tx.audit(
                 &AuditEntry::new("api_key.revoked", Outcome::Success)
                     .by(caller)
@@ -960,7 +817,7 @@ impl ApiKeyService {
             },
         )
         .await?;
-        store::revoke(&mut tx, old.id, "rotated").await?;
+        store::revoke(&mut tx, old.id, RevocationReason::Rotated).await?;
         tx.audit(
             &AuditEntry::new("api_key.rotated", Outcome::Success)
                 .by(caller)
@@ -986,18 +843,15 @@ impl ApiKeyService {
         &self,
         caller: &Caller,
         id: Uuid,
-        limit: Option<i64>,
-        cursor: Option<&str>,
+        page: PageQuery,
     ) -> ServiceResult<Page<UsageItem>> {
         let user_id = key_manager(caller)?;
-        let limit = paging::limit(limit)?;
+        let page = page.parse()?;
         store::get_for_user(&self.db, user_id, id)
             .await?
             .ok_or(ServiceError::NotFound("api key"))?;
-        let before = cursor.map(paging::decode_time_id::<i64>).transpose()?;
-        let rows = store::usage_page(&self.db, id, before, limit + 1).await?;
-        let page = paging::finish(rows, limit, |r| paging::encode_time_id(r.used_at, r.id));
-        Ok(page.map(|r| UsageItem {
+        let rows = store::usage_page(&self.db, id, page.after, page.fetch()).await?;
+        Ok(page.page(rows, |r| (r.used_at, r.id)).map(|r| UsageItem {
             used_at: r.used_at,
             ip: r.ip,
             operation: r.operation,
@@ -1005,15 +859,6 @@ impl ApiKeyService {
             count: r.request_count,
         }))
     }
-}
-
-struct Grants {
-    name: String,
-    scopes: Vec<String>,
-    expires_at: Option<DateTime<Utc>>,
-    allowed_ips: Vec<String>,
-    trading_account_ids: Vec<Uuid>,
-    rate_limit_per_minute: Option<i32>,
 }
 
 /// Keys are managed by their owner in person: an API key cannot mint, rotate or

@@ -5,7 +5,7 @@
 use serde_json::json;
 
 use super::audit::{AuditEntry, Outcome};
-use super::paging::{self, Page};
+use super::paging::{self, Page, PageQuery};
 use super::policy::PolicyEngine;
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::policy::Resource;
@@ -31,12 +31,10 @@ impl AuditLog {
         caller: &Caller,
         meta: &RequestMeta,
         filter: AuditFilter,
-        limit: Option<i64>,
-        cursor: Option<&str>,
+        page: PageQuery,
     ) -> ServiceResult<Page<AuditRow>> {
         self.require_auditor(caller, meta).await?;
-        let limit = paging::limit(limit)?;
-        let before = cursor.map(paging::decode_key).transpose()?;
+        let page = page.parse::<i64>()?;
         let filter = AuditFilter {
             action: paging::text_filter("action", filter.action)?,
             actor_id: paging::text_filter("actor_id", filter.actor_id)?,
@@ -53,10 +51,8 @@ impl AuditLog {
                 ));
             }
         }
-        let rows = audit_log::list(&self.db, &filter, before, limit + 1).await?;
-        Ok(paging::finish(rows, limit, |r| {
-            paging::encode(&r.id.to_string())
-        }))
+        let rows = audit_log::list(&self.db, &filter, page.after, page.fetch()).await?;
+        Ok(page.page(rows, |r| r.id))
     }
 
     async fn require_auditor(&self, caller: &Caller, meta: &RequestMeta) -> ServiceResult<()> {

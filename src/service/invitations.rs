@@ -8,11 +8,11 @@ use uuid::Uuid;
 
 use super::accounts::{AccountsService, Denial};
 use super::audit::{AuditEntry, Outcome};
-use super::paging::{self, Page};
+use super::paging::{Page, PageQuery};
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::account::{Access, AccountAccess, MemberRole, MemberTarget, Permission};
 use crate::domain::invitation::{Invitation, InvitationStatus, ReceivedInvitation, INVITATION_TTL};
-use crate::store::accounts::{self as accounts_store, After};
+use crate::store::accounts as accounts_store;
 use crate::store::invitations::{self as store, NewInvitation};
 use crate::store::{Db, Tx};
 
@@ -125,11 +125,9 @@ impl InvitationsService {
         caller: &Caller,
         meta: &RequestMeta,
         account_id: Uuid,
-        limit: Option<i64>,
-        cursor: Option<&str>,
+        page: PageQuery,
     ) -> ServiceResult<Page<Invitation>> {
-        let limit = paging::limit(limit)?;
-        let after = decode_after(cursor)?;
+        let page = page.parse()?;
         let mut tx = self.db.begin().await?;
         if let Err(e) = self
             .accounts
@@ -139,10 +137,9 @@ impl InvitationsService {
             return self.accounts.commit_denial(tx, e).await;
         }
         tx.commit().await?;
-        let rows = store::pending_for_account(&self.db, account_id, after, limit + 1).await?;
-        Ok(paging::finish(rows, limit, |i| {
-            paging::encode_time_id(i.created_at, i.id)
-        }))
+        let rows =
+            store::pending_for_account(&self.db, account_id, page.after, page.fetch()).await?;
+        Ok(page.page(rows, |i| (i.created_at, i.id)))
     }
 
     /// Withdraws a pending invitation (owner, or a manager for roles up to their own).
@@ -194,16 +191,12 @@ impl InvitationsService {
     pub async fn received(
         &self,
         caller: &Caller,
-        limit: Option<i64>,
-        cursor: Option<&str>,
+        page: PageQuery,
     ) -> ServiceResult<Page<ReceivedInvitation>> {
         let user_id = in_person(caller)?;
-        let limit = paging::limit(limit)?;
-        let after = decode_after(cursor)?;
-        let rows = store::pending_for_invitee(&self.db, user_id, after, limit + 1).await?;
-        Ok(paging::finish(rows, limit, |i| {
-            paging::encode_time_id(i.created_at, i.id)
-        }))
+        let page = page.parse()?;
+        let rows = store::pending_for_invitee(&self.db, user_id, page.after, page.fetch()).await?;
+        Ok(page.page(rows, |i| (i.created_at, i.id)))
     }
 
     /// Accepting makes the caller a member with the invited role, if the
@@ -343,13 +336,6 @@ fn in_person(caller: &Caller) -> ServiceResult<Uuid> {
             "invitations are answered by users".into(),
         )),
     }
-}
-
-fn decode_after(cursor: Option<&str>) -> ServiceResult<Option<After>> {
-    Ok(cursor
-        .map(paging::decode_time_id)
-        .transpose()?
-        .map(|(created_at, id)| After { created_at, id }))
 }
 
 /// The seam for delivery: when the notification outbox lands (DESIGN §8), the

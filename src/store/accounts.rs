@@ -179,12 +179,8 @@ static WITH_ACCESS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
-/// Keyset position in a list ordered by (created_at, id).
-#[derive(Debug, Clone, Copy)]
-pub struct After {
-    pub created_at: DateTime<Utc>,
-    pub id: Uuid,
-}
+/// Keyset position in a list ordered by (created_at, id): the last row seen.
+pub type After = (DateTime<Utc>, Uuid);
 
 /// Live accounts the user owns or is a live member of, oldest first; at most
 /// `limit` after `after`, and only those in `only` when given.
@@ -205,8 +201,8 @@ pub async fn list_for_user(
           limit $4"
     ))
     .bind(user_id)
-    .bind(after.map(|a| a.created_at))
-    .bind(after.map(|a| a.id))
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
     .bind(limit)
     .bind(only)
     .fetch_all(&db.pool)
@@ -404,8 +400,8 @@ pub async fn list_members(
           limit $4",
     )
     .bind(account_id)
-    .bind(after.map(|a| a.created_at))
-    .bind(after.map(|a| a.id))
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
     .bind(limit)
     .fetch_all(&db.pool)
     .await?;

@@ -6,6 +6,7 @@ use sqlx::FromRow;
 use uuid::Uuid;
 
 use super::{Db, StoreResult, Tx};
+use crate::domain::api_key::RevocationReason;
 
 #[derive(Debug, Clone, FromRow)]
 pub struct ApiKeyRow {
@@ -140,13 +141,13 @@ pub async fn list_for_user(
 }
 
 /// Marks the key revoked; false when it already was.
-pub async fn revoke(tx: &mut Tx, id: Uuid, reason: &str) -> StoreResult<bool> {
+pub async fn revoke(tx: &mut Tx, id: Uuid, reason: RevocationReason) -> StoreResult<bool> {
     let done = sqlx::query(
         "update api_keys set revoked_at = now(), revoked_reason = $2
          where id = $1 and revoked_at is null",
     )
     .bind(id)
-    .bind(reason)
+    .bind(reason.as_str())
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)

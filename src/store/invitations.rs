@@ -117,8 +117,8 @@ pub async fn pending_for_account(
           limit $4"
     ))
     .bind(account_id)
-    .bind(after.map(|a| a.created_at))
-    .bind(after.map(|a| a.id))
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
     .bind(limit)
     .fetch_all(&db.pool)
     .await?;
@@ -194,8 +194,8 @@ pub async fn pending_for_invitee(
           limit $4"
     ))
     .bind(user_id)
-    .bind(after.map(|a| a.created_at))
-    .bind(after.map(|a| a.id))
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
     .bind(limit)
     .fetch_all(&db.pool)
     .await?;
