@@ -6,7 +6,7 @@ use chrono::Utc;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::accounts::{AccountsService, Denial};
+use super::accounts::{AccountsService, Denial, RowLock};
 use super::audit::{AuditEntry, Outcome};
 use super::paging::{Page, PageQuery};
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
@@ -41,33 +41,30 @@ impl InvitationsService {
         target: MemberTarget,
         role: MemberRole,
     ) -> ServiceResult<Invitation> {
-        let mut tx = self.db.begin().await?;
-        let g = match self
+        let mut op = self
             .accounts
-            .authorize(&mut tx, caller, meta, account_id, Permission::Manage, true)
-            .await?
-        {
-            Ok(g) => g,
-            Err(e) => return self.accounts.commit_denial(tx, e).await,
-        };
-        if !g.access.may_grant(role) {
-            let d = Denial::forbidden("grant_above_own_role", "cannot grant a role above your own");
-            return self
-                .accounts
-                .deny_in(tx, caller, meta, account_id, Permission::Manage, d)
+            .open(caller, meta, account_id, Permission::Manage, RowLock::Hold)
+            .await?;
+        let inviter = op.granted.user_id;
+        if !op.granted.access.may_grant(role) {
+            return op
+                .refuse(Denial::forbidden(
+                    "grant_above_own_role",
+                    "cannot grant a role above your own",
+                ))
                 .await;
         }
         let (invitee, email) = match &target {
             // An id is not guessable and was shown to the caller somewhere: an
             // unknown one is a plain 404.
             MemberTarget::UserId(u) => {
-                let (id, email) = accounts_store::find_active_user(&mut tx, Some(*u), None)
+                let (id, email) = accounts_store::find_active_user(&mut op.tx, Some(*u), None)
                     .await?
                     .ok_or(ServiceError::NotFound("user"))?;
                 (Some(id), email.to_lowercase())
             }
             MemberTarget::Email(e) => {
-                let found = accounts_store::find_active_user(&mut tx, None, Some(e.as_str()))
+                let found = accounts_store::find_active_user(&mut op.tx, None, Some(e.as_str()))
                     .await?
                     .map(|(id, _)| id);
                 (found, e.as_str().to_string())
@@ -76,46 +73,43 @@ impl InvitationsService {
         if let Some(user) = invitee {
             // Neither says more than the caller knows: they are themselves, and
             // a manager sees every member in the members list.
-            if user == g.user_id {
+            if user == inviter {
                 return Err(ServiceError::Conflict(
                     "you already have access to this account".into(),
                 ));
             }
-            if accounts_store::member_role_for_update(&mut tx, account_id, user)
+            if accounts_store::member_role_for_update(&mut op.tx, account_id, user)
                 .await?
                 .is_some()
             {
                 return Err(ServiceError::Conflict("user is already a member".into()));
             }
         }
-        store::expire_stale(&mut tx, account_id, &email).await?;
+        store::expire_stale(&mut op.tx, account_id, &email).await?;
         let invitation = store::insert(
-            &mut tx,
+            &mut op.tx,
             &NewInvitation {
                 id: Uuid::now_v7(),
                 account_id,
                 email: &email,
                 invitee_user_id: invitee,
                 role,
-                invited_by: g.user_id,
+                invited_by: inviter,
                 expires_at: Utc::now() + INVITATION_TTL,
             },
         )
         .await?;
-        tx.audit(
-            &AuditEntry::new("membership.invited", Outcome::Success)
-                .by(caller)
-                .meta(meta)
-                .target(TARGET, account_id)
-                .details(json!({
-                    "invitation_id": invitation.id,
-                    "role": role.as_str(),
-                    "invitee_user_id": invitee,
-                })),
+        op.audit(
+            "membership.invited",
+            json!({
+                "invitation_id": invitation.id,
+                "role": role.as_str(),
+                "invitee_user_id": invitee,
+            }),
         )
         .await?;
-        queue_invitation_notice(&mut tx, &invitation).await?;
-        tx.commit().await?;
+        queue_invitation_notice(&mut op.tx, &invitation).await?;
+        op.commit().await?;
         Ok(invitation)
     }
 
@@ -128,15 +122,11 @@ impl InvitationsService {
         page: PageQuery,
     ) -> ServiceResult<Page<Invitation>> {
         let page = page.parse()?;
-        let mut tx = self.db.begin().await?;
-        if let Err(e) = self
-            .accounts
-            .authorize(&mut tx, caller, meta, account_id, Permission::Manage, false)
+        self.accounts
+            .open(caller, meta, account_id, Permission::Manage, RowLock::Skip)
             .await?
-        {
-            return self.accounts.commit_denial(tx, e).await;
-        }
-        tx.commit().await?;
+            .commit()
+            .await?;
         let rows =
             store::pending_for_account(&self.db, account_id, page.after, page.fetch()).await?;
         Ok(page.page(rows, |i| (i.created_at, i.id)))
@@ -150,38 +140,28 @@ impl InvitationsService {
         account_id: Uuid,
         id: Uuid,
     ) -> ServiceResult<()> {
-        let mut tx = self.db.begin().await?;
-        let g = match self
+        let mut op = self
             .accounts
-            .authorize(&mut tx, caller, meta, account_id, Permission::Manage, true)
-            .await?
-        {
-            Ok(g) => g,
-            Err(e) => return self.accounts.commit_denial(tx, e).await,
-        };
-        let inv = store::lock_pending_of_account(&mut tx, account_id, id)
+            .open(caller, meta, account_id, Permission::Manage, RowLock::Hold)
+            .await?;
+        let inv = store::lock_pending_of_account(&mut op.tx, account_id, id)
             .await?
             .ok_or(ServiceError::NotFound("invitation"))?;
-        if !g.access.may_grant(inv.role) {
-            let d = Denial::forbidden(
-                "grant_above_own_role",
-                "cannot withdraw an invitation to a role above your own",
-            );
-            return self
-                .accounts
-                .deny_in(tx, caller, meta, account_id, Permission::Manage, d)
+        if !op.granted.access.may_grant(inv.role) {
+            return op
+                .refuse(Denial::forbidden(
+                    "grant_above_own_role",
+                    "cannot withdraw an invitation to a role above your own",
+                ))
                 .await;
         }
-        store::close(&mut tx, id, InvitationStatus::Revoked, None).await?;
-        tx.audit(
-            &AuditEntry::new("membership.invitation_revoked", Outcome::Success)
-                .by(caller)
-                .meta(meta)
-                .target(TARGET, account_id)
-                .details(json!({ "invitation_id": id, "role": inv.role.as_str() })),
+        store::close(&mut op.tx, id, InvitationStatus::Revoked, None).await?;
+        op.audit(
+            "membership.invitation_revoked",
+            json!({ "invitation_id": id, "role": inv.role.as_str() }),
         )
         .await?;
-        tx.commit().await?;
+        op.commit().await?;
         Ok(())
     }
 
