@@ -1,4 +1,5 @@
-//! AccountService adapter: scope check, convert, call `AccountsService`, convert.
+//! AccountService adapter: convert, call `AccountsService` (which checks the
+//! scope), convert.
 
 use tonic::{Request, Response, Status};
 
