@@ -2,9 +2,11 @@
 
 pub mod account;
 pub mod api_key;
+pub mod api_key_grant;
 pub mod audit;
 pub mod email;
 pub mod import;
+pub mod instant;
 pub mod invitation;
 pub mod lockout;
 pub mod network;

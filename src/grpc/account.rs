@@ -1,4 +1,6 @@
 //! AccountService adapter: convert, call `AccountsService`, convert.
+//! AccountService adapter: convert, call `AccountsService` (which checks the
+//! scope), convert.
 
 use tonic::{Request, Response, Status};
 use uuid::Uuid;

@@ -6,6 +6,7 @@ use super::convert::{key_verification, KeyCheck};
 use super::interceptor::require_scope;
 use crate::app::AppState;
 use crate::proto::auth_service_server::AuthService;
+use crate::service::{Caller, RequestMeta};
 use crate::proto::{VerifyApiKeyRequest, VerifyApiKeyResponse};
 use crate::proto::{VerifyTokenRequest, VerifyTokenResponse};
 
@@ -26,12 +27,13 @@ impl AuthService for AuthApi {
         &self,
         req: Request<VerifyApiKeyRequest>,
     ) -> Result<Response<VerifyApiKeyResponse>, Status> {
-        require_scope(&req, "auth:verify")?;
+        let caller = Caller::try_from(&req)?;
+        let meta = RequestMeta::from(&req);
         let check = KeyCheck::try_from(req.into_inner())?;
         let answer = self
             .state
             .api_keys
-            .verify(&check.api_key, &check.request, "grpc:VerifyApiKey")
+            .verify_for_client(&caller, &meta, &check.api_key, &check.request)
             .await?;
         Ok(Response::new(key_verification(
             answer.as_deref().map_err(|f| *f),

@@ -14,6 +14,7 @@ use super::list::Page;
 use super::problem::Problem;
 use super::AppState;
 use crate::domain;
+use crate::service::paging::PageQuery;
 use crate::service::users::{UserChange, UserFilter};
 use crate::service::ServiceError;
 
@@ -248,8 +249,10 @@ async fn admin_list_users(
             UserFilter {
                 email: q.email,
                 status: q.status,
-                limit: q.limit,
-                cursor: q.cursor,
+                page: PageQuery {
+                    limit: q.limit,
+                    cursor: q.cursor,
+                },
             },
         )
         .await?;

@@ -588,7 +588,7 @@ impl Identity {
             .token_accounts
             .get_or_load(uid, || async move {
                 let list = crate::store::accounts::list_for_user(
-                    &self.db.pool,
+                    &self.db,
                     uid,
                     None,
                     None,

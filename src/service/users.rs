@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::audit::{AuditEntry, Outcome};
 use super::auth::Checked;
 use super::identity::{Identity, SessionState};
-use super::paging;
+use super::paging::{self, Page, PageQuery};
 use super::{Caller, FieldError, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::email::Email;
 use crate::domain::password::Password;
@@ -27,41 +27,15 @@ pub struct SessionView {
     pub current: bool,
 }
 
-/// A page of users or sessions; `next_cursor` continues the list.
-#[derive(Debug, Clone)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    pub next_cursor: Option<String>,
-}
-
 pub struct UserFilter {
     pub email: Option<String>,
     pub status: Option<String>,
-    pub limit: Option<i64>,
-    pub cursor: Option<String>,
+    pub page: PageQuery,
 }
 
 pub struct UserChange {
     pub status: Option<String>,
     pub roles: Option<Vec<String>>,
-}
-
-/// User lists keep their own `rfc3339|id` sort key and error text rather than
-/// `paging::encode_time_id`, so cursors already handed out stay valid.
-fn encode_cursor(t: DateTime<Utc>, id: Uuid) -> String {
-    paging::encode(&format!("{}|{id}", t.to_rfc3339()))
-}
-
-fn decode_cursor(c: &str) -> ServiceResult<(DateTime<Utc>, Uuid)> {
-    let bad =
-        || ServiceError::validation("cursor", "invalid", "cursor is not one this service issued");
-    let raw = paging::decode(c).map_err(|_| bad())?;
-    let (t, id) = raw.split_once('|').ok_or_else(bad)?;
-    let at = DateTime::parse_from_rfc3339(t)
-        .map_err(|_| bad())?
-        .with_timezone(&Utc);
-    paging::check_time("cursor", Some(at)).map_err(|_| bad())?;
-    Ok((at, id.parse().map_err(|_| bad())?))
 }
 
 /// A user acting through their own session (not an API key, not a service).
@@ -258,10 +232,7 @@ impl Identity {
                 user_agent: s.user_agent,
             })
             .collect();
-        Ok(Page {
-            items,
-            next_cursor: None,
-        })
+        Ok(Page::all(items))
     }
 
     /// Ends one of the caller's own sessions; another user's is "not found".
@@ -303,13 +274,7 @@ impl Identity {
         f: UserFilter,
     ) -> ServiceResult<Page<User>> {
         require_admin(caller)?;
-        let limit = paging::limit(f.limit).map_err(|_| {
-            ServiceError::validation(
-                "limit",
-                "out_of_range",
-                format!("limit must be between 1 and {}", paging::MAX_LIMIT),
-            )
-        })?;
+        let page = f.page.parse::<(DateTime<Utc>, Uuid)>()?;
         if let Some(s) = f.status.as_deref() {
             if !["active", "disabled"].contains(&s) {
                 return Err(ServiceError::validation(
@@ -319,21 +284,19 @@ impl Identity {
                 ));
             }
         }
-        let after = f.cursor.as_deref().map(decode_cursor).transpose()?;
+
         let email = paging::text_filter("email", f.email.map(|e| e.trim().to_string()))?;
         let rows = users::list(
             &self.db.pool,
             email.as_deref(),
             f.status.as_deref(),
-            after,
-            limit + 1,
+            page.after,
+            page.fetch(),
         )
         .await?;
-        let page = paging::finish(rows, limit, |u| encode_cursor(u.created_at, u.id));
-        Ok(Page {
-            items: page.items.into_iter().map(|r| r.into_user()).collect(),
-            next_cursor: page.next_cursor,
-        })
+        Ok(page
+            .page(rows, |u| (u.created_at, u.id))
+            .map(|r| r.into_user()))
     }
 
     /// Admin: change a user's status and/or roles. Disabling ends every session of
