@@ -325,6 +325,20 @@ pub struct Settings {
     /// how often session activity is recorded, hence at most 30.
     #[serde(default = "default_token_cache_ttl")]
     pub token_cache_ttl_seconds: u64,
+
+    // ---- second factors and step-up (issue 14, helper "mfa") ----
+    /// How recent a second factor must be for the step-up operations (DESIGN §8).
+    #[serde(default = "default_mfa_step_up_seconds")]
+    pub mfa_step_up_seconds: u64,
+    /// Roles whose holders must enrol a second factor (comma-separated); unset:
+    /// `admin` in production, none elsewhere.
+    pub mfa_required_roles: Option<String>,
+    /// Whether trading-account managers must enrol; unset: true in production only.
+    pub mfa_required_for_managers: Option<bool>,
+}
+
+fn default_mfa_step_up_seconds() -> u64 {
+    600
 }
 
 fn default_token_cache_ttl() -> u64 {
@@ -733,6 +747,25 @@ impl Settings {
             .unwrap_or(self.app_env == Environment::Development)
     }
 
+    /// MFA_REQUIRED_ROLES as a list, or the environment's default.
+    pub fn mfa_required_roles(&self) -> Vec<String> {
+        match &self.mfa_required_roles {
+            Some(list) => list
+                .split(',')
+                .map(|r| r.trim().to_string())
+                .filter(|r| !r.is_empty())
+                .collect(),
+            None if self.app_env == Environment::Production => vec!["admin".to_string()],
+            None => Vec::new(),
+        }
+    }
+
+    /// MFA_REQUIRED_FOR_MANAGERS, or the environment's default.
+    pub fn mfa_required_for_managers(&self) -> bool {
+        self.mfa_required_for_managers
+            .unwrap_or(self.app_env == Environment::Production)
+    }
+
     pub fn cors_origins(&self) -> Vec<String> {
         self.cors_allowed_origins
             .split(',')
@@ -797,6 +830,20 @@ impl Settings {
         // tokens: in-process verification caches
         if !(1..=30).contains(&self.token_cache_ttl_seconds) {
             p.push("TOKEN_CACHE_TTL_SECONDS must be between 1 and 30".into());
+        }
+        // second factors and step-up
+        if self.mfa_step_up_seconds == 0 {
+            p.push("MFA_STEP_UP_SECONDS must be at least 1".into());
+        }
+        if let Some(bad) = self
+            .mfa_required_roles()
+            .iter()
+            .find(|r| !crate::domain::user::ROLES.contains(&r.as_str()))
+        {
+            p.push(format!(
+                "MFA_REQUIRED_ROLES names an unknown role {bad:?} (known: {})",
+                crate::domain::user::ROLES.join(", ")
+            ));
         }
         if self.token_cache_capacity == 0 || self.api_key_cache_capacity == 0 {
             p.push("TOKEN_CACHE_CAPACITY and API_KEY_CACHE_CAPACITY must be positive".into());
@@ -1138,6 +1185,13 @@ impl Settings {
             (
                 "TOKEN_CACHE_TTL_SECONDS",
                 self.token_cache_ttl_seconds.to_string(),
+            ),
+            // ---- second factors and step-up ----
+            ("MFA_STEP_UP_SECONDS", self.mfa_step_up_seconds.to_string()),
+            ("MFA_REQUIRED_ROLES", self.mfa_required_roles().join(",")),
+            (
+                "MFA_REQUIRED_FOR_MANAGERS",
+                self.mfa_required_for_managers().to_string(),
             ),
         ]
     }

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod email;
 pub mod invitation;
 pub mod lockout;
+pub mod mfa;
 pub mod network;
 pub mod password;
 pub mod policy;

@@ -89,6 +89,8 @@ impl AuthService for AuthApi {
                 accounts,
                 session_id,
                 expires_at,
+                amr,
+                auth_time,
             } => VerifyTokenResponse {
                 valid: true,
                 reason: VerifyReason::Unspecified as i32,
@@ -100,6 +102,11 @@ impl AuthService for AuthApi {
                 session_id: session_id.to_string(),
                 expires_at: Some(prost_types::Timestamp {
                     seconds: expires_at,
+                    nanos: 0,
+                }),
+                amr: amr.to_vec(),
+                auth_time: Some(prost_types::Timestamp {
+                    seconds: auth_time,
                     nanos: 0,
                 }),
             },

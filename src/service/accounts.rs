@@ -97,6 +97,9 @@ pub struct AccountsService {
     /// Bumped by every invalidation; a load that overlaps one is not cached, so
     /// a removal racing a cache fill cannot resurrect the old answer.
     epoch: Arc<AtomicU64>,
+    /// The step-up rule (issue 14) for credentials and memberships; invitations
+    /// and API keys use it through this service.
+    pub(crate) step_up: super::mfa::StepUp,
 }
 
 impl AccountsService {
@@ -105,6 +108,7 @@ impl AccountsService {
         keys: Option<Arc<KeyRing>>,
         policy: PolicyEngine,
         invalidation: Invalidation,
+        step_up: super::mfa::StepUp,
     ) -> Self {
         let access_cache: moka::future::Cache<(Uuid, Uuid), Option<Access>> =
             moka::future::Cache::builder()
@@ -151,6 +155,7 @@ impl AccountsService {
             access_cache,
             lists_cache,
             epoch,
+            step_up,
         }
     }
 
@@ -417,6 +422,9 @@ impl AccountsService {
         let keys = self.keys.as_ref().ok_or_else(|| {
             ServiceError::Unavailable("CREDENTIALS_ENCRYPTION_KEYS is not configured".into())
         })?;
+        self.step_up
+            .require_step_up(caller, meta, "trading_account.credentials.update")
+            .await?;
         let mut tx = self.db.begin().await?;
         if let Err(e) = self
             .authorize(&mut tx, caller, meta, id, Permission::Manage, true)
@@ -500,6 +508,9 @@ impl AccountsService {
         member: Uuid,
         role: MemberRole,
     ) -> ServiceResult<Member> {
+        self.step_up
+            .require_step_up(caller, meta, "membership.role_change")
+            .await?;
         let mut tx = self.db.begin().await?;
         let g = match self
             .authorize(&mut tx, caller, meta, id, Permission::Manage, true)
@@ -565,6 +576,12 @@ impl AccountsService {
         } else {
             Permission::Manage
         };
+        // Leaving only gives up access: no step-up for that.
+        if !leaving {
+            self.step_up
+                .require_step_up(caller, meta, "membership.remove")
+                .await?;
+        }
         let mut tx = self.db.begin().await?;
         let g = match self
             .authorize(&mut tx, caller, meta, id, need, true)

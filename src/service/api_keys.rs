@@ -666,6 +666,10 @@ impl ApiKeyService {
     ) -> ServiceResult<IssuedKey> {
         let user_id = key_manager(caller)?;
         tracing::Span::current().record("user_id", tracing::field::display(user_id));
+        self.accounts
+            .step_up
+            .require_step_up(caller, meta, "api_key.create")
+            .await?;
         let grants = self.check_grants(user_id, input).await?;
         let secret = ApiKeySecret::generate(self.env);
         let hash = self.hasher.hash(&secret);
@@ -917,6 +921,10 @@ impl ApiKeyService {
         id: Uuid,
     ) -> ServiceResult<IssuedKey> {
         let user_id = key_manager(caller)?;
+        self.accounts
+            .step_up
+            .require_step_up(caller, meta, "api_key.rotate")
+            .await?;
         let mut tx = self.db.begin().await?;
         let old = store::lock_for_user(&mut tx, user_id, id)
             .await?

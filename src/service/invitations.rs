@@ -42,6 +42,10 @@ impl InvitationsService {
         target: MemberTarget,
         role: MemberRole,
     ) -> ServiceResult<Invitation> {
+        self.accounts
+            .step_up
+            .require_step_up(caller, meta, "membership.add")
+            .await?;
         let mut tx = self.db.begin().await?;
         let g = match self
             .accounts

@@ -11,6 +11,8 @@ pub mod auth;
 pub mod identity;
 pub mod invalidation;
 pub mod invitations;
+pub mod mfa;
+pub mod mfa_login;
 pub mod paging;
 pub mod policy;
 pub mod swr;
@@ -37,6 +39,14 @@ pub enum ServiceError {
     InvalidToken,
     #[error("invalid client credentials")]
     InvalidClient,
+    /// A wrong, used or expired second factor, or a dead `mfa_token` (401
+    /// `invalid_credentials`, like a wrong password).
+    #[error("invalid or expired second factor")]
+    SecondFactorRefused,
+    /// A step-up operation without a recent second factor (403 `mfa_required`),
+    /// or by a user the policy requires to enrol one (403 `mfa_enrollment_required`).
+    #[error("{}", step_up_message(*.0))]
+    StepUp(crate::domain::mfa::StepUpRefusal),
     #[error("{0}")]
     Forbidden(String),
     /// `what` names the kind of thing ("trading account"), never whether it exists.
@@ -97,6 +107,17 @@ impl From<crate::store::StoreError> for ServiceError {
 }
 
 pub type ServiceResult<T> = Result<T, ServiceError>;
+
+fn step_up_message(r: crate::domain::mfa::StepUpRefusal) -> &'static str {
+    match r {
+        crate::domain::mfa::StepUpRefusal::MfaRequired => {
+            "this operation needs a recent second factor: POST /v1/auth/step-up"
+        }
+        crate::domain::mfa::StepUpRefusal::EnrollmentRequired => {
+            "enrol a second factor (POST /v1/users/me/mfa/totp) before this operation"
+        }
+    }
+}
 
 /// Where a request came from; recorded in audit rows and used by rate limits.
 #[derive(Debug, Clone, Default)]
