@@ -92,8 +92,7 @@ impl App {
             invalidation.clone(),
         )?;
         let policy = crate::service::policy::PolicyEngine::new(db.clone(), &invalidation);
-        let mfa =
-            crate::service::mfa::MfaService::new(db.clone(), key_ring.clone(), &settings);
+        let mfa = crate::service::mfa::MfaService::new(db.clone(), key_ring.clone(), &settings);
         let accounts = crate::service::accounts::AccountsService::new(
             db.clone(),
             key_ring,

@@ -229,8 +229,7 @@ pub fn normalize_recovery_code(raw: &str) -> Option<String> {
 
 /// What is stored for a (normalised) code: SHA-256, bound to its user.
 pub fn recovery_code_hash(user_id: uuid::Uuid, normalized: &str) -> [u8; 32] {
-    Sha256::digest(format!("stocksblitz.recovery_code.v1:{user_id}:{normalized}").as_bytes())
-        .into()
+    Sha256::digest(format!("stocksblitz.recovery_code.v1:{user_id}:{normalized}").as_bytes()).into()
 }
 
 // ---- step-up -------------------------------------------------------------------
@@ -292,7 +291,10 @@ mod tests {
 
     #[test]
     fn amr_values_follow_rfc_8176() {
-        assert_eq!(amr_after(&s(&["pwd"]), Method::Totp), s(&["pwd", "otp", "mfa"]));
+        assert_eq!(
+            amr_after(&s(&["pwd"]), Method::Totp),
+            s(&["pwd", "otp", "mfa"])
+        );
         assert_eq!(
             amr_after(&s(&["pwd"]), Method::RecoveryCode),
             s(&["pwd", "rc", "mfa"])
@@ -301,7 +303,10 @@ mod tests {
             amr_after(&s(&["pwd", "otp", "mfa"]), Method::Totp),
             s(&["pwd", "otp", "mfa"])
         );
-        assert_eq!(amr_after(&s(&["hwk", "mfa"]), Method::Totp), s(&["hwk", "otp", "mfa"]));
+        assert_eq!(
+            amr_after(&s(&["hwk", "mfa"]), Method::Totp),
+            s(&["hwk", "otp", "mfa"])
+        );
         assert!(!is_multi_factor(&s(&["pwd"])));
     }
 
@@ -400,7 +405,10 @@ mod tests {
             step_up_verdict(false, true, Some(&fresh), 1000, 600),
             Err(StepUpRefusal::EnrollmentRequired)
         );
-        assert_eq!(step_up_verdict(true, false, Some(&fresh), 1600, 600), Ok(()));
+        assert_eq!(
+            step_up_verdict(true, false, Some(&fresh), 1600, 600),
+            Ok(())
+        );
         assert_eq!(
             step_up_verdict(true, false, Some(&fresh), 1601, 600),
             Err(StepUpRefusal::MfaRequired)

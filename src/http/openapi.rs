@@ -14,9 +14,7 @@ use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Response as Doc
 use utoipa::{Modify, OpenApi};
 
 use super::problem::Problem;
-use super::{
-    accounts, admin_audit, api_keys, auth_api, health, invitations, metrics, mfa, users,
-};
+use super::{accounts, admin_audit, api_keys, auth_api, health, invitations, metrics, mfa, users};
 
 #[derive(OpenApi)]
 #[openapi(

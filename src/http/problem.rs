@@ -121,7 +121,11 @@ impl From<ServiceError> for Problem {
                         "mfa_enrollment_required"
                     }
                 };
-                Problem::new(StatusCode::FORBIDDEN, code, ServiceError::StepUp(r).to_string())
+                Problem::new(
+                    StatusCode::FORBIDDEN,
+                    code,
+                    ServiceError::StepUp(r).to_string(),
+                )
             }
             ServiceError::Forbidden(detail) => {
                 Problem::new(StatusCode::FORBIDDEN, "forbidden", detail)

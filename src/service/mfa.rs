@@ -191,7 +191,11 @@ impl MfaService {
 
     fn open_secret(&self, user_id: Uuid, row: &store::mfa::TotpRow) -> ServiceResult<Vec<u8>> {
         self.keys()?
-            .open(&row.secret_key_id, &totp_aad(user_id), &row.secret_ciphertext)
+            .open(
+                &row.secret_key_id,
+                &totp_aad(user_id),
+                &row.secret_ciphertext,
+            )
             .map_err(|e| match e {
                 AeadError::Tampered | AeadError::UnknownKey(_) => {
                     ServiceError::Integrity("a TOTP secret")
@@ -217,7 +221,11 @@ impl MfaService {
     /// `POST /v1/users/me/mfa/totp`: a pending enrolment (a new secret each
     /// time, replacing an unconfirmed one); 409 when TOTP is already on.
     #[tracing::instrument(skip_all)]
-    pub async fn start_totp(&self, caller: &Caller, meta: &RequestMeta) -> ServiceResult<TotpEnrolment> {
+    pub async fn start_totp(
+        &self,
+        caller: &Caller,
+        meta: &RequestMeta,
+    ) -> ServiceResult<TotpEnrolment> {
         let uid = session_user(caller)?;
         let keys = self.keys()?;
         let user = store::users::get(&self.db.pool, uid)
@@ -286,7 +294,12 @@ impl MfaService {
         let codes = rules::new_recovery_codes();
         let hashes: Vec<[u8; 32]> = codes
             .iter()
-            .map(|c| rules::recovery_code_hash(uid, &rules::normalize_recovery_code(c).unwrap_or_default()))
+            .map(|c| {
+                rules::recovery_code_hash(
+                    uid,
+                    &rules::normalize_recovery_code(c).unwrap_or_default(),
+                )
+            })
             .collect();
         store::mfa::replace_recovery_codes(&mut tx, uid, &hashes).await?;
         tx.audit(
@@ -355,7 +368,12 @@ impl MfaService {
         let codes = rules::new_recovery_codes();
         let hashes: Vec<[u8; 32]> = codes
             .iter()
-            .map(|c| rules::recovery_code_hash(uid, &rules::normalize_recovery_code(c).unwrap_or_default()))
+            .map(|c| {
+                rules::recovery_code_hash(
+                    uid,
+                    &rules::normalize_recovery_code(c).unwrap_or_default(),
+                )
+            })
             .collect();
         let mut tx = self.db.begin().await?;
         store::mfa::replace_recovery_codes(&mut tx, uid, &hashes).await?;
@@ -433,7 +451,11 @@ impl MfaService {
     }
 
     /// Spends a recovery code of `user_id`; `false` when it is not an unused one.
-    pub(crate) async fn check_recovery_code(&self, user_id: Uuid, code: &str) -> ServiceResult<bool> {
+    pub(crate) async fn check_recovery_code(
+        &self,
+        user_id: Uuid,
+        code: &str,
+    ) -> ServiceResult<bool> {
         let Some(normalized) = rules::normalize_recovery_code(code) else {
             return Ok(false);
         };
@@ -470,7 +492,10 @@ impl MfaService {
 
 /// Moves every TOTP secret to the active key (`admin reencrypt-credentials`);
 /// each user is its own transaction, so the command can be interrupted and re-run.
-pub async fn reencrypt_totp_secrets(db: &Db, keys: &KeyRing) -> ServiceResult<TotpReencryptSummary> {
+pub async fn reencrypt_totp_secrets(
+    db: &Db,
+    keys: &KeyRing,
+) -> ServiceResult<TotpReencryptSummary> {
     let active = keys.active_kid().to_string();
     let ids = store::mfa::totp_sealed_with_other_key(db, &active).await?;
     let mut summary = TotpReencryptSummary {

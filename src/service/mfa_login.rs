@@ -55,7 +55,11 @@ pub fn parse_method(raw: &str, factors: &Factors) -> ServiceResult<Method> {
             "unavailable",
             format!(
                 "{raw} is not one of this user's second factors ({})",
-                offered.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+                offered
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )),
         None => Err(ServiceError::validation(
@@ -313,7 +317,8 @@ impl MfaService {
         let now = Utc::now();
         let refresh = random_token();
         let mut tx = self.db.begin().await?;
-        let Some((before, expires_at)) = store::mfa::live_session_for_update(&mut tx, sid, uid).await?
+        let Some((before, expires_at)) =
+            store::mfa::live_session_for_update(&mut tx, sid, uid).await?
         else {
             return Err(ServiceError::InvalidToken);
         };

@@ -50,7 +50,10 @@ pub async fn totp(db: &Db, user_id: Uuid) -> StoreResult<Option<TotpRow>> {
 }
 
 /// Locks the row (confirmation, re-encryption).
-pub async fn totp_for_update(conn: &mut PgConnection, user_id: Uuid) -> StoreResult<Option<TotpRow>> {
+pub async fn totp_for_update(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+) -> StoreResult<Option<TotpRow>> {
     Ok(sqlx::query_as(&format!("{TOTP_SELECT} for update"))
         .bind(user_id)
         .fetch_optional(conn)
@@ -98,7 +101,11 @@ pub async fn confirm_totp(conn: &mut PgConnection, user_id: Uuid, step: i64) -> 
 
 /// Records that a code of `step` was accepted, only if no code of this step or a
 /// later one was: of two requests racing with one code, exactly one wins.
-pub async fn accept_totp_step(conn: &mut PgConnection, user_id: Uuid, step: i64) -> StoreResult<bool> {
+pub async fn accept_totp_step(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    step: i64,
+) -> StoreResult<bool> {
     let n = sqlx::query(
         "update user_totp set last_used_step = $2, updated_at = now()
           where user_id = $1 and confirmed_at is not null
@@ -139,12 +146,14 @@ pub async fn reseal_totp(
     ciphertext: &[u8],
     key_id: &str,
 ) -> StoreResult<()> {
-    sqlx::query("update user_totp set secret_ciphertext = $2, secret_key_id = $3 where user_id = $1")
-        .bind(user_id)
-        .bind(ciphertext)
-        .bind(key_id)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "update user_totp set secret_ciphertext = $2, secret_key_id = $3 where user_id = $1",
+    )
+    .bind(user_id)
+    .bind(ciphertext)
+    .bind(key_id)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -193,11 +202,13 @@ pub async fn use_recovery_code(
 }
 
 pub async fn delete_recovery_codes(conn: &mut PgConnection, user_id: Uuid) -> StoreResult<u64> {
-    Ok(sqlx::query("delete from user_recovery_codes where user_id = $1")
-        .bind(user_id)
-        .execute(conn)
-        .await?
-        .rows_affected())
+    Ok(
+        sqlx::query("delete from user_recovery_codes where user_id = $1")
+            .bind(user_id)
+            .execute(conn)
+            .await?
+            .rows_affected(),
+    )
 }
 
 // ---- the second step of a login ---------------------------------------------------
