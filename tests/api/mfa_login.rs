@@ -274,3 +274,30 @@ async fn dead_tokens_and_unknown_methods() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn the_login_answer_is_documented_both_ways() {
+    let app = TestApp::spawn().await;
+    let doc = json_of(
+        send(&app, Method::GET, "/openapi.json", None, None).await,
+        200,
+    )
+    .await;
+    let schemas = &doc["components"]["schemas"];
+    let answer = &schemas["LoginAnswer"]["oneOf"];
+    let refs = answer.to_string();
+    assert!(
+        refs.contains("#/components/schemas/TokenPair")
+            && refs.contains("#/components/schemas/MfaRequiredBody"),
+        "{answer}"
+    );
+    let mfa = &schemas["MfaRequiredBody"];
+    for f in ["mfa_required", "mfa_token", "methods", "expires_in"] {
+        assert!(mfa["properties"].get(f).is_some(), "MfaRequiredBody.{f}");
+    }
+    assert_eq!(
+        doc["paths"]["/v1/auth/login"]["post"]["responses"]["200"]["content"]["application/json"]
+            ["schema"]["$ref"],
+        "#/components/schemas/LoginAnswer"
+    );
+}
