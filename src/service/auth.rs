@@ -448,7 +448,7 @@ impl Identity {
         if right {
             if finishes_login {
                 login_failures::clear(&mut tx, user_id, &ip, window).await?;
-                tx.commit().await.map_err(crate::store::StoreError::from)?;
+                tx.commit().await?;
             }
             return Ok(Checked::Right);
         }
@@ -474,7 +474,7 @@ impl Identity {
                 }));
             audit::insert(&mut tx, &entry).await?;
         }
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         if !locks.is_empty() {
             metrics::counter!("login_lockouts_total").increment(1);
         }
@@ -590,7 +590,7 @@ impl Identity {
                 .detail("amr", amr.to_vec()),
         )
         .await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         let user = record.into_user();
         self.cache_session(
             session_id,

@@ -356,3 +356,38 @@ async fn an_admin_removes_a_users_factors() {
         json!({"totp": false, "passkeys": 0, "recovery_codes_left": 0})
     );
 }
+
+#[test]
+fn policy_settings_default_per_environment() {
+    use user_service::config::Settings;
+    let mut vars = crate::helpers::test_vars("postgres://x@127.0.0.1:1/x");
+    let dev = Settings::from_vars(vars.clone()).unwrap();
+    assert!(dev.mfa_required_roles().is_empty());
+    assert!(!dev.mfa_required_for_managers());
+    assert_eq!(dev.mfa_step_up_seconds, 600);
+    // Unset in production: admins and managers must enrol.
+    vars.insert("APP_ENV".into(), "production".into());
+    vars.remove("MFA_REQUIRED_ROLES");
+    vars.remove("MFA_REQUIRED_FOR_MANAGERS");
+    let prod = Settings::from_vars(vars.clone()).unwrap();
+    assert_eq!(prod.mfa_required_roles(), ["admin"]);
+    assert!(prod.mfa_required_for_managers());
+    // The shipped production file says the same.
+    let file =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.production")).unwrap();
+    assert!(file.contains("\nMFA_REQUIRED_ROLES=admin\n"));
+    assert!(file.contains("\nMFA_REQUIRED_FOR_MANAGERS=true\n"));
+    // An unknown role or a zero window is a start-up problem.
+    vars.insert("MFA_REQUIRED_ROLES".into(), "admin, root".into());
+    vars.insert("MFA_STEP_UP_SECONDS".into(), "0".into());
+    let bad = Settings::from_vars(vars).unwrap().problems();
+    assert!(
+        bad.iter()
+            .any(|p| p.contains("MFA_REQUIRED_ROLES") && p.contains("root")),
+        "{bad:?}"
+    );
+    assert!(
+        bad.iter().any(|p| p.contains("MFA_STEP_UP_SECONDS")),
+        "{bad:?}"
+    );
+}

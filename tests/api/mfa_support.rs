@@ -56,7 +56,7 @@ impl MfaUser {
             let now = now_step();
             let lowest = now - 1;
             let step = match self.last_step {
-                Some(l) if l >= now + 1 => None,
+                Some(l) if l > now => None,
                 Some(l) => Some((l + 1).max(lowest)),
                 None => Some(lowest),
             };
