@@ -6,7 +6,8 @@ use crate::config::Settings;
 
 #[derive(Subcommand, Debug)]
 pub enum AdminCommand {
-    /// Re-encrypt every broker credential under the active key (safe to re-run).
+    /// Re-encrypt every broker credential and TOTP secret under the active key
+    /// (safe to re-run).
     ReencryptCredentials,
     /// Create a user (e.g. the first admin); prints the user as JSON. The password
     /// is read from stdin, never from the command line.
@@ -158,7 +159,8 @@ async fn create_user(
     Ok(())
 }
 
-/// Prints `{active_key_id, candidates, reencrypted, already_current, failed}`;
+/// Prints `{active_key_id, candidates, reencrypted, already_current, failed,
+/// totp_secrets: {candidates, reencrypted, already_current, failed}}`;
 /// exits non-zero when any value could not be moved (it stays under its old key).
 async fn reencrypt_credentials(settings: &Settings) -> anyhow::Result<()> {
     let spec = settings
@@ -170,12 +172,19 @@ async fn reencrypt_credentials(settings: &Settings) -> anyhow::Result<()> {
     let summary = crate::service::accounts::reencrypt_credentials(&db, &keys)
         .await
         .map_err(|e| anyhow::anyhow!("reencrypt-credentials: {e}"))?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    // TOTP secrets are sealed with the same key ring (issue 14).
+    let totp = crate::service::mfa::reencrypt_totp_secrets(&db, &keys)
+        .await
+        .map_err(|e| anyhow::anyhow!("reencrypt-credentials (TOTP secrets): {e}"))?;
+    let mut out = serde_json::to_value(&summary)?;
+    out["totp_secrets"] = serde_json::to_value(&totp)?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
     db.pool.close().await;
-    if !summary.failed.is_empty() {
+    if !summary.failed.is_empty() || !totp.failed.is_empty() {
         anyhow::bail!(
-            "{} account(s) could not be re-encrypted",
-            summary.failed.len()
+            "{} account(s) and {} TOTP secret(s) could not be re-encrypted",
+            summary.failed.len(),
+            totp.failed.len()
         );
     }
     Ok(())

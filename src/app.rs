@@ -46,6 +46,8 @@ pub struct AppInner {
     pub api_keys: crate::service::api_keys::ApiKeyService,
     /// Invitations to trading accounts: membership only with the invitee's consent.
     pub invitations: crate::service::invitations::InvitationsService,
+    /// Second factors, the login's second step and step-up (issue 14).
+    pub mfa: crate::service::mfa::MfaService,
 }
 
 impl Deref for AppState {
@@ -90,13 +92,15 @@ impl App {
             invalidation.clone(),
         )?;
         let policy = crate::service::policy::PolicyEngine::new(db.clone(), &invalidation);
+        let mfa = crate::service::mfa::MfaService::new(db.clone(), key_ring.clone(), &settings);
         let accounts = crate::service::accounts::AccountsService::new(
             db.clone(),
             key_ring,
             policy.clone(),
             invalidation.clone(),
+            mfa.step_up.clone(),
         )
-        // Hook (issue 15): REQUIRE_VERIFIED_EMAIL, for accounts, invitations and keys.
+        // REQUIRE_VERIFIED_EMAIL, for accounts, invitations and keys.
         .with_email_gate(crate::service::recovery::EmailGate::new(
             db.clone(),
             &settings,
@@ -125,6 +129,7 @@ impl App {
             invalidation,
             api_keys,
             invitations,
+            mfa,
         }));
         state
             .invalidation

@@ -65,6 +65,20 @@ impl Settings {
         if self.session_cookie_samesite == SameSite::None && !self.session_cookie_secure {
             p.push("SESSION_COOKIE_SAMESITE=none requires SESSION_COOKIE_SECURE=true".into());
         }
+        // second factors and step-up
+        if self.mfa_step_up_seconds == 0 {
+            p.push("MFA_STEP_UP_SECONDS must be at least 1".into());
+        }
+        if let Some(bad) = self
+            .mfa_required_roles()
+            .iter()
+            .find(|r| !crate::domain::user::ROLES.contains(&r.as_str()))
+        {
+            p.push(format!(
+                "MFA_REQUIRED_ROLES names an unknown role {bad:?} (known: {})",
+                crate::domain::user::ROLES.join(", ")
+            ));
+        }
         p.extend(self.notification_problems());
         p.extend(self.key_material_problems());
         if self.app_env == Environment::Development {

@@ -119,6 +119,24 @@ impl Settings {
         }
     }
 
+    /// MFA_REQUIRED_ROLES as a list, or the environment's default.
+    pub fn mfa_required_roles(&self) -> Vec<String> {
+        match &self.mfa_required_roles {
+            Some(list) => list
+                .split(',')
+                .map(|r| r.trim().to_string())
+                .filter(|r| !r.is_empty())
+                .collect(),
+            None if self.app_env == Environment::Production => vec!["admin".to_string()],
+            None => Vec::new(),
+        }
+    }
+
+    /// MFA_REQUIRED_FOR_MANAGERS (true in production unless set).
+    pub fn mfa_required_for_managers(&self) -> bool {
+        self.mfa_required_for_managers
+    }
+
     pub fn cors_origins(&self) -> Vec<String> {
         self.cors_allowed_origins
             .split(',')

@@ -187,6 +187,14 @@ settings_table! {
         password_reset_email_max_per_hour: u32 = 5;
         /// Password-reset requests per client IP per hour; 0 turns the throttle off.
         password_reset_ip_max_per_hour: u32 = 30;
+
+        /// How recent a second factor must be for the step-up operations (DESIGN §8).
+        mfa_step_up_seconds: u64 = 600;
+        /// Roles whose holders must enrol a second factor (comma-separated); unset:
+        /// `admin` in production, none elsewhere.
+        mfa_required_roles: Option<String>;
+        /// Whether trading-account managers must enrol a second factor.
+        mfa_required_for_managers: bool = by_env(false, false, true);
     }
     internal {
         /// Fingerprints of this checkout's development key material (`.secrets/dev.env`),

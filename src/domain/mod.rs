@@ -9,6 +9,7 @@ pub mod import;
 pub mod instant;
 pub mod invitation;
 pub mod lockout;
+pub mod mfa;
 pub mod network;
 pub mod password;
 pub mod policy;

@@ -6,9 +6,9 @@ use super::convert::{key_verification, KeyCheck};
 use super::interceptor::require_scope;
 use crate::app::AppState;
 use crate::proto::auth_service_server::AuthService;
-use crate::service::{Caller, RequestMeta};
 use crate::proto::{VerifyApiKeyRequest, VerifyApiKeyResponse};
 use crate::proto::{VerifyTokenRequest, VerifyTokenResponse};
+use crate::service::{Caller, RequestMeta};
 
 pub struct AuthApi {
     state: AppState,

@@ -261,6 +261,8 @@ impl From<TokenVerification> for proto::VerifyTokenResponse {
                 accounts: list,
                 session_id,
                 expires_at,
+                amr,
+                auth_time,
             } => Self {
                 valid: true,
                 reason: VerifyReason::Unspecified as i32,
@@ -269,6 +271,11 @@ impl From<TokenVerification> for proto::VerifyTokenResponse {
                 session_id: session_id.to_string(),
                 expires_at: Some(prost_types::Timestamp {
                     seconds: expires_at,
+                    nanos: 0,
+                }),
+                amr: amr.to_vec(),
+                auth_time: Some(prost_types::Timestamp {
+                    seconds: auth_time,
                     nanos: 0,
                 }),
             },

@@ -14,7 +14,7 @@ use super::extract::{Json, Meta};
 use super::problem::Problem;
 use super::users::User;
 use super::AppState;
-use crate::service::auth::{LoginTokens, RegisterInput};
+use crate::service::auth::{LoginOutcome, LoginTokens, RegisterInput};
 use crate::service::{FieldError, ServiceError};
 
 pub fn routes() -> Router<AppState> {
@@ -75,7 +75,7 @@ pub struct LoginBody {
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
-struct TokenPair {
+pub(super) struct TokenPair {
     access_token: String,
     refresh_token: String,
     #[schema(example = "Bearer")]
@@ -86,7 +86,7 @@ struct TokenPair {
 }
 
 /// The login-shaped body plus the session cookie; never cached.
-fn token_response(state: &AppState, t: LoginTokens) -> Response {
+pub(super) fn token_response(state: &AppState, t: LoginTokens) -> Response {
     let cookie = session_cookie(
         &state.settings,
         &t.refresh_token,
@@ -113,8 +113,8 @@ fn token_response(state: &AppState, t: LoginTokens) -> Response {
     tag = "auth",
     request_body = LoginBody,
     responses(
-        (status = 200, description = "Tokens and the user; `Set-Cookie` carries the session", body = TokenPair,
-            headers(("set-cookie" = String, description = "The session cookie (HttpOnly)"))),
+        (status = 200, description = "Tokens and the user, `Set-Cookie` carrying the session; or, for a user with a second factor, `{mfa_required, mfa_token, methods, expires_in}` (no tokens, no cookie: finish with POST /v1/auth/mfa)", body = LoginAnswer,
+            headers(("set-cookie" = String, description = "The session cookie (HttpOnly), with tokens only"))),
         (status = 401, description = "Any failure, locked or disabled included (`invalid_credentials`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -123,11 +123,23 @@ async fn login(
     Meta(meta): Meta,
     Json(body): Json<LoginBody>,
 ) -> Result<Response, ServiceError> {
-    let tokens = state
+    match state
         .identity
         .login(&meta, &body.email, body.password)
-        .await?;
-    Ok(token_response(&state, tokens))
+        .await?
+    {
+        LoginOutcome::Tokens(tokens) => Ok(token_response(&state, tokens)),
+        LoginOutcome::MfaRequired(step) => Ok(super::mfa::mfa_required_response(step)),
+    }
+}
+
+/// What a right password gets (documentation only): tokens, or the second step.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum LoginAnswer {
+    Tokens(TokenPair),
+    MfaRequired(super::mfa::MfaRequiredBody),
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

@@ -12,6 +12,7 @@ pub mod health;
 pub mod invitations;
 pub mod list;
 pub mod metrics;
+pub mod mfa;
 pub mod network;
 pub mod observe;
 pub mod openapi;
@@ -46,6 +47,7 @@ pub fn routes(state: AppState) -> Router {
         .merge(invitations::routes())
         .merge(users::routes())
         .merge(recovery::routes())
+        .merge(mfa::routes())
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }

@@ -15,7 +15,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::problem::Problem;
 use super::{
-    accounts, admin_audit, api_keys, auth_api, health, invitations, metrics, recovery, users,
+    accounts, admin_audit, api_keys, auth_api, health, invitations, metrics, mfa, recovery, users,
 };
 
 #[derive(OpenApi)]
@@ -71,6 +71,14 @@ use super::{
         api_keys::revoke,
         api_keys::rotate,
         api_keys::usage,
+        mfa::status,
+        mfa::start_totp,
+        mfa::confirm_totp,
+        mfa::remove_totp,
+        mfa::recovery_codes,
+        mfa::second_step,
+        mfa::step_up,
+        mfa::admin_remove,
         metrics::metrics,
         openapi_json,
     ),
@@ -80,6 +88,7 @@ use super::{
         (name = "health", description = "Probes"),
         (name = "auth", description = "Login, tokens, sign-up"),
         (name = "users", description = "The caller's profile and sessions"),
+        (name = "mfa", description = "The caller's second factors (TOTP, recovery codes)"),
         (name = "accounts", description = "Trading accounts, members and broker credentials"),
         (name = "admin", description = "Admin only"),
         (name = "api_keys", description = "The caller's API keys (managed with a session, not with a key)"),

@@ -131,6 +131,24 @@ impl From<ServiceError> for Problem {
                 "invalid_client",
                 "invalid client credentials",
             ),
+            ServiceError::SecondFactorRefused => Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "invalid or expired second factor",
+            ),
+            ServiceError::StepUp(r) => {
+                let code = match r {
+                    crate::domain::mfa::StepUpRefusal::MfaRequired => "mfa_required",
+                    crate::domain::mfa::StepUpRefusal::EnrollmentRequired => {
+                        "mfa_enrollment_required"
+                    }
+                };
+                Problem::new(
+                    StatusCode::FORBIDDEN,
+                    code,
+                    ServiceError::StepUp(r).to_string(),
+                )
+            }
             ServiceError::Forbidden(detail) => {
                 Problem::new(StatusCode::FORBIDDEN, "forbidden", detail)
             }

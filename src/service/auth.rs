@@ -20,6 +20,13 @@ use crate::domain::password::Password;
 use crate::domain::user::User;
 use crate::store::{audit, login_failures, service_clients, sessions, users};
 
+/// What a password login answers: tokens, or (the user has a second factor) the
+/// second step to take (issue 14).
+pub enum LoginOutcome {
+    Tokens(LoginTokens),
+    MfaRequired(super::mfa_login::SecondStep),
+}
+
 /// What a login or refresh hands out. Not Debug: it carries tokens.
 pub struct LoginTokens {
     pub access_token: String,
@@ -366,13 +373,9 @@ impl Identity {
         }
     }
 
-    /// Checks a password of `user_id` under the lockout policy (domain::lockout).
-    /// Only a password actually checked and found wrong is counted, per account
-    /// and per (account, client IP), with the `failed` audit row and, when it sets
-    /// a lock, `auth.lockout`, all in one transaction; a store or hashing failure
-    /// (503) counts nothing. Checks of one user take turns on this replica, so a
-    /// parallel burst evaluates no more than the limit, while parallel right
-    /// passwords all pass.
+    /// Checks a password of `user_id` under the lockout policy (domain::lockout):
+    /// `check_guarded` with an argon2 verification, and the same argon2 work
+    /// (a decoy) when locked. `finishes_login`: see `check_guarded`.
     pub(crate) async fn check_password_guarded(
         &self,
         meta: &RequestMeta,
@@ -380,6 +383,46 @@ impl Identity {
         hash: Option<String>,
         password: SecretString,
         failed: AuditEntry,
+        finishes_login: bool,
+    ) -> ServiceResult<Checked> {
+        let decoy = password.clone();
+        self.check_guarded(
+            meta,
+            user_id,
+            failed,
+            finishes_login,
+            async {
+                self.hasher
+                    .verify(password, hash)
+                    .await
+                    .map_err(ServiceError::hashing)
+            },
+            async {
+                // The same argon2 work as a real check: a lock does not show in timing.
+                let _ = self.hasher.verify(decoy, None).await;
+            },
+        )
+        .await
+    }
+
+    /// Checks a credential of `user_id` (a password, a second factor) under the
+    /// lockout policy (domain::lockout). Only a credential actually checked and
+    /// found wrong is counted, per account and per (account, client IP), with
+    /// the `failed` audit row and, when it sets a lock, `auth.lockout`, all in
+    /// one transaction; a store or hashing failure (503) counts nothing. Checks
+    /// of one user take turns on this replica, so a parallel burst evaluates no
+    /// more than the limit, while parallel right answers all pass. A right
+    /// answer clears the counts only when `finishes_login` (a password followed
+    /// by a second factor clears nothing: the count resets when the login
+    /// completes). `locked_work` runs instead of `check` when locked.
+    pub(crate) async fn check_guarded(
+        &self,
+        meta: &RequestMeta,
+        user_id: Uuid,
+        failed: AuditEntry,
+        finishes_login: bool,
+        check: impl std::future::Future<Output = ServiceResult<bool>>,
+        locked_work: impl std::future::Future<Output = ()>,
     ) -> ServiceResult<Checked> {
         let window = self.settings.login_lockout_seconds;
         let ip = meta
@@ -401,19 +444,16 @@ impl Identity {
         }
         if gate == Gate::Locked {
             drop(turn);
-            // The same argon2 work as a real check: a lock does not show in timing.
-            let _ = self.hasher.verify(password, None).await;
+            locked_work.await;
             return Ok(Checked::Locked);
         }
-        let right = self
-            .hasher
-            .verify(password, hash)
-            .await
-            .map_err(ServiceError::hashing)?;
+        let right = check.await?;
         let mut tx = self.db.begin().await?;
         if right {
-            login_failures::clear(&mut tx, user_id, &ip, window).await?;
-            tx.commit().await.map_err(crate::store::StoreError::from)?;
+            if finishes_login {
+                login_failures::clear(&mut tx, user_id, &ip, window).await?;
+                tx.commit().await?;
+            }
             return Ok(Checked::Right);
         }
         let (max, lockout) = (
@@ -438,7 +478,7 @@ impl Identity {
                 }));
             audit::insert(&mut tx, &entry).await?;
         }
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         if !locks.is_empty() {
             metrics::counter!("login_lockouts_total").increment(1);
         }
@@ -453,7 +493,7 @@ impl Identity {
         meta: &RequestMeta,
         email: &str,
         password: String,
-    ) -> ServiceResult<LoginTokens> {
+    ) -> ServiceResult<LoginOutcome> {
         let password = Password::candidate(password)
             .map_err(password_error)?
             .into_secret();
@@ -483,6 +523,9 @@ impl Identity {
             self.audit_alone(failed("unknown_user", None)).await;
             return refuse("failed");
         };
+        // A user with a second factor: a right password does not end the login,
+        // so it clears no failure count (issue 14).
+        let factors = crate::store::mfa::factors(&self.db, record.id).await?;
         let checked = self
             .check_password_guarded(
                 meta,
@@ -490,6 +533,7 @@ impl Identity {
                 record.password_hash.clone(),
                 password.clone(),
                 failed("wrong_password", Some(record.id)),
+                !factors.any(),
             )
             .await?;
         match checked {
@@ -515,12 +559,31 @@ impl Identity {
             password,
         )
         .await;
+        if factors.any() {
+            metrics::counter!("logins_total", "result" => "mfa_required").increment(1);
+            let challenge = self.begin_second_step(meta, record.id, &factors).await?;
+            return Ok(LoginOutcome::MfaRequired(challenge));
+        }
         metrics::counter!("logins_total", "result" => "succeeded").increment(1);
+        let amr = [crate::domain::mfa::amr::PWD.to_string()];
+        Ok(LoginOutcome::Tokens(
+            self.open_session(meta, record, &amr).await?,
+        ))
+    }
 
+    /// A completed login: a new session authenticated by `amr` now, its first
+    /// refresh token and the `auth.login.succeeded` row in one transaction.
+    pub(crate) async fn open_session(
+        &self,
+        meta: &RequestMeta,
+        record: users::UserRecord,
+        amr: &[String],
+    ) -> ServiceResult<LoginTokens> {
         let session_id = Uuid::now_v7();
         let refresh = new_refresh_token();
-        let expires_at = chrono::Utc::now()
-            + chrono::Duration::seconds(self.settings.refresh_token_ttl_seconds as i64);
+        let now = chrono::Utc::now();
+        let expires_at =
+            now + chrono::Duration::seconds(self.settings.refresh_token_ttl_seconds as i64);
         let mut tx = self.db.begin().await?;
         sessions::create(
             &mut tx,
@@ -531,6 +594,7 @@ impl Identity {
             meta.user_agent.as_deref(),
         )
         .await?;
+        crate::store::mfa::set_session_auth(&mut tx, session_id, amr, now).await?;
         sessions::insert_refresh_token(&mut tx, session_id, &sha256(&refresh), expires_at).await?;
         // Hook (issue 15): `new_sign_in` from an address unseen for 30 days.
         super::recovery::on_sign_in(&mut tx, record.id, &record.email, meta).await?;
@@ -539,10 +603,11 @@ impl Identity {
             &AuditEntry::new("auth.login.succeeded", Outcome::Success)
                 .actor("user", record.id)
                 .target("session", session_id)
-                .meta(meta),
+                .meta(meta)
+                .detail("amr", amr.to_vec()),
         )
         .await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         let user = record.into_user();
         self.cache_session(
             session_id,
@@ -552,23 +617,29 @@ impl Identity {
             },
         )
         .await;
-        self.tokens_for(user, session_id, refresh)
+        self.tokens_for(user, session_id, refresh, amr, now.timestamp())
     }
 
-    fn tokens_for(
+    /// An access token for the session, saying how and when the user
+    /// authenticated (`amr`, `auth_time`).
+    pub(crate) fn tokens_for(
         &self,
         user: User,
         session_id: Uuid,
         refresh: String,
+        amr: &[String],
+        auth_time: i64,
     ) -> ServiceResult<LoginTokens> {
         let ttl = self.settings.access_token_ttl_seconds;
-        let claims = self.jwt.claims(
+        let mut claims = self.jwt.claims(
             TokenType::Access,
             user.id.to_string(),
             Duration::from_secs(ttl),
             Some(session_id.to_string()),
             None,
         );
+        claims.amr = Some(amr.to_vec());
+        claims.auth_time = Some(auth_time);
         Ok(LoginTokens {
             access_token: self.jwt.sign(&claims).map_err(ServiceError::internal)?,
             refresh_token: refresh,
@@ -619,6 +690,9 @@ impl Identity {
             .into_user();
         sessions::mark_refresh_used(&mut tx, row.id).await?;
         sessions::touch(&mut tx, row.session_id).await?;
+        let (amr, auth_time) = crate::store::mfa::session_auth_in(&mut tx, row.session_id)
+            .await?
+            .ok_or(ServiceError::InvalidToken)?;
         let refresh = new_refresh_token();
         sessions::insert_refresh_token(
             &mut tx,
@@ -631,7 +705,7 @@ impl Identity {
         // The used token no longer works as the session cookie on any replica
         // (also said by the refresh_tokens trigger, for when Redis is down).
         self.invalidation.session_changed(row.session_id).await;
-        self.tokens_for(user, row.session_id, refresh)
+        self.tokens_for(user, row.session_id, refresh, &amr, auth_time.timestamp())
     }
 
     /// A refresh that ends its session (token reuse, idle timeout): revoke and

@@ -63,6 +63,9 @@ pub struct AccessGrant {
     pub roles: Vec<String>,
     pub expires_at: i64,
     pub user: Arc<User>,
+    /// The token's `amr` and `auth_time` (issue 14).
+    pub amr: Arc<[String]>,
+    pub auth_time: i64,
 }
 
 /// What an access token's signature established, cached by a keyed hash of the
@@ -72,6 +75,8 @@ struct AccessClaims {
     user_id: Uuid,
     session_id: Uuid,
     exp: i64,
+    amr: Arc<[String]>,
+    auth_time: i64,
 }
 
 /// A session cookie (the session's current refresh token) as last read.
@@ -171,6 +176,8 @@ pub struct Identity {
     pub(crate) local_counters: super::auth::LocalCounters,
     /// Password checks of one user take turns (the lockout count stays exact).
     pub(crate) login_turns: super::auth::Turns,
+    /// The step-up rule (issue 14) for the use cases here that need it.
+    pub(crate) step_up: super::mfa::StepUp,
     /// Tells every replica's caches (API keys …) that a user changed.
     pub(crate) invalidation: Invalidation,
     /// Users by id (GET /v1/users/me, bearer roles, VerifyToken): dropped on
@@ -271,6 +278,7 @@ impl Identity {
             .map(|r| metrics::counter!("token_verifications_total", "kind" => "access", "result" => r)),
             local_counters: super::auth::LocalCounters::default(),
             login_turns: super::auth::Turns::default(),
+            step_up: super::mfa::StepUp::new(db.clone(), settings),
             settings: settings.clone(),
             db,
             cache,
@@ -423,6 +431,9 @@ impl Identity {
             user_id,
             session_id,
             exp: claims.exp,
+            // Tokens signed before amr existed were password logins.
+            amr: claims.amr.unwrap_or_default().into(),
+            auth_time: claims.auth_time.unwrap_or(claims.iat),
         });
         self.token_claims.insert(key, c.clone());
         Ok(c)
@@ -472,6 +483,8 @@ impl Identity {
                 roles: u.roles.clone(),
                 expires_at: claims.exp,
                 user: u,
+                amr: claims.amr.clone(),
+                auth_time: claims.auth_time,
             }),
             Some(_) => Err(TokenRefusal::UserDisabled),
             None => Err(TokenRefusal::Invalid),
@@ -561,6 +574,8 @@ pub enum TokenVerification {
         accounts: Arc<[AccountAccess]>,
         session_id: Uuid,
         expires_at: i64,
+        amr: Arc<[String]>,
+        auth_time: i64,
     },
     Refused(TokenRefusal),
 }
@@ -603,6 +618,8 @@ impl Identity {
             accounts,
             session_id: grant.session_id,
             expires_at: grant.expires_at,
+            amr: grant.amr,
+            auth_time: grant.auth_time,
         })
     }
 }
@@ -729,6 +746,8 @@ mod rss_probe {
                     user_id: uid,
                     session_id: sid,
                     exp: now_secs() + 900,
+                    amr: Arc::from(Vec::new()),
+                    auth_time: now_secs(),
                 }),
             );
             let _ = id

@@ -43,6 +43,10 @@ impl InvitationsService {
     ) -> ServiceResult<Invitation> {
         // Member add is a step-up operation: refused until the email is verified.
         self.accounts.require_verified(caller).await?;
+        self.accounts
+            .step_up
+            .require_step_up(caller, meta, "membership.add")
+            .await?;
         let mut op = self
             .accounts
             .open(caller, meta, account_id, Permission::Manage, RowLock::Hold)

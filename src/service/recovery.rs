@@ -427,6 +427,9 @@ impl Identity {
     ) -> ServiceResult<()> {
         let user_id = session_user(caller)?;
         require_verified(&self.db, self.settings.require_verified_email(), caller).await?;
+        self.step_up
+            .require_step_up(caller, meta, "user.email.change")
+            .await?;
         let new = Email::parse(new_email)
             .map_err(|m| ServiceError::validation("new_email", "invalid", m))?;
         let current = Password::candidate(current_password)
@@ -457,6 +460,7 @@ impl Identity {
                 record.password_hash.clone(),
                 current.into_secret(),
                 failed,
+                true,
             )
             .await?;
         if checked != Checked::Right {

@@ -25,6 +25,10 @@ pub struct SessionView {
     pub user_agent: Option<String>,
     /// The session this request was made with.
     pub current: bool,
+    /// How the session was authenticated (RFC 8176 values, issue 14).
+    pub amr: Vec<String>,
+    /// When the user last authenticated in this session (login or step-up).
+    pub auth_time: DateTime<Utc>,
 }
 
 pub struct UserFilter {
@@ -141,8 +145,11 @@ impl Identity {
         new_password: String,
     ) -> ServiceResult<()> {
         let (user_id, current_session) = session_user(caller)?;
-        // Hook (issue 15): a step-up operation, refused until the email is verified.
+        // A step-up operation, refused until the email is verified.
         super::recovery::require_verified(&self.db, self.settings.require_verified_email(), caller)
+            .await?;
+        self.step_up
+            .require_step_up(caller, meta, "user.password.change")
             .await?;
         let current = Password::candidate(current_password)
             .map_err(|e| ServiceError::validation("current_password", e.code, e.message))?;
@@ -166,6 +173,7 @@ impl Identity {
                 record.password_hash.clone(),
                 current.into_secret(),
                 failed,
+                true,
             )
             .await?;
         if checked != Checked::Right {
@@ -230,6 +238,8 @@ impl Identity {
                 last_seen_at: s.last_seen_at,
                 ip: s.ip,
                 user_agent: s.user_agent,
+                amr: s.amr,
+                auth_time: s.auth_time,
             })
             .collect();
         Ok(Page::all(items))

@@ -10,6 +10,7 @@ pub mod db;
 pub mod imports;
 pub mod invitations;
 pub mod login_failures;
+pub mod mfa;
 pub mod outbox;
 pub mod policies;
 pub mod recovery;

@@ -46,6 +46,15 @@ const EXPECTED: &[&str] = &[
     "GET /v1/admin/users",
     "PATCH /v1/admin/users/{id}",
     "GET /v1/admin/audit-logs",
+    // Second factors (issue 14).
+    "GET /v1/users/me/mfa",
+    "POST /v1/users/me/mfa/totp",
+    "DELETE /v1/users/me/mfa/totp",
+    "POST /v1/users/me/mfa/totp/confirm",
+    "POST /v1/users/me/mfa/recovery-codes",
+    "POST /v1/auth/mfa",
+    "POST /v1/auth/step-up",
+    "DELETE /v1/admin/users/{id}/mfa",
     "GET /openapi.json",
     "GET /metrics",
     // DESIGN.md section 8: verification, reset, email change (issue 15).

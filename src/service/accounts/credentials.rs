@@ -44,6 +44,9 @@ impl AccountsService {
         creds: BrokerCredentials,
     ) -> ServiceResult<()> {
         self.require_verified(caller).await?;
+        self.step_up
+            .require_step_up(caller, meta, "trading_account.credentials.update")
+            .await?;
         let keys = self.keys()?;
         let mut op = self
             .open(caller, meta, id, Permission::Manage, RowLock::Hold)

@@ -40,6 +40,9 @@ impl AccountsService {
         role: MemberRole,
     ) -> ServiceResult<Member> {
         self.require_verified(caller).await?;
+        self.step_up
+            .require_step_up(caller, meta, "membership.role_change")
+            .await?;
         let mut op = self
             .open(caller, meta, id, Permission::Manage, RowLock::Hold)
             .await?;
@@ -92,6 +95,9 @@ impl AccountsService {
         // Leaving gives nothing away: only removing someone else is a step-up operation.
         if !leaving {
             self.require_verified(caller).await?;
+            self.step_up
+                .require_step_up(caller, meta, "membership.remove")
+                .await?;
         }
         let need = if leaving {
             Permission::Read

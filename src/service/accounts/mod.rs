@@ -56,6 +56,9 @@ pub struct AccountsService {
     epoch: Arc<AtomicU64>,
     /// REQUIRE_VERIFIED_EMAIL for the step-up operations (issue 15).
     email_gate: crate::service::recovery::EmailGate,
+    /// The step-up rule (issue 14) for credentials and memberships; invitations
+    /// and API keys use it through this service.
+    pub(crate) step_up: super::mfa::StepUp,
 }
 
 impl AccountsService {
@@ -64,6 +67,7 @@ impl AccountsService {
         keys: Option<Arc<KeyRing>>,
         policy: PolicyEngine,
         invalidation: Invalidation,
+        step_up: super::mfa::StepUp,
     ) -> Self {
         let access_cache: moka::future::Cache<(Uuid, Uuid), Option<Access>> =
             moka::future::Cache::builder()
@@ -111,6 +115,7 @@ impl AccountsService {
             lists_cache,
             epoch,
             email_gate: crate::service::recovery::EmailGate::off(),
+            step_up,
         }
     }
 

@@ -80,6 +80,10 @@ impl ApiKeyService {
         tracing::Span::current().record("user_id", tracing::field::display(user_id));
         // A step-up operation, refused until the email is verified.
         self.accounts.require_verified(caller).await?;
+        self.accounts
+            .step_up
+            .require_step_up(caller, meta, "api_key.create")
+            .await?;
         let grant = self.check_grants(user_id, input).await?;
         let secret = ApiKeySecret::generate(self.env);
         let hash = self.hasher.hash(&secret);
@@ -209,6 +213,10 @@ impl ApiKeyService {
         let user_id = key_manager(caller)?;
         // A step-up operation, refused until the email is verified.
         self.accounts.require_verified(caller).await?;
+        self.accounts
+            .step_up
+            .require_step_up(caller, meta, "api_key.rotate")
+            .await?;
         let mut tx = self.db.begin().await?;
         let old = store::lock_for_user(&mut tx, user_id, id)
             .await?
