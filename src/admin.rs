@@ -13,7 +13,8 @@ const STORE_CLOSE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Subcommand, Debug)]
 pub enum AdminCommand {
-    /// Re-encrypt every broker credential under the active key (safe to re-run).
+    /// Re-encrypt every broker credential and TOTP secret under the active key
+    /// (safe to re-run).
     ReencryptCredentials,
     /// Create a user (e.g. the first admin); prints the user as JSON. The password
     /// is read from stdin, never from the command line.
@@ -47,12 +48,32 @@ pub enum AdminCommand {
     /// holds; otherwise {"ok": false, "rows", "broken": {"id", "position", "reason"}}
     /// for the first broken link, and exits 1.
     VerifyAuditChain,
+    /// Import users of the FastAPI user_service from a JSON-lines file (DESIGN.md
+    /// section 8) with their bcrypt, argon2 or pbkdf2-sha256 password hashes; emails
+    /// already present are skipped. Prints {"imported", "skipped", "invalid":
+    /// [{"line", "reason"}], "dry_run"}; --dry-run writes nothing.
+    ImportUsers {
+        file: std::path::PathBuf,
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 pub async fn run(settings: Settings, cmd: AdminCommand) -> anyhow::Result<()> {
     match cmd {
         AdminCommand::TimeArgon2 { hashes } => time_argon2(hashes),
         AdminCommand::VerifyAuditChain => verify_audit_chain(&settings).await,
+        AdminCommand::ImportUsers { file, dry_run } => {
+            let input = std::fs::File::open(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let db = crate::store::Db::connect_lazy(&settings)?;
+            let input = std::io::BufReader::new(input);
+            let report = crate::service::import_users::import_users(&db, input, dry_run)
+                .await
+                .map_err(|e| anyhow::anyhow!("import-users: {}", describe(e)))?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         AdminCommand::ReencryptCredentials => reencrypt_credentials(&settings).await,
         AdminCommand::CreateUser {
             email,
@@ -132,11 +153,16 @@ async fn create_user(
         .create_by_operator(email, full_name, password, roles)
         .await
         .map_err(|e| anyhow::anyhow!("create-user: {}", describe(e)))?;
-    println!("{}", serde_json::to_string(&user)?);
+    // The gateway's wire form, so scripts read one shape.
+    println!(
+        "{}",
+        serde_json::to_string(&crate::http::users::User::from(user))?
+    );
     Ok(())
 }
 
-/// Prints `{active_key_id, candidates, reencrypted, already_current, failed}`;
+/// Prints `{active_key_id, candidates, reencrypted, already_current, failed,
+/// totp_secrets: {candidates, reencrypted, already_current, failed}}`;
 /// exits non-zero when any value could not be moved (it stays under its old key).
 async fn reencrypt_credentials(settings: &Settings) -> anyhow::Result<()> {
     if settings.credentials_encryption_keys.is_none() {
@@ -148,12 +174,21 @@ async fn reencrypt_credentials(settings: &Settings) -> anyhow::Result<()> {
         .reencrypt_credentials()
         .await
         .map_err(|e| anyhow::anyhow!("reencrypt-credentials: {e}"))?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    // TOTP secrets are sealed with the same key ring (issue 14).
+    let totp = services
+        .mfa
+        .reencrypt_totp_secrets()
+        .await
+        .map_err(|e| anyhow::anyhow!("reencrypt-credentials (TOTP secrets): {e}"))?;
+    let mut out = serde_json::to_value(&summary)?;
+    out["totp_secrets"] = serde_json::to_value(&totp)?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
     services.close(STORE_CLOSE).await;
-    if !summary.failed.is_empty() {
+    if !summary.failed.is_empty() || !totp.failed.is_empty() {
         anyhow::bail!(
-            "{} account(s) could not be re-encrypted",
-            summary.failed.len()
+            "{} account(s) and {} TOTP secret(s) could not be re-encrypted",
+            summary.failed.len(),
+            totp.failed.len()
         );
     }
     Ok(())

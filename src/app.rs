@@ -54,6 +54,7 @@ impl App {
             services.clone(),
             http::HttpConfig::from_settings(&settings),
             shutdown.clone(),
+            tasks.clone(),
         );
         let router = grpc_routes
             .into_axum_router()

@@ -12,6 +12,7 @@
 //! the pure types and rules; `store/` is the only place that sees sqlx or fred.
 
 pub mod admin;
+pub mod alert;
 pub mod app;
 pub mod config;
 pub mod crypto;

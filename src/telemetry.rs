@@ -27,10 +27,12 @@ pub fn init_tracing(settings: &Settings) {
         let filter = EnvFilter::try_from_env("RUST_LOG")
             .unwrap_or_else(|_| EnvFilter::new(filter_directive(&settings.log_level)));
         let fmt_layer = match settings.log_format {
+            // A line logged while a request is served carries that request's span,
+            // `"span":{"request_id":…,"name":"request"}` (http::observe).
             LogFormat::Json => fmt::layer()
                 .json()
                 .flatten_event(true)
-                .with_current_span(false)
+                .with_current_span(true)
                 .with_span_list(false)
                 .boxed(),
             LogFormat::Pretty | LogFormat::Plain => fmt::layer().with_target(false).boxed(),

@@ -36,6 +36,22 @@ fn argon2() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
+/// Whether a stored hash should be replaced at the next successful check: anything
+/// but argon2id (v=19) with the current parameters, such as an imported bcrypt,
+/// pbkdf2 or argon2i hash, or an argon2id hash of other parameters.
+pub fn needs_rehash(hash: &str) -> bool {
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return true;
+    };
+    let current = Params::try_from(&parsed).is_ok_and(|p| {
+        (p.m_cost(), p.t_cost(), p.p_cost()) == (M_COST_KIB, T_COST, P_COST)
+            && p.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN) == Params::DEFAULT_OUTPUT_LEN
+    });
+    !(current
+        && parsed.algorithm == Algorithm::Argon2id.ident()
+        && parsed.version == Some(Version::V0x13.into()))
+}
+
 /// A hash of a random value with the same parameters: verifying against it when the
 /// user is unknown costs what a real verification costs, so timing tells nothing.
 fn dummy_hash() -> &'static str {
@@ -234,6 +250,10 @@ impl PasswordHasher {
         self.run(move || {
             let known = hash.is_some();
             let phc = hash.unwrap_or_else(|| dummy_hash().to_string());
+            // An imported user's bcrypt or pbkdf2 hash, on this same bounded pool.
+            if let Some(ok) = super::legacy::verify(password.expose_secret().as_bytes(), &phc) {
+                return ok && known;
+            }
             let parsed = match PasswordHash::new(&phc) {
                 Ok(p) => p,
                 Err(_) => PasswordHash::new(dummy_hash()).expect("dummy hash parses"),
@@ -333,6 +353,29 @@ mod tests {
         release.send(()).unwrap();
         let next = tokio::time::timeout(std::time::Duration::from_secs(5), h.run(|| 2)).await;
         assert_eq!(next.unwrap().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn legacy_hashes_verify_on_the_pool_and_ask_for_a_rehash() {
+        let h = PasswordHasher::new(Some(1));
+        let pbkdf2 = "$pbkdf2-sha256$29000$.wIHBwcHBwcHBwcHBwcHBw$nvAdo9.kXrXJ.Q87xAajjNNoqHLhEEhWuGmjTQAvKn4";
+        assert!(h
+            .verify(SecretString::from("password"), Some(pbkdf2.into()))
+            .await
+            .unwrap());
+        assert!(!h
+            .verify(SecretString::from("passwort"), Some(pbkdf2.into()))
+            .await
+            .unwrap());
+        assert!(needs_rehash(pbkdf2));
+        let current = h.hash(SecretString::from("password")).await.unwrap();
+        assert!(!needs_rehash(&current));
+        let weaker = current.replace("m=19456,t=2,p=1", "m=19456,t=1,p=1");
+        assert!(needs_rehash(&weaker));
+        assert!(needs_rehash(&current.replace("$argon2id$", "$argon2i$")));
+        assert!(needs_rehash(
+            "$2b$04$abcdefghijklmnopqrstuuabcdefghijklmnopqrstuvwxyz01234"
+        ));
     }
 
     #[tokio::test]

@@ -125,6 +125,31 @@ fn base62_fixed(bytes: &[u8], width: usize) -> String {
     String::from_utf8(digits).expect("base62 is ASCII")
 }
 
+/// Why a key stopped working before its expiry, as `api_keys.revoked_reason`
+/// records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevocationReason {
+    /// Its owner revoked it.
+    Revoked,
+    /// Its owner rotated it: a new key with the same grant replaced it.
+    Rotated,
+}
+
+impl RevocationReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationReason::Revoked => "revoked",
+            RevocationReason::Rotated => "rotated",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [RevocationReason::Revoked, RevocationReason::Rotated]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
 /// Largest CIDR list a key may carry.
 pub const MAX_ALLOWED_IPS: usize = 100;
 
@@ -157,6 +182,14 @@ pub fn valid_key_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn revocation_reasons_round_trip_as_stored() {
+        for r in [RevocationReason::Revoked, RevocationReason::Rotated] {
+            assert_eq!(RevocationReason::parse(r.as_str()), Some(r));
+        }
+        assert_eq!(RevocationReason::parse("expired"), None);
+    }
 
     const ENVS: [Environment; 3] = [
         Environment::Development,

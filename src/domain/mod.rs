@@ -2,25 +2,29 @@
 
 pub mod account;
 pub mod api_key;
+pub mod api_key_grant;
 pub mod audit;
 pub mod email;
+pub mod import;
+pub mod instant;
 pub mod invitation;
 pub mod lockout;
+pub mod mfa;
 pub mod network;
 pub mod password;
 pub mod policy;
+pub mod recovery;
 pub mod scope;
 pub mod session;
 pub mod user;
 
-/// One field-level validation failure.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+/// One field-level validation failure (the gateway answers it as
+/// `http::problem::FieldError`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
     /// The request field (or `body` / `query`) that failed.
-    #[schema(example = "password")]
     pub field: String,
     /// Machine code of the failure, e.g. `invalid`, `too_weak`, `required`.
-    #[schema(example = "invalid")]
     pub code: &'static str,
     pub message: String,
 }

@@ -22,6 +22,8 @@ pub enum RevocationReason {
     Ended,
     /// The password changed (every other session of the user ends).
     PasswordChanged,
+    /// The password was reset through an emailed link (every session ends).
+    PasswordReset,
     /// An administrator disabled the user.
     UserDisabled,
     /// A used refresh token came back: a copy was stolen.
@@ -36,10 +38,11 @@ pub enum RevocationReason {
 }
 
 impl RevocationReason {
-    const ALL: [RevocationReason; 8] = [
+    const ALL: [RevocationReason; 9] = [
         RevocationReason::Logout,
         RevocationReason::Ended,
         RevocationReason::PasswordChanged,
+        RevocationReason::PasswordReset,
         RevocationReason::UserDisabled,
         RevocationReason::RefreshReuse,
         RevocationReason::IdleTimeout,
@@ -52,6 +55,7 @@ impl RevocationReason {
             RevocationReason::Logout => "logout",
             RevocationReason::Ended => "ended",
             RevocationReason::PasswordChanged => "password_changed",
+            RevocationReason::PasswordReset => "password_reset",
             RevocationReason::UserDisabled => "user_disabled",
             RevocationReason::RefreshReuse => "refresh_reuse",
             RevocationReason::IdleTimeout => "idle_timeout",
@@ -86,7 +90,7 @@ mod tests {
             assert_eq!(RevocationReason::from_stored(r.as_str()), r);
         }
         assert_eq!(
-            RevocationReason::from_stored("password_reset"),
+            RevocationReason::from_stored("some_future_reason"),
             RevocationReason::Unknown
         );
     }

@@ -83,13 +83,15 @@ impl fmt::Display for UserStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
     pub id: Uuid,
     pub email: String,
     pub full_name: String,
     pub roles: Vec<Role>,
     pub status: UserStatus,
+    /// Whether the user proved they receive mail at `email` (DESIGN.md section 8).
+    pub email_verified: bool,
     pub created_at: DateTime<Utc>,
 }
 

@@ -1,16 +1,17 @@
-//! AccountService adapter: scope check, convert, call `AccountsService`, convert.
+//! AccountService adapter: convert, call `AccountsService` (which checks the
+//! scope), convert.
 
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
-use super::convert_accounts::{
-    account_to_proto, caller, credentials_to_proto, id, permission, request_meta,
-};
+use super::convert::{AccessQuery, IdField};
 use crate::proto::account_service_server::AccountService;
 use crate::proto::{
     CheckAccountAccessRequest, CheckAccountAccessResponse, GetBrokerCredentialsRequest,
     GetBrokerCredentialsResponse, GetTradingAccountRequest, GetTradingAccountResponse,
 };
 use crate::service::accounts::AccountsService;
+use crate::service::{Caller, RequestMeta};
 
 pub struct AccountApi {
     accounts: AccountsService,
@@ -28,15 +29,15 @@ impl AccountService for AccountApi {
         &self,
         req: Request<GetTradingAccountRequest>,
     ) -> Result<Response<GetTradingAccountResponse>, Status> {
-        let caller = caller(&req)?;
-        let meta = request_meta(&req);
-        let account_id = id(&req.get_ref().account_id, "account_id")?;
+        let caller = Caller::try_from(&req)?;
+        let meta = RequestMeta::from(&req);
+        let account_id = Uuid::try_from(IdField("account_id", &req.get_ref().account_id))?;
         let account = self
             .accounts
             .account_for_service(&caller, &meta, account_id)
             .await?;
         Ok(Response::new(GetTradingAccountResponse {
-            account: Some(account_to_proto(&account)),
+            account: Some((&account).into()),
         }))
     }
 
@@ -44,15 +45,12 @@ impl AccountService for AccountApi {
         &self,
         req: Request<CheckAccountAccessRequest>,
     ) -> Result<Response<CheckAccountAccessResponse>, Status> {
-        let caller = caller(&req)?;
-        let meta = request_meta(&req);
-        let r = req.get_ref();
-        let permission = permission(&r.permission)?;
-        let user_id = id(&r.user_id, "user_id")?;
-        let account_id = id(&r.account_id, "account_id")?;
+        let caller = Caller::try_from(&req)?;
+        let meta = RequestMeta::from(&req);
+        let q = AccessQuery::try_from(req.get_ref())?;
         let (decision, access) = self
             .accounts
-            .check_access(&caller, &meta, user_id, account_id, permission)
+            .check_access(&caller, &meta, q.user_id, q.account_id, q.permission)
             .await?;
         Ok(Response::new(CheckAccountAccessResponse {
             allowed: decision.allowed,
@@ -65,15 +63,15 @@ impl AccountService for AccountApi {
         &self,
         req: Request<GetBrokerCredentialsRequest>,
     ) -> Result<Response<GetBrokerCredentialsResponse>, Status> {
-        let caller = caller(&req)?;
-        let meta = request_meta(&req);
-        let account_id = id(&req.get_ref().account_id, "account_id")?;
+        let caller = Caller::try_from(&req)?;
+        let meta = RequestMeta::from(&req);
+        let account_id = Uuid::try_from(IdField("account_id", &req.get_ref().account_id))?;
         let creds = self
             .accounts
             .broker_credentials(&caller, &meta, account_id)
             .await?;
         Ok(Response::new(GetBrokerCredentialsResponse {
-            credentials: Some(credentials_to_proto(creds)),
+            credentials: Some(creds.into()),
         }))
     }
 }

@@ -1,16 +1,16 @@
-//! AuthService adapter.
+//! AuthService adapter: convert, call the service, convert.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::interceptor::require_scope;
-use super::user::user_to_proto;
+use super::convert::{key_verification, KeyCheck};
 use crate::proto::auth_service_server::AuthService;
 use crate::proto::{VerifyApiKeyRequest, VerifyApiKeyResponse};
-use crate::proto::{VerifyReason, VerifyTokenRequest, VerifyTokenResponse};
-use crate::service::api_keys::{ApiKeyService, VerifiedKey, VerifyFailure, VerifyRequest};
-use crate::service::sessions::{Sessions, TokenRefusal, TokenVerification};
+use crate::proto::{VerifyTokenRequest, VerifyTokenResponse};
+use crate::service::api_keys::ApiKeyService;
+use crate::service::sessions::Sessions;
+use crate::service::{Caller, RequestMeta};
 
 pub struct AuthApi {
     sessions: Arc<Sessions>,
@@ -23,15 +23,6 @@ impl AuthApi {
     }
 }
 
-fn refusal_reason(r: TokenRefusal) -> VerifyReason {
-    match r {
-        TokenRefusal::Invalid => VerifyReason::InvalidToken,
-        TokenRefusal::Expired => VerifyReason::Expired,
-        TokenRefusal::SessionRevoked => VerifyReason::SessionRevoked,
-        TokenRefusal::UserDisabled => VerifyReason::UserDisabled,
-    }
-}
-
 #[tonic::async_trait]
 impl AuthService for AuthApi {
     /// The hot path: a bad key is an answer (valid=false, reason), not an error.
@@ -39,39 +30,17 @@ impl AuthService for AuthApi {
         &self,
         req: Request<VerifyApiKeyRequest>,
     ) -> Result<Response<VerifyApiKeyResponse>, Status> {
-        require_scope(&req, "auth:verify")?;
-        let r = req.into_inner();
-        let client_ip = match r.client_ip.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(s) => Some(
-                s.parse()
-                    .map_err(|_| Status::invalid_argument("client_ip is not an IP address"))?,
-            ),
-        };
-        let trading_account_id = match r.trading_account_id.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(s) => Some(
-                s.parse()
-                    .map_err(|_| Status::invalid_argument("trading_account_id is not a UUID"))?,
-            ),
-        };
-        let verify = VerifyRequest {
-            client_ip,
-            required_scopes: r.required_scopes,
-            trading_account_id,
-        };
+        let caller = Caller::try_from(&req)?;
+        let meta = RequestMeta::from(&req);
+        let check = KeyCheck::try_from(req.into_inner())?;
         let answer = self
             .api_keys
-            .verify(&r.api_key, &verify, "grpc:VerifyApiKey")
+            .verify_for_client(&caller, &meta, &check.api_key, &check.request)
             .await?;
-        Ok(Response::new(match answer {
-            Ok(k) => verified_key_to_proto(&k, verify.trading_account_id),
-            Err(f) => VerifyApiKeyResponse {
-                valid: false,
-                reason: key_refusal_reason(f) as i32,
-                ..Default::default()
-            },
-        }))
+        Ok(Response::new(key_verification(
+            answer.as_deref().map_err(|f| *f),
+            check.request.trading_account_id,
+        )))
     }
 
     async fn verify_token(
@@ -79,79 +48,11 @@ impl AuthService for AuthApi {
         req: Request<VerifyTokenRequest>,
     ) -> Result<Response<VerifyTokenResponse>, Status> {
         // The scope is the service's to check.
-        let caller = super::convert_accounts::caller(&req)?;
+        let caller = Caller::try_from(&req)?;
         let answer = self
             .sessions
             .verify_token(&caller, &req.get_ref().token)
             .await?;
-        Ok(Response::new(match answer {
-            TokenVerification::Valid {
-                user,
-                accounts,
-                session_id,
-                expires_at,
-            } => VerifyTokenResponse {
-                valid: true,
-                reason: VerifyReason::Unspecified as i32,
-                accounts: accounts
-                    .iter()
-                    .map(super::convert_accounts::account_access_to_proto)
-                    .collect(),
-                user: Some(user_to_proto(&user)),
-                session_id: session_id.to_string(),
-                expires_at: Some(prost_types::Timestamp {
-                    seconds: expires_at,
-                    nanos: 0,
-                }),
-            },
-            TokenVerification::Refused(r) => VerifyTokenResponse {
-                valid: false,
-                reason: refusal_reason(r) as i32,
-                ..Default::default()
-            },
-        }))
-    }
-}
-
-fn key_refusal_reason(f: VerifyFailure) -> VerifyReason {
-    match f {
-        VerifyFailure::NotFound => VerifyReason::NotFound,
-        VerifyFailure::Malformed => VerifyReason::Malformed,
-        VerifyFailure::Expired => VerifyReason::Expired,
-        VerifyFailure::Revoked => VerifyReason::Revoked,
-        VerifyFailure::UserDisabled => VerifyReason::UserDisabled,
-        VerifyFailure::IpNotAllowed => VerifyReason::IpNotAllowed,
-        VerifyFailure::InsufficientScope => VerifyReason::InsufficientScope,
-        VerifyFailure::AccountNotAllowed => VerifyReason::AccountNotAllowed,
-        VerifyFailure::RateLimited { .. } => VerifyReason::RateLimited,
-        VerifyFailure::WrongEnvironment => VerifyReason::WrongEnvironment,
-    }
-}
-
-fn verified_key_to_proto(k: &VerifiedKey, account: Option<uuid::Uuid>) -> VerifyApiKeyResponse {
-    use super::user::timestamp;
-    VerifyApiKeyResponse {
-        valid: true,
-        reason: VerifyReason::Unspecified as i32,
-        user: Some(crate::proto::User {
-            id: k.user.id.to_string(),
-            email: k.user.email.clone(),
-            full_name: k.user.full_name.clone(),
-            roles: k.user.roles.iter().map(|r| r.as_str().into()).collect(),
-            status: k.user.status.clone(),
-            created_at: Some(timestamp(k.user.created_at)),
-        }),
-        key: Some(crate::proto::ApiKey {
-            id: k.key.id.to_string(),
-            name: k.key.name.clone(),
-            prefix: k.key.prefix.clone(),
-            scopes: k.scopes_for(account),
-            expires_at: k.key.expires_at.map(timestamp),
-        }),
-        accounts: k
-            .accounts
-            .iter()
-            .map(super::convert_accounts::account_access_to_proto)
-            .collect(),
+        Ok(Response::new(answer.into()))
     }
 }

@@ -3,7 +3,7 @@
 
 pub mod account;
 pub mod auth;
-pub mod convert_accounts;
+pub mod convert;
 pub mod interceptor;
 pub mod status;
 pub mod user;

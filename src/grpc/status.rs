@@ -17,7 +17,14 @@ impl From<ServiceError> for Status {
             ServiceError::InvalidCredentials => Status::unauthenticated("invalid credentials"),
             ServiceError::InvalidToken => Status::unauthenticated("missing or invalid token"),
             ServiceError::InvalidClient => Status::unauthenticated("invalid client credentials"),
+            ServiceError::SecondFactorRefused => {
+                Status::unauthenticated("invalid or expired second factor")
+            }
+            e @ ServiceError::StepUp(_) => Status::permission_denied(e.to_string()),
             ServiceError::Forbidden(detail) => Status::permission_denied(detail),
+            ServiceError::EmailUnverified => {
+                Status::permission_denied("verify your email address first")
+            }
             ServiceError::NotFound(what) => Status::not_found(format!("{what} not found")),
             ServiceError::Conflict(detail)
             | ServiceError::Taken {

@@ -1,9 +1,12 @@
-//! UserService adapter.
+//! UserService adapter: convert, call the service, convert.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
+use super::convert::{accounts, IdField};
+use super::interceptor::require_scope;
 use crate::proto::user_service_server::UserService;
 use crate::proto::{
     CheckPermissionRequest, CheckPermissionResponse, ListUserAccountsRequest,
@@ -13,6 +16,7 @@ use crate::proto::{GetUserRequest, GetUserResponse};
 use crate::service::accounts::AccountsService;
 use crate::service::policy::PolicyEngine;
 use crate::service::users::Users;
+use crate::service::{Caller, RequestMeta};
 
 pub struct UserApi {
     users: Arc<Users>,
@@ -30,37 +34,17 @@ impl UserApi {
     }
 }
 
-/// RFC 3339 time → protobuf Timestamp.
-pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
-
-/// The wire form of a user (never the password hash: the domain type has none).
-pub fn user_to_proto(u: &crate::domain::user::User) -> crate::proto::User {
-    crate::proto::User {
-        id: u.id.to_string(),
-        email: u.email.clone(),
-        full_name: u.full_name.clone(),
-        roles: u.roles.iter().map(|r| r.as_str().into()).collect(),
-        status: u.status.as_str().into(),
-        created_at: Some(timestamp(u.created_at)),
-    }
-}
-
 #[tonic::async_trait]
 impl UserService for UserApi {
     async fn get_user(
         &self,
         req: Request<GetUserRequest>,
     ) -> Result<Response<GetUserResponse>, Status> {
-        let caller = super::convert_accounts::caller(&req)?;
-        let id = super::convert_accounts::id(&req.get_ref().user_id, "user_id")?;
-        let user = self.users.get_user(&caller, id).await?;
+        let caller = require_scope(&req, "users:read")?;
+        let id = Uuid::try_from(IdField("user_id", &req.get_ref().user_id))?;
+        let user = self.users.get_user(caller, id).await?;
         Ok(Response::new(GetUserResponse {
-            user: Some(user_to_proto(&user)),
+            user: Some((&user).into()),
         }))
     }
 
@@ -68,18 +52,15 @@ impl UserService for UserApi {
         &self,
         req: Request<ListUserAccountsRequest>,
     ) -> Result<Response<ListUserAccountsResponse>, Status> {
-        let caller = super::convert_accounts::caller(&req)?;
-        let meta = super::convert_accounts::request_meta(&req);
-        let user_id = super::convert_accounts::id(&req.get_ref().user_id, "user_id")?;
-        let accounts = self
+        let caller = Caller::try_from(&req)?;
+        let meta = RequestMeta::from(&req);
+        let user_id = Uuid::try_from(IdField("user_id", &req.get_ref().user_id))?;
+        let list = self
             .accounts
             .accounts_for_service(&caller, &meta, user_id)
             .await?;
         Ok(Response::new(ListUserAccountsResponse {
-            accounts: accounts
-                .iter()
-                .map(super::convert_accounts::account_access_to_proto)
-                .collect(),
+            accounts: accounts(list.iter()),
         }))
     }
 
@@ -87,8 +68,8 @@ impl UserService for UserApi {
         &self,
         req: Request<CheckPermissionRequest>,
     ) -> Result<Response<CheckPermissionResponse>, Status> {
-        let caller = super::convert_accounts::caller(&req)?;
-        let meta = super::convert_accounts::request_meta(&req);
+        let caller = Caller::try_from(&req)?;
+        let meta = RequestMeta::from(&req);
         let r = req.get_ref();
         let decision = self
             .policy

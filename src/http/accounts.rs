@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::auth::Authenticated;
 use super::extract::{Json, Meta, Path, Query};
-use super::list::PageBody;
+use super::list::{PageBody, PageParams};
 use super::AppState;
 use crate::domain::account::{
     AccountAccess, AccountPatch, BrokerCredentials, Member, MemberRole, NewAccount, TradingAccount,
@@ -93,16 +93,6 @@ struct CredentialsBody {
 #[serde(deny_unknown_fields)]
 struct RoleBody {
     role: String,
-}
-
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub(super) struct PageQuery {
-    /// Page size, 1 to 200 (default 50).
-    #[param(minimum = 1, maximum = 200)]
-    pub(super) limit: Option<i64>,
-    pub(super) cursor: Option<String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -221,19 +211,16 @@ async fn create(
     path = "/v1/trading-accounts",
     tag = "accounts",
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    params(PageQuery),
+    params(PageParams),
     responses((status = 200, description = "Oldest first", body = PageBody<AccessBody>)),
 )]
 async fn list(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
     Meta(meta): Meta,
-    Query(q): Query<PageQuery>,
+    Query(q): Query<PageParams>,
 ) -> Result<axum::Json<PageBody<AccessBody>>, ServiceError> {
-    let page = state
-        .accounts
-        .list(&caller, &meta, q.limit, q.cursor.as_deref())
-        .await?;
+    let page = state.accounts.list(&caller, &meta, q.into()).await?;
     Ok(axum::Json(page.into()))
 }
 
@@ -242,14 +229,14 @@ async fn list(
     path = "/v1/users/me/accounts",
     tag = "accounts",
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    params(PageQuery),
+    params(PageParams),
     responses((status = 200, description = "Owned and shared accounts with `access` and `permissions`", body = PageBody<AccessBody>)),
 )]
 async fn my_accounts(
     state: State<AppState>,
     caller: Authenticated,
     meta: Meta,
-    q: Query<PageQuery>,
+    q: Query<PageParams>,
 ) -> Result<axum::Json<PageBody<AccessBody>>, ServiceError> {
     list(state, caller, meta, q).await
 }
@@ -394,7 +381,7 @@ async fn credentials_status(
     path = "/v1/trading-accounts/{id}/members",
     tag = "accounts",
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    params(("id" = Uuid, Path, description = "Trading account id"), PageQuery),
+    params(("id" = Uuid, Path, description = "Trading account id"), PageParams),
     responses((status = 200, description = "Live members, oldest first", body = PageBody<MemberBody>)),
 )]
 async fn list_members(
@@ -402,11 +389,11 @@ async fn list_members(
     Authenticated(caller): Authenticated,
     Meta(meta): Meta,
     Path(id): Path<Uuid>,
-    Query(q): Query<PageQuery>,
+    Query(q): Query<PageParams>,
 ) -> Result<axum::Json<PageBody<MemberBody>>, ServiceError> {
     let page = state
         .accounts
-        .list_members(&caller, &meta, id, q.limit, q.cursor.as_deref())
+        .list_members(&caller, &meta, id, q.into())
         .await?;
     Ok(axum::Json(page.into()))
 }

@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Authenticated;
 use super::extract::{Meta, Query};
+use super::list::PageBody;
 use super::AppState;
 use crate::service::audit_log::{AuditFilter, AuditRow};
+use crate::service::paging::PageQuery;
 use crate::service::ServiceError;
 
 pub fn routes() -> Router<AppState> {
@@ -65,12 +67,6 @@ impl From<AuditRow> for AuditItem {
     }
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
-struct PageBody {
-    items: Vec<AuditItem>,
-    next_cursor: Option<String>,
-}
-
 /// The audit trail, newest first (administrators only).
 #[utoipa::path(
     get,
@@ -80,7 +76,7 @@ struct PageBody {
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     params(AuditQuery),
     responses(
-        (status = 200, description = "Audit rows, newest first", body = PageBody),
+        (status = 200, description = "Audit rows, newest first", body = PageBody<AuditItem>),
         (status = 403, description = "Not an administrator (`forbidden`)"),
     ),
 )]
@@ -89,7 +85,7 @@ async fn list(
     Authenticated(caller): Authenticated,
     Meta(meta): Meta,
     Query(q): Query<AuditQuery>,
-) -> Result<axum::Json<PageBody>, ServiceError> {
+) -> Result<axum::Json<PageBody<AuditItem>>, ServiceError> {
     let filter = AuditFilter {
         action: q.action,
         actor_id: q.actor_id,
@@ -99,10 +95,15 @@ async fn list(
     };
     let page = state
         .audit_log
-        .list(&caller, &meta, filter, q.limit, q.cursor.as_deref())
+        .list(
+            &caller,
+            &meta,
+            filter,
+            PageQuery {
+                limit: q.limit,
+                cursor: q.cursor,
+            },
+        )
         .await?;
-    Ok(axum::Json(PageBody {
-        items: page.items.into_iter().map(Into::into).collect(),
-        next_cursor: page.next_cursor,
-    }))
+    Ok(axum::Json(page.into()))
 }

@@ -12,9 +12,10 @@ use uuid::Uuid;
 
 use super::auth::Authenticated;
 use super::extract::{Json, Meta, Path, Query};
-use super::list::PageBody;
+use super::list::{PageBody, PageParams};
 use super::AppState;
-use crate::service::api_keys::{IssuedKey, KeyView, NewKey, UsageItem};
+use crate::domain::api_key_grant::NewKey;
+use crate::service::api_keys::{IssuedKey, KeyView, UsageItem};
 use crate::service::ServiceError;
 
 pub fn routes() -> Router<AppState> {
@@ -38,15 +39,6 @@ struct CreateBody {
     trading_account_ids: Option<Vec<Uuid>>,
     #[serde(default)]
     rate_limit_per_minute: Option<i64>,
-}
-
-#[derive(Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
-struct PageQuery {
-    /// Page size, 1 to 200 (default 50).
-    #[param(minimum = 1, maximum = 200)]
-    limit: Option<i64>,
-    cursor: Option<String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -175,18 +167,15 @@ async fn create(
     path = "/v1/api-keys",
     tag = "api_keys",
     security(("bearer" = []), ("session_cookie" = [])),
-    params(PageQuery),
+    params(PageParams),
     responses((status = 200, description = "The caller's keys, newest first", body = PageBody<KeyBody>)),
 )]
 async fn list(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
-    Query(q): Query<PageQuery>,
+    Query(q): Query<PageParams>,
 ) -> Result<axum::Json<PageBody<KeyBody>>, ServiceError> {
-    let page = state
-        .api_keys
-        .list(&caller, q.limit, q.cursor.as_deref())
-        .await?;
+    let page = state.api_keys.list(&caller, q.into()).await?;
     Ok(axum::Json(page.into()))
 }
 
@@ -256,7 +245,7 @@ async fn rotate(
     path = "/v1/api-keys/{id}/usage",
     tag = "api_keys",
     security(("bearer" = []), ("session_cookie" = [])),
-    params(("id" = Uuid, Path, description = "API key id"), PageQuery),
+    params(("id" = Uuid, Path, description = "API key id"), PageParams),
     responses(
         (status = 200, description = "Usage log, newest first", body = PageBody<UsageBody>),
         (status = 404, description = "No such key of the caller's (`not_found`)"),
@@ -266,11 +255,8 @@ async fn usage(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
     Path(id): Path<Uuid>,
-    Query(q): Query<PageQuery>,
+    Query(q): Query<PageParams>,
 ) -> Result<axum::Json<PageBody<UsageBody>>, ServiceError> {
-    let page = state
-        .api_keys
-        .usage(&caller, id, q.limit, q.cursor.as_deref())
-        .await?;
+    let page = state.api_keys.usage(&caller, id, q.into()).await?;
     Ok(axum::Json(page.into()))
 }

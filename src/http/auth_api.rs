@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use super::auth::{clear_session_cookie, cookie_value, session_cookie, Authenticated};
 use super::extract::{Json, Meta};
 use super::problem::Problem;
+use super::users::User;
 use super::AppState;
-use crate::domain::user::User;
+use crate::service::login::LoginOutcome;
 use crate::service::sessions::LoginTokens;
 use crate::service::users::RegisterInput;
 use crate::service::{FieldError, ServiceError};
@@ -66,7 +67,7 @@ async fn register(
             },
         )
         .await?;
-    Ok((StatusCode::CREATED, axum::Json(user)))
+    Ok((StatusCode::CREATED, axum::Json(user.into())))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -77,7 +78,7 @@ pub struct LoginBody {
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
-struct TokenPair {
+pub(super) struct TokenPair {
     access_token: String,
     refresh_token: String,
     #[schema(example = "Bearer")]
@@ -88,7 +89,7 @@ struct TokenPair {
 }
 
 /// The login-shaped body plus the session cookie; never cached.
-fn token_response(state: &AppState, t: LoginTokens) -> Response {
+pub(super) fn token_response(state: &AppState, t: LoginTokens) -> Response {
     let cookie = &state.config.cookie;
     let cookie = session_cookie(cookie, &t.refresh_token, cookie.max_age_secs);
     let mut res = axum::Json(TokenPair {
@@ -96,7 +97,7 @@ fn token_response(state: &AppState, t: LoginTokens) -> Response {
         refresh_token: t.refresh_token,
         token_type: "Bearer",
         expires_in: t.expires_in,
-        user: t.user,
+        user: t.user.into(),
     })
     .into_response();
     res.headers_mut().insert(SET_COOKIE, cookie);
@@ -112,8 +113,8 @@ fn token_response(state: &AppState, t: LoginTokens) -> Response {
     tag = "auth",
     request_body = LoginBody,
     responses(
-        (status = 200, description = "Tokens and the user; `Set-Cookie` carries the session", body = TokenPair,
-            headers(("set-cookie" = String, description = "The session cookie (HttpOnly)"))),
+        (status = 200, description = "Tokens and the user, `Set-Cookie` carrying the session; or, for a user with a second factor, `{mfa_required, mfa_token, methods, expires_in}` (no tokens, no cookie: finish with POST /v1/auth/mfa)", body = LoginAnswer,
+            headers(("set-cookie" = String, description = "The session cookie (HttpOnly), with tokens only"))),
         (status = 401, description = "Any failure, locked or disabled included (`invalid_credentials`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -122,8 +123,19 @@ async fn login(
     Meta(meta): Meta,
     Json(body): Json<LoginBody>,
 ) -> Result<Response, ServiceError> {
-    let tokens = state.login.login(&meta, &body.email, body.password).await?;
-    Ok(token_response(&state, tokens))
+    match state.login.login(&meta, &body.email, body.password).await? {
+        LoginOutcome::Tokens(tokens) => Ok(token_response(&state, tokens)),
+        LoginOutcome::MfaRequired(step) => Ok(super::mfa::mfa_required_response(step)),
+    }
+}
+
+/// What a right password gets (documentation only): tokens, or the second step.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum LoginAnswer {
+    Tokens(TokenPair),
+    MfaRequired(super::mfa::MfaRequiredBody),
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

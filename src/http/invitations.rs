@@ -11,10 +11,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::accounts::{AccessBody, PageQuery};
+use super::accounts::AccessBody;
 use super::auth::Authenticated;
 use super::extract::{Json, Meta, Path, Query};
-use super::list::PageBody;
+use super::list::{PageBody, PageParams};
 use super::AppState;
 use crate::domain::account::{MemberRole, MemberTarget};
 use crate::domain::invitation::{Invitation, ReceivedInvitation};
@@ -165,7 +165,7 @@ pub(super) async fn invite(
     path = "/v1/trading-accounts/{id}/invitations",
     tag = "accounts",
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    params(("id" = Uuid, Path, description = "Trading account id"), PageQuery),
+    params(("id" = Uuid, Path, description = "Trading account id"), PageParams),
     responses(
         (status = 200, description = "Pending invitations", body = PageBody<InvitationBody>),
         (status = 403, description = "Below manager (`forbidden`)"),
@@ -176,11 +176,11 @@ async fn pending(
     Authenticated(caller): Authenticated,
     Meta(meta): Meta,
     Path(id): Path<Uuid>,
-    Query(q): Query<PageQuery>,
+    Query(q): Query<PageParams>,
 ) -> Result<axum::Json<PageBody<InvitationBody>>, ServiceError> {
     let page = state
         .invitations
-        .pending(&caller, &meta, id, q.limit, q.cursor.as_deref())
+        .pending(&caller, &meta, id, q.into())
         .await?;
     Ok(axum::Json(page.into()))
 }
@@ -219,7 +219,7 @@ async fn revoke(
     path = "/v1/users/me/invitations",
     tag = "users",
     security(("bearer" = []), ("session_cookie" = [])),
-    params(PageQuery),
+    params(PageParams),
     responses(
         (status = 200, description = "Pending invitations to the caller", body = PageBody<ReceivedBody>),
         (status = 403, description = "Called with an API key (`forbidden`)"),
@@ -228,12 +228,9 @@ async fn revoke(
 async fn received(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
-    Query(q): Query<PageQuery>,
+    Query(q): Query<PageParams>,
 ) -> Result<axum::Json<PageBody<ReceivedBody>>, ServiceError> {
-    let page = state
-        .invitations
-        .received(&caller, q.limit, q.cursor.as_deref())
-        .await?;
+    let page = state.invitations.received(&caller, q.into()).await?;
     Ok(axum::Json(page.into()))
 }
 

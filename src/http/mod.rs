@@ -12,10 +12,12 @@ pub mod health;
 pub mod invitations;
 pub mod list;
 pub mod metrics;
+pub mod mfa;
 pub mod network;
 pub mod observe;
 pub mod openapi;
 pub mod problem;
+pub mod recovery;
 pub mod users;
 
 use std::ops::Deref;
@@ -27,6 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use secrecy::SecretString;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{Environment, Settings};
 use crate::domain::network::IpNetworks;
@@ -43,14 +46,23 @@ pub struct AppState {
     services: Arc<Services>,
     pub config: Arc<HttpConfig>,
     pub shutdown: Shutdown,
+    /// Work a request starts and the process waits for at exit (a password
+    /// reset request's lookup and message, issue 15).
+    pub tasks: TaskTracker,
 }
 
 impl AppState {
-    pub fn new(services: Services, config: HttpConfig, shutdown: Shutdown) -> Self {
+    pub fn new(
+        services: Services,
+        config: HttpConfig,
+        shutdown: Shutdown,
+        tasks: TaskTracker,
+    ) -> Self {
         Self {
             services: Arc::new(services),
             config: Arc::new(config),
             shutdown,
+            tasks,
         }
     }
 }
@@ -114,6 +126,8 @@ pub fn routes(state: AppState) -> Router {
         .merge(api_keys::routes())
         .merge(invitations::routes())
         .merge(users::routes())
+        .merge(recovery::routes())
+        .merge(mfa::routes())
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }

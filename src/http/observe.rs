@@ -1,6 +1,9 @@
-//! One log line and one metrics sample per request, for the gateway and gRPC alike:
-//! request id, method and route (or RPC), status (grpc-status for gRPC, read from the
-//! trailers when the call completes), latency.
+//! One span, one log line and one metrics sample per request, for the gateway and
+//! gRPC alike. The span carries the request id, so every line logged while the
+//! request is served (an error mapped to problem+json or a Status, a refusal, a
+//! dependency warning) names it; the access line gives request id, method and route
+//! (or RPC), status (grpc-status for gRPC, read from the trailers when the call
+//! completes) and latency.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -12,6 +15,7 @@ use axum::http::{HeaderValue, Method, Response};
 use axum::middleware::Next;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use metrics::SharedString;
+use tracing::{Instrument, Span};
 
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -42,7 +46,11 @@ pub async fn observe(mut req: Request, next: Next) -> Response<Body> {
     }
     .unwrap_or(SharedString::const_str("unmatched"));
 
-    let mut res = next.run(req).await;
+    // ERROR level so that the span is enabled at every LOG_LEVEL (production logs
+    // warnings and errors only): its level says which lines it can carry, not a
+    // severity of its own.
+    let span = tracing::error_span!("request", request_id = %request_id);
+    let mut res = next.run(req).instrument(span.clone()).await;
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         res.headers_mut().insert(REQUEST_ID, v);
     }
@@ -67,6 +75,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response<Body> {
         Body::new(ObservedBody {
             inner: body,
             record,
+            span,
         })
     })
 }
@@ -144,6 +153,8 @@ fn method_label(m: &Method) -> &'static str {
 struct ObservedBody {
     inner: Body,
     record: Record,
+    /// Entered while the body is polled: a streaming RPC does its work there.
+    span: Span,
 }
 
 impl Drop for ObservedBody {
@@ -161,7 +172,9 @@ impl HttpBody for ObservedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = this
+            .span
+            .in_scope(|| Pin::new(&mut this.inner).poll_frame(cx));
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(t) = frame.trailers_ref() {

@@ -14,7 +14,9 @@ use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Response as Doc
 use utoipa::{Modify, OpenApi};
 
 use super::problem::Problem;
-use super::{accounts, admin_audit, api_keys, auth_api, health, invitations, metrics, users};
+use super::{
+    accounts, admin_audit, api_keys, auth_api, health, invitations, metrics, mfa, recovery, users,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -32,6 +34,9 @@ use super::{accounts, admin_audit, api_keys, auth_api, health, invitations, metr
         auth_api::logout,
         auth_api::token,
         auth_api::jwks,
+        recovery::verify_email,
+        recovery::request_password_reset,
+        recovery::confirm_password_reset,
         users::me,
         users::update_me,
         users::change_password,
@@ -39,6 +44,9 @@ use super::{accounts, admin_audit, api_keys, auth_api, health, invitations, metr
         users::end_session,
         users::admin_list_users,
         users::admin_update_user,
+        recovery::change_email,
+        recovery::resend_verification,
+        recovery::admin_password_reset,
         accounts::create,
         accounts::list,
         accounts::my_accounts,
@@ -63,6 +71,14 @@ use super::{accounts, admin_audit, api_keys, auth_api, health, invitations, metr
         api_keys::revoke,
         api_keys::rotate,
         api_keys::usage,
+        mfa::status,
+        mfa::start_totp,
+        mfa::confirm_totp,
+        mfa::remove_totp,
+        mfa::recovery_codes,
+        mfa::second_step,
+        mfa::step_up,
+        mfa::admin_remove,
         metrics::metrics,
         openapi_json,
     ),
@@ -72,6 +88,7 @@ use super::{accounts, admin_audit, api_keys, auth_api, health, invitations, metr
         (name = "health", description = "Probes"),
         (name = "auth", description = "Login, tokens, sign-up"),
         (name = "users", description = "The caller's profile and sessions"),
+        (name = "mfa", description = "The caller's second factors (TOTP, recovery codes)"),
         (name = "accounts", description = "Trading accounts, members and broker credentials"),
         (name = "admin", description = "Admin only"),
         (name = "api_keys", description = "The caller's API keys (managed with a session, not with a key)"),

@@ -4,7 +4,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::service::{FieldError, ServiceError};
+use crate::service::ServiceError;
 
 /// An RFC 9457 problem: `code` is stable for machines; `errors` lists field failures
 /// when `code` is `validation_failed`.
@@ -29,6 +29,28 @@ pub struct Problem {
     pub retry_after: Option<u64>,
 }
 
+/// One field-level validation failure.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FieldError {
+    /// The request field (or `body` / `query`) that failed.
+    #[schema(example = "password")]
+    pub field: String,
+    /// Machine code of the failure, e.g. `invalid`, `too_weak`, `required`.
+    #[schema(example = "invalid")]
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl From<crate::service::FieldError> for FieldError {
+    fn from(e: crate::service::FieldError) -> Self {
+        Self {
+            field: e.field,
+            code: e.code,
+            message: e.message,
+        }
+    }
+}
+
 impl Problem {
     pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
         Self {
@@ -45,14 +67,14 @@ impl Problem {
         }
     }
 
-    pub fn validation(errors: Vec<FieldError>) -> Self {
+    pub fn validation(errors: Vec<crate::service::FieldError>) -> Self {
         let detail = errors
             .iter()
             .map(|e| format!("{}: {}", e.field, e.message))
             .collect::<Vec<_>>()
             .join("; ");
         Self {
-            errors: Some(errors),
+            errors: Some(errors.into_iter().map(FieldError::from).collect()),
             ..Self::new(StatusCode::BAD_REQUEST, "validation_failed", detail)
         }
     }
@@ -109,9 +131,32 @@ impl From<ServiceError> for Problem {
                 "invalid_client",
                 "invalid client credentials",
             ),
+            ServiceError::SecondFactorRefused => Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "invalid or expired second factor",
+            ),
+            ServiceError::StepUp(r) => {
+                let code = match r {
+                    crate::domain::mfa::StepUpRefusal::MfaRequired => "mfa_required",
+                    crate::domain::mfa::StepUpRefusal::EnrollmentRequired => {
+                        "mfa_enrollment_required"
+                    }
+                };
+                Problem::new(
+                    StatusCode::FORBIDDEN,
+                    code,
+                    ServiceError::StepUp(r).to_string(),
+                )
+            }
             ServiceError::Forbidden(detail) => {
                 Problem::new(StatusCode::FORBIDDEN, "forbidden", detail)
             }
+            ServiceError::EmailUnverified => Problem::new(
+                StatusCode::FORBIDDEN,
+                "email_unverified",
+                "verify your email address first (POST /v1/users/me/email/verification resends the link)",
+            ),
             ServiceError::NotFound(what) => Problem::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -121,7 +166,11 @@ impl From<ServiceError> for Problem {
                 Problem::new(StatusCode::CONFLICT, "conflict", detail)
             }
             ServiceError::Taken { field, message } => Problem {
-                errors: Some(vec![FieldError::new(field, "taken", message.clone())]),
+                errors: Some(vec![FieldError {
+                    field: field.into(),
+                    code: "taken",
+                    message: message.clone(),
+                }]),
                 ..Problem::new(StatusCode::CONFLICT, "conflict", message)
             },
             ServiceError::RateLimited { retry_after_secs } => Problem {

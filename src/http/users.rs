@@ -3,19 +3,20 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
 use axum::routing::{delete, get, patch, post};
 use axum::Router;
-use serde::Deserialize;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::auth::Authenticated;
 use super::extract::{Json, Meta, Path, Query};
+use super::list::Page;
 use super::problem::Problem;
 use super::AppState;
-use crate::domain::user::User;
-use crate::service::sessions::SessionView;
-use crate::service::users::{Page, UserChange, UserFilter};
+use crate::domain;
+use crate::service::paging::PageQuery;
+use crate::service::users::{UserChange, UserFilter};
 use crate::service::ServiceError;
 
 pub fn routes() -> Router<AppState> {
@@ -26,6 +27,77 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/users/me/sessions/{id}", delete(end_session))
         .route("/v1/admin/users", get(admin_list_users))
         .route("/v1/admin/users/{id}", patch(admin_update_user))
+}
+
+// The wire types keep the names the OpenAPI document published (`User`,
+// `SessionView`), so generated clients see no change. Plain comments where utoipa
+// would otherwise publish a doc comment as a new schema description.
+
+// A user as the gateway (and `admin create-user`) shows it: never the password hash.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct User {
+    id: Uuid,
+    email: String,
+    full_name: String,
+    roles: Vec<String>,
+    /// `active` or `disabled`.
+    status: String,
+    // Whether the user proved they receive mail at `email` (DESIGN §8).
+    email_verified: bool,
+    created_at: DateTime<Utc>,
+}
+
+impl From<&domain::user::User> for User {
+    fn from(u: &domain::user::User) -> Self {
+        Self {
+            id: u.id,
+            email: u.email.clone(),
+            full_name: u.full_name.clone(),
+            roles: u.roles.iter().map(|r| r.as_str().to_string()).collect(),
+            status: u.status.as_str().to_string(),
+            email_verified: u.email_verified,
+            created_at: u.created_at,
+        }
+    }
+}
+
+impl From<domain::user::User> for User {
+    fn from(u: domain::user::User) -> Self {
+        Self {
+            id: u.id,
+            email: u.email,
+            full_name: u.full_name,
+            roles: u.roles.iter().map(|r| r.as_str().to_string()).collect(),
+            status: u.status.as_str().to_string(),
+            email_verified: u.email_verified,
+            created_at: u.created_at,
+        }
+    }
+}
+
+/// One of the caller's sessions.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SessionView {
+    id: Uuid,
+    created_at: DateTime<Utc>,
+    last_seen_at: DateTime<Utc>,
+    ip: Option<String>,
+    user_agent: Option<String>,
+    /// The session this request was made with.
+    current: bool,
+}
+
+impl From<crate::service::sessions::SessionView> for SessionView {
+    fn from(s: crate::service::sessions::SessionView) -> Self {
+        Self {
+            id: s.id,
+            created_at: s.created_at,
+            last_seen_at: s.last_seen_at,
+            ip: s.ip,
+            user_agent: s.user_agent,
+            current: s.current,
+        }
+    }
 }
 
 /// The caller's profile.
@@ -39,9 +111,9 @@ pub fn routes() -> Router<AppState> {
 async fn me(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
-) -> Result<axum::response::Response, ServiceError> {
+) -> Result<axum::Json<User>, ServiceError> {
     let user = state.users.me(&caller).await?;
-    Ok(axum::Json(&*user).into_response())
+    Ok(axum::Json(User::from(&*user)))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -68,12 +140,11 @@ async fn update_me(
     Authenticated(caller): Authenticated,
     Json(body): Json<UpdateMe>,
 ) -> Result<axum::Json<User>, ServiceError> {
-    Ok(axum::Json(
-        state
-            .users
-            .update_me(&caller, &meta, body.full_name)
-            .await?,
-    ))
+    let user = state
+        .users
+        .update_me(&caller, &meta, body.full_name)
+        .await?;
+    Ok(axum::Json(user.into()))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -117,7 +188,8 @@ async fn list_sessions(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
 ) -> Result<axum::Json<Page<SessionView>>, ServiceError> {
-    Ok(axum::Json(state.sessions.list(&caller).await?))
+    let page = state.sessions.list(&caller).await?;
+    Ok(axum::Json(Page::new(page.items, page.next_cursor)))
 }
 
 /// Ends one of the caller's sessions.
@@ -171,20 +243,21 @@ async fn admin_list_users(
     Authenticated(caller): Authenticated,
     Query(q): Query<AdminUserQuery>,
 ) -> Result<axum::Json<Page<User>>, ServiceError> {
-    Ok(axum::Json(
-        state
-            .users
-            .admin_list_users(
-                &caller,
-                UserFilter {
-                    email: q.email,
-                    status: q.status,
+    let page = state
+        .users
+        .admin_list_users(
+            &caller,
+            UserFilter {
+                email: q.email,
+                status: q.status,
+                page: PageQuery {
                     limit: q.limit,
                     cursor: q.cursor,
                 },
-            )
-            .await?,
-    ))
+            },
+        )
+        .await?;
+    Ok(axum::Json(Page::new(page.items, page.next_cursor)))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -215,18 +288,17 @@ async fn admin_update_user(
     Path(id): Path<Uuid>,
     Json(body): Json<AdminUserPatch>,
 ) -> Result<axum::Json<User>, ServiceError> {
-    Ok(axum::Json(
-        state
-            .users
-            .admin_update_user(
-                &caller,
-                &meta,
-                id,
-                UserChange {
-                    status: body.status,
-                    roles: body.roles,
-                },
-            )
-            .await?,
-    ))
+    let user = state
+        .users
+        .admin_update_user(
+            &caller,
+            &meta,
+            id,
+            UserChange {
+                status: body.status,
+                roles: body.roles,
+            },
+        )
+        .await?;
+    Ok(axum::Json(user.into()))
 }

@@ -12,9 +12,69 @@ use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
+use super::audit::{AuditEntry, Outcome};
 use crate::shutdown::Shutdown;
-use crate::store::api_keys::{flush_usage, UsageRecord};
-use crate::store::Db;
+use crate::store::api_keys::{record_usage, NewUsage};
+use crate::store::{Db, StoreResult};
+
+/// One record of the buffer: identical uses of a key until the next flush.
+#[derive(Debug, Clone)]
+struct UsageRecord {
+    key_id: uuid::Uuid,
+    key_prefix: String,
+    used_at: chrono::DateTime<chrono::Utc>,
+    ip: Option<IpAddr>,
+    operation: String,
+    result: &'static str,
+    /// A revoked key was presented: audited as `api_key.revoked_used`.
+    revoked_use: bool,
+    /// How many identical uses this record stands for.
+    count: i32,
+}
+
+impl UsageRecord {
+    fn row(&self) -> NewUsage<'_> {
+        NewUsage {
+            key_id: self.key_id,
+            used_at: self.used_at,
+            ip: self.ip,
+            operation: &self.operation,
+            result: self.result,
+            count: self.count,
+        }
+    }
+
+    /// The audit row for uses of a revoked key: someone still holds it.
+    fn revoked_use_entry(&self) -> AuditEntry {
+        let entry = AuditEntry::new("api_key.revoked_used", Outcome::Denied)
+            .actor("api_key", self.key_id)
+            .target("api_key", self.key_id)
+            .details(serde_json::json!({
+                "key_id": self.key_id,
+                "prefix": self.key_prefix,
+                "operation": self.operation,
+                "used_at": self.used_at,
+                "uses": self.count,
+            }));
+        AuditEntry {
+            ip: self.ip,
+            ..entry
+        }
+    }
+}
+
+/// Writes a batch in one transaction: the usage rows and last_used_at (the
+/// store's part), and an `api_key.revoked_used` row for each record of a
+/// revoked key's use.
+async fn write_batch(db: &Db, batch: &[UsageRecord]) -> StoreResult<()> {
+    let mut tx = db.begin().await?;
+    let rows: Vec<NewUsage<'_>> = batch.iter().map(UsageRecord::row).collect();
+    record_usage(&mut tx, &rows).await?;
+    for r in batch.iter().filter(|r| r.revoked_use) {
+        tx.audit(&r.revoked_use_entry()).await?;
+    }
+    tx.commit().await
+}
 
 /// One use of a key, borrowed from the request: nothing is copied unless the
 /// use starts a new record.
@@ -149,7 +209,7 @@ impl UsageBuffer {
         if batch.is_empty() {
             return true;
         }
-        match flush_usage(&db.pool, &batch).await {
+        match write_batch(db, &batch).await {
             Ok(()) => {
                 let uses: u64 = batch.iter().map(|r| r.count.max(0) as u64).sum();
                 metrics::counter!("api_key_usage_flushed_total").increment(uses);

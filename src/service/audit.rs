@@ -1,4 +1,4 @@
-//! What an audit row says. Built here, written by `store::audit::insert` inside the
+//! What an audit row says. Built here, written by `Tx::audit` inside the
 //! transaction of the change. Never put a password, token, key or secret in
 //! `details`: ids and prefixes only.
 
@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use super::{Caller, RequestMeta};
 use crate::domain::audit::{AuditActor, AuditSource};
 pub use crate::domain::audit::{AuditEntry, Outcome};
+use crate::store::{StoreResult, Tx};
 
 impl AuditActor for Caller {
     fn audit_actor(&self) -> (&'static str, String) {
@@ -113,15 +114,11 @@ impl DenialAudit {
         rows
     }
 
-    /// Writes what `admit` keeps of one denial, on `conn` (inside the caller's
-    /// transaction when there is one).
-    pub async fn write(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        entry: AuditEntry,
-    ) -> Result<(), crate::store::StoreError> {
+    /// Writes what `admit` keeps of one denial in `tx`, the transaction of the
+    /// request that was refused.
+    pub async fn write(&self, tx: &mut Tx, entry: AuditEntry) -> StoreResult<()> {
         for row in self.admit(entry) {
-            crate::store::audit::insert(conn, &row).await?;
+            tx.audit(&row).await?;
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 use serde_json::json;
 
 use super::audit::{AuditEntry, Outcome};
-use super::paging::{self, Page};
+use super::paging::{self, Page, PageQuery};
 use super::policy::PolicyEngine;
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::policy::Resource;
@@ -36,12 +36,10 @@ impl AuditLog {
         caller: &Caller,
         meta: &RequestMeta,
         filter: AuditFilter,
-        limit: Option<i64>,
-        cursor: Option<&str>,
+        page: PageQuery,
     ) -> ServiceResult<Page<AuditRow>> {
         self.require_auditor(caller, meta).await?;
-        let limit = paging::limit(limit)?;
-        let before = cursor.map(paging::decode_key).transpose()?;
+        let page = page.parse::<i64>()?;
         let filter = AuditFilter {
             action: paging::text_filter("action", filter.action)?,
             actor_id: paging::text_filter("actor_id", filter.actor_id)?,
@@ -58,36 +56,28 @@ impl AuditLog {
                 ));
             }
         }
-        let rows = audit_log::list(&self.db.pool, &filter, before, limit + 1).await?;
-        Ok(paging::finish(rows, limit, |r| {
-            paging::encode(&r.id.to_string())
-        }))
+        let rows = audit_log::list(&self.db, &filter, page.after, page.fetch()).await?;
+        Ok(page.page(rows, |r| r.id))
     }
 
     async fn require_auditor(&self, caller: &Caller, meta: &RequestMeta) -> ServiceResult<()> {
-        let decision = match caller.user_id() {
-            Some(user_id) if caller.key_allows_scope(SCOPE) => Some(
-                self.policy
-                    .user_allows(user_id, SCOPE, &Resource::Any)
-                    .await?,
-            ),
-            _ => None,
+        let refusal = match self
+            .policy
+            .user_scope(caller, SCOPE, &Resource::Any)
+            .await?
+        {
+            Ok(_) => return Ok(()),
+            Err(r) => r,
         };
-        if decision.as_ref().is_some_and(|d| d.allowed) {
-            return Ok(());
-        }
-        let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
         self.policy
-            .denials
-            .write(
-                &mut conn,
+            .record_denial(
                 AuditEntry::new("authz.denied", Outcome::Denied)
                     .by(caller)
                     .meta(meta)
                     .details(json!({
                         "need": SCOPE,
-                        "reason": if decision.is_some() { "policy" } else { "key_scope_or_not_a_user" },
-                        "decided_by": decision.map(|d| d.decided_by),
+                        "reason": refusal.reason(),
+                        "decided_by": refusal.decided_by(),
                     })),
             )
             .await?;
@@ -125,7 +115,7 @@ pub async fn verify_chain(db: &Db) -> Result<ChainReport, StoreError> {
     let mut prev: Option<Vec<u8>> = None;
     let mut position = 0_i64;
     loop {
-        let page = audit_log::chain_after(&db.pool, position, PAGE).await?;
+        let page = audit_log::chain_after(db, position, PAGE).await?;
         if page.is_empty() {
             return Ok(ChainReport {
                 rows: position as u64,
@@ -172,7 +162,7 @@ pub async fn verify_chain(db: &Db) -> Result<ChainReport, StoreError> {
 pub async fn append_only_problem(db: &Db, env: &str) -> Result<Option<String>, String> {
     let checked = tokio::time::timeout(
         std::time::Duration::from_secs(5),
-        audit::connected_role_can_alter(&db.pool),
+        audit::connected_role_can_alter(db),
     )
     .await;
     match checked {

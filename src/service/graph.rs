@@ -14,6 +14,8 @@ use super::invalidation::Invalidation;
 use super::invitations::InvitationsService;
 use super::lockout::Lockout;
 use super::login::Login;
+use super::mfa::MfaService;
+use super::notify::Dispatcher;
 use super::policy::PolicyEngine;
 use super::service_clients::ServiceClients;
 use super::sessions::Sessions;
@@ -47,6 +49,8 @@ pub struct Services {
     pub api_keys: Arc<ApiKeyService>,
     /// Invitations to trading accounts: membership only with the invitee's consent.
     pub invitations: InvitationsService,
+    /// Second factors, the login's second step and step-up (issue 14).
+    pub mfa: MfaService,
     /// Cross-replica cache invalidation: publish "key / user / account changed".
     pub invalidation: Invalidation,
     /// Whether the stores answer, and the pool's occupancy (health, metrics).
@@ -54,6 +58,8 @@ pub struct Services {
     db: Db,
     cache: Cache,
     usage_flush_interval: Duration,
+    /// The notification outbox's dispatcher (issue 15), spawned by `start`.
+    dispatcher: Arc<std::sync::Mutex<Option<Dispatcher>>>,
 }
 
 impl Services {
@@ -79,6 +85,14 @@ impl Services {
         ));
         let throttle = Arc::new(Throttle::new(cache.clone()));
         let lockout = Arc::new(Lockout::new(settings, db.clone(), hasher.clone()));
+        let mfa = MfaService::new(
+            db.clone(),
+            key_ring.clone(),
+            settings,
+            sessions.clone(),
+            lockout.clone(),
+            throttle.clone(),
+        );
         let login = Arc::new(Login::new(
             settings,
             db.clone(),
@@ -86,6 +100,7 @@ impl Services {
             throttle.clone(),
             lockout.clone(),
             sessions.clone(),
+            mfa.clone(),
         ));
         let users = Arc::new(Users::new(
             settings,
@@ -95,11 +110,19 @@ impl Services {
             lockout,
             throttle,
             invalidation.clone(),
+            mfa.step_up.clone(),
         ));
         let service_clients = Arc::new(ServiceClients::new(settings, db.clone(), hasher, jwt));
         let policy = PolicyEngine::new(db.clone(), &invalidation);
-        let accounts =
-            AccountsService::new(db.clone(), key_ring, policy.clone(), invalidation.clone());
+        let accounts = AccountsService::new(
+            db.clone(),
+            key_ring,
+            policy.clone(),
+            invalidation.clone(),
+            mfa.step_up.clone(),
+        )
+        // REQUIRE_VERIFIED_EMAIL, for accounts, invitations and keys.
+        .with_email_gate(super::recovery::EmailGate::new(db.clone(), settings));
         let audit_log = AuditLog::new(db.clone(), policy.clone());
         let invitations = InvitationsService::new(db.clone(), accounts.clone());
         let api_keys = Arc::new(ApiKeyService::new(
@@ -120,7 +143,12 @@ impl Services {
             audit_log,
             api_keys,
             invitations,
+            mfa,
             invalidation,
+            dispatcher: Arc::new(std::sync::Mutex::new(Some(Dispatcher::new(
+                settings,
+                db.clone(),
+            )?))),
             probe: HealthProbe::new(db.clone(), cache.clone()),
             db,
             cache,
@@ -129,8 +157,17 @@ impl Services {
     }
 
     /// Starts the background work on `tasks`, until `shutdown`: the invalidation
-    /// listeners (Redis and PostgreSQL) and the API-key usage flusher.
+    /// listeners (Redis and PostgreSQL), the notification dispatcher (the
+    /// outbox, issue 15) and the API-key usage flusher.
     pub async fn start(&self, shutdown: &Shutdown, tasks: &TaskTracker) {
+        let dispatcher = self
+            .dispatcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(d) = dispatcher {
+            d.spawn(shutdown.clone(), tasks);
+        }
         self.invalidation.start(shutdown.clone(), tasks).await;
         self.invalidation
             .start_pg(&self.db, shutdown.clone(), tasks)

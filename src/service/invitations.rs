@@ -4,18 +4,17 @@
 
 use chrono::Utc;
 use serde_json::json;
-use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::accounts::{AccountsService, Denial};
+use super::accounts::{AccountsService, Denial, RowLock};
 use super::audit::{AuditEntry, Outcome};
-use super::paging::{self, Page};
+use super::paging::{Page, PageQuery};
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::account::{Access, AccountAccess, MemberRole, MemberTarget, Permission};
 use crate::domain::invitation::{Invitation, InvitationStatus, ReceivedInvitation, INVITATION_TTL};
-use crate::store::accounts::{self as accounts_store, After};
+use crate::store::accounts as accounts_store;
 use crate::store::invitations::{self as store, NewInvitation};
-use crate::store::{audit, Db, StoreError};
+use crate::store::{Db, Tx};
 
 const TARGET: &str = "trading_account";
 
@@ -42,33 +41,36 @@ impl InvitationsService {
         target: MemberTarget,
         role: MemberRole,
     ) -> ServiceResult<Invitation> {
-        let mut tx = self.db.begin().await?;
-        let g = match self
+        // Member add is a step-up operation: refused until the email is verified.
+        self.accounts.require_verified(caller).await?;
+        self.accounts
+            .step_up
+            .require_step_up(caller, meta, "membership.add")
+            .await?;
+        let mut op = self
             .accounts
-            .authorize(&mut tx, caller, meta, account_id, Permission::Manage, true)
-            .await?
-        {
-            Ok(g) => g,
-            Err(e) => return self.accounts.commit_denial(tx, e).await,
-        };
-        if !g.access.may_grant(role) {
-            let d = Denial::forbidden("grant_above_own_role", "cannot grant a role above your own");
-            return self
-                .accounts
-                .deny_in(tx, caller, meta, account_id, Permission::Manage, d)
+            .open(caller, meta, account_id, Permission::Manage, RowLock::Hold)
+            .await?;
+        let inviter = op.granted.user_id;
+        if !op.granted.access.may_grant(role) {
+            return op
+                .refuse(Denial::forbidden(
+                    "grant_above_own_role",
+                    "cannot grant a role above your own",
+                ))
                 .await;
         }
         let (invitee, email) = match &target {
             // An id is not guessable and was shown to the caller somewhere: an
             // unknown one is a plain 404.
             MemberTarget::UserId(u) => {
-                let (id, email) = accounts_store::find_active_user(&mut tx, Some(*u), None)
+                let (id, email) = accounts_store::find_active_user(&mut op.tx, Some(*u), None)
                     .await?
                     .ok_or(ServiceError::NotFound("user"))?;
                 (Some(id), email.to_lowercase())
             }
             MemberTarget::Email(e) => {
-                let found = accounts_store::find_active_user(&mut tx, None, Some(e.as_str()))
+                let found = accounts_store::find_active_user(&mut op.tx, None, Some(e.as_str()))
                     .await?
                     .map(|(id, _)| id);
                 (found, e.as_str().to_string())
@@ -77,47 +79,43 @@ impl InvitationsService {
         if let Some(user) = invitee {
             // Neither says more than the caller knows: they are themselves, and
             // a manager sees every member in the members list.
-            if user == g.user_id {
+            if user == inviter {
                 return Err(ServiceError::Conflict(
                     "you already have access to this account".into(),
                 ));
             }
-            if accounts_store::member_role_for_update(&mut tx, account_id, user)
+            if accounts_store::member_role_for_update(&mut op.tx, account_id, user)
                 .await?
                 .is_some()
             {
                 return Err(ServiceError::Conflict("user is already a member".into()));
             }
         }
-        store::expire_stale(&mut tx, account_id, &email).await?;
+        store::expire_stale(&mut op.tx, account_id, &email).await?;
         let invitation = store::insert(
-            &mut tx,
+            &mut op.tx,
             &NewInvitation {
                 id: Uuid::now_v7(),
                 account_id,
                 email: &email,
                 invitee_user_id: invitee,
                 role,
-                invited_by: g.user_id,
+                invited_by: inviter,
                 expires_at: Utc::now() + INVITATION_TTL,
             },
         )
         .await?;
-        audit::insert(
-            &mut tx,
-            &AuditEntry::new("membership.invited", Outcome::Success)
-                .by(caller)
-                .meta(meta)
-                .target(TARGET, account_id)
-                .details(json!({
-                    "invitation_id": invitation.id,
-                    "role": role.as_str(),
-                    "invitee_user_id": invitee,
-                })),
+        op.audit(
+            "membership.invited",
+            json!({
+                "invitation_id": invitation.id,
+                "role": role.as_str(),
+                "invitee_user_id": invitee,
+            }),
         )
         .await?;
-        queue_invitation_notice(&mut tx, &invitation).await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        queue_invitation_notice(&mut op.tx, &invitation).await?;
+        op.commit().await?;
         Ok(invitation)
     }
 
@@ -127,24 +125,17 @@ impl InvitationsService {
         caller: &Caller,
         meta: &RequestMeta,
         account_id: Uuid,
-        limit: Option<i64>,
-        cursor: Option<&str>,
+        page: PageQuery,
     ) -> ServiceResult<Page<Invitation>> {
-        let limit = paging::limit(limit)?;
-        let after = decode_after(cursor)?;
-        let mut tx = self.db.begin().await?;
-        if let Err(e) = self
-            .accounts
-            .authorize(&mut tx, caller, meta, account_id, Permission::Manage, false)
+        let page = page.parse()?;
+        self.accounts
+            .open(caller, meta, account_id, Permission::Manage, RowLock::Skip)
             .await?
-        {
-            return self.accounts.commit_denial(tx, e).await;
-        }
-        tx.commit().await.map_err(StoreError::from)?;
-        let rows = store::pending_for_account(&self.db.pool, account_id, after, limit + 1).await?;
-        Ok(paging::finish(rows, limit, |i| {
-            paging::encode_time_id(i.created_at, i.id)
-        }))
+            .commit()
+            .await?;
+        let rows =
+            store::pending_for_account(&self.db, account_id, page.after, page.fetch()).await?;
+        Ok(page.page(rows, |i| (i.created_at, i.id)))
     }
 
     /// Withdraws a pending invitation (owner, or a manager for roles up to their own).
@@ -155,39 +146,28 @@ impl InvitationsService {
         account_id: Uuid,
         id: Uuid,
     ) -> ServiceResult<()> {
-        let mut tx = self.db.begin().await?;
-        let g = match self
+        let mut op = self
             .accounts
-            .authorize(&mut tx, caller, meta, account_id, Permission::Manage, true)
-            .await?
-        {
-            Ok(g) => g,
-            Err(e) => return self.accounts.commit_denial(tx, e).await,
-        };
-        let inv = store::lock_pending_of_account(&mut tx, account_id, id)
+            .open(caller, meta, account_id, Permission::Manage, RowLock::Hold)
+            .await?;
+        let inv = store::lock_pending_of_account(&mut op.tx, account_id, id)
             .await?
             .ok_or(ServiceError::NotFound("invitation"))?;
-        if !g.access.may_grant(inv.role) {
-            let d = Denial::forbidden(
-                "grant_above_own_role",
-                "cannot withdraw an invitation to a role above your own",
-            );
-            return self
-                .accounts
-                .deny_in(tx, caller, meta, account_id, Permission::Manage, d)
+        if !op.granted.access.may_grant(inv.role) {
+            return op
+                .refuse(Denial::forbidden(
+                    "grant_above_own_role",
+                    "cannot withdraw an invitation to a role above your own",
+                ))
                 .await;
         }
-        store::close(&mut tx, id, InvitationStatus::Revoked, None).await?;
-        audit::insert(
-            &mut tx,
-            &AuditEntry::new("membership.invitation_revoked", Outcome::Success)
-                .by(caller)
-                .meta(meta)
-                .target(TARGET, account_id)
-                .details(json!({ "invitation_id": id, "role": inv.role.as_str() })),
+        store::close(&mut op.tx, id, InvitationStatus::Revoked, None).await?;
+        op.audit(
+            "membership.invitation_revoked",
+            json!({ "invitation_id": id, "role": inv.role.as_str() }),
         )
         .await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        op.commit().await?;
         Ok(())
     }
 
@@ -197,16 +177,12 @@ impl InvitationsService {
     pub async fn received(
         &self,
         caller: &Caller,
-        limit: Option<i64>,
-        cursor: Option<&str>,
+        page: PageQuery,
     ) -> ServiceResult<Page<ReceivedInvitation>> {
         let user_id = in_person(caller)?;
-        let limit = paging::limit(limit)?;
-        let after = decode_after(cursor)?;
-        let rows = store::pending_for_invitee(&self.db.pool, user_id, after, limit + 1).await?;
-        Ok(paging::finish(rows, limit, |i| {
-            paging::encode_time_id(i.created_at, i.id)
-        }))
+        let page = page.parse()?;
+        let rows = store::pending_for_invitee(&self.db, user_id, page.after, page.fetch()).await?;
+        Ok(page.page(rows, |i| (i.created_at, i.id)))
     }
 
     /// Accepting makes the caller a member with the invited role, if the
@@ -270,8 +246,7 @@ impl InvitationsService {
         }
         accounts_store::add_member(&mut tx, account_id, user_id, inv.role, granted_by).await?;
         store::close(&mut tx, id, InvitationStatus::Accepted, Some(user_id)).await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("membership.added", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -284,7 +259,7 @@ impl InvitationsService {
                 })),
         )
         .await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         self.accounts.membership_changed(account_id, user_id).await;
         Ok(AccountAccess {
             account,
@@ -304,8 +279,7 @@ impl InvitationsService {
             .await?
             .ok_or(ServiceError::NotFound("invitation"))?;
         store::close(&mut tx, id, InvitationStatus::Declined, Some(user_id)).await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("membership.invitation_declined", Outcome::Success)
                 .by(caller)
                 .meta(meta)
@@ -317,20 +291,20 @@ impl InvitationsService {
                 })),
         )
         .await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// Closes an invitation that no longer stands and answers 409 with why.
     async fn void<T>(
         &self,
-        mut tx: crate::store::Tx,
+        mut tx: Tx,
         id: Uuid,
         status: InvitationStatus,
         why: &str,
     ) -> ServiceResult<T> {
         store::close(&mut tx, id, status, None).await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         Err(ServiceError::Conflict(why.into()))
     }
 }
@@ -350,20 +324,10 @@ fn in_person(caller: &Caller) -> ServiceResult<Uuid> {
     }
 }
 
-fn decode_after(cursor: Option<&str>) -> ServiceResult<Option<After>> {
-    Ok(cursor
-        .map(paging::decode_time_id)
-        .transpose()?
-        .map(|(created_at, id)| After { created_at, id }))
-}
-
 /// The seam for delivery: when the notification outbox lands (DESIGN §8), the
 /// `account_invitation` message to `invitation.email` is written here, in the
 /// transaction that creates the invitation. Until then the invitee finds it in
 /// `GET /v1/users/me/invitations`.
-async fn queue_invitation_notice(
-    _tx: &mut PgConnection,
-    _invitation: &Invitation,
-) -> ServiceResult<()> {
+async fn queue_invitation_notice(_tx: &mut Tx, _invitation: &Invitation) -> ServiceResult<()> {
     Ok(())
 }

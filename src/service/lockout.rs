@@ -20,7 +20,7 @@ use crate::crypto::password::PasswordHasher;
 use crate::domain::lockout::{self, Gate};
 use crate::store::{login_failures, Db};
 
-/// What a password check under the lockout policy found.
+/// What a credential check under the lockout policy found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checked {
     Right,
@@ -55,7 +55,8 @@ impl Lockout {
     }
 
     /// Checks `password` of `user_id` against `hash`; `failed` is the audit row
-    /// a wrong password writes.
+    /// a wrong password writes; the same argon2 work (a decoy) when locked.
+    /// `finishes_login`: see `check_guarded`.
     pub async fn check_password(
         &self,
         meta: &RequestMeta,
@@ -63,6 +64,41 @@ impl Lockout {
         hash: Option<String>,
         password: SecretString,
         failed: AuditEntry,
+        finishes_login: bool,
+    ) -> ServiceResult<Checked> {
+        let decoy = password.clone();
+        self.check_guarded(
+            meta,
+            user_id,
+            failed,
+            finishes_login,
+            async {
+                self.hasher
+                    .verify(password, hash)
+                    .await
+                    .map_err(ServiceError::hashing)
+            },
+            async {
+                // The same argon2 work as a real check: a lock does not show in timing.
+                let _ = self.hasher.verify(decoy, None).await;
+            },
+        )
+        .await
+    }
+
+    /// Checks a credential of `user_id` (a password, a second factor) under the
+    /// lockout policy. A right answer clears the counts only when
+    /// `finishes_login` (a password followed by a second factor clears nothing:
+    /// the count resets when the login completes). `locked_work` runs instead
+    /// of `check` when locked.
+    pub async fn check_guarded(
+        &self,
+        meta: &RequestMeta,
+        user_id: Uuid,
+        failed: AuditEntry,
+        finishes_login: bool,
+        check: impl std::future::Future<Output = ServiceResult<bool>>,
+        locked_work: impl std::future::Future<Output = ()>,
     ) -> ServiceResult<Checked> {
         let window = self.lockout_secs;
         let ip = meta
@@ -83,19 +119,16 @@ impl Lockout {
         }
         if gate == Gate::Locked {
             drop(turn);
-            // The same argon2 work as a real check: a lock does not show in timing.
-            let _ = self.hasher.verify(password, None).await;
+            locked_work.await;
             return Ok(Checked::Locked);
         }
-        let right = self
-            .hasher
-            .verify(password, hash)
-            .await
-            .map_err(ServiceError::hashing)?;
+        let right = check.await?;
         let mut tx = self.db.begin().await?;
         if right {
-            login_failures::clear(&mut tx, user_id, &ip, window).await?;
-            tx.commit().await?;
+            if finishes_login {
+                login_failures::clear(&mut tx, user_id, &ip, window).await?;
+                tx.commit().await?;
+            }
             return Ok(Checked::Right);
         }
         let (max, lockout) = (self.max_attempts, self.lockout_secs);

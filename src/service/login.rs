@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::audit::{AuditEntry, Outcome};
 use super::lockout::{Checked, Lockout};
+use super::mfa::MfaService;
 use super::sessions::{LoginTokens, Sessions};
 use super::throttle::Throttle;
 use super::users::password_error;
@@ -20,6 +21,13 @@ use crate::domain::password::Password;
 use crate::domain::user::UserStatus;
 use crate::store::{users, Db};
 
+/// What a password login answers: tokens, or (the user has a second factor) the
+/// second step to take (issue 14).
+pub enum LoginOutcome {
+    Tokens(LoginTokens),
+    MfaRequired(super::mfa_login::SecondStep),
+}
+
 pub struct Login {
     db: Db,
     /// For the argon2 work a refusal does without a password to check.
@@ -27,6 +35,8 @@ pub struct Login {
     throttle: Arc<Throttle>,
     lockout: Arc<Lockout>,
     sessions: Arc<Sessions>,
+    /// Second factors: a user holding one gets the second step, not tokens.
+    mfa: MfaService,
     /// LOGIN_IP_MAX_PER_MINUTE.
     ip_max_per_minute: u32,
 }
@@ -39,6 +49,7 @@ impl Login {
         throttle: Arc<Throttle>,
         lockout: Arc<Lockout>,
         sessions: Arc<Sessions>,
+        mfa: MfaService,
     ) -> Self {
         Self {
             db,
@@ -46,6 +57,7 @@ impl Login {
             throttle,
             lockout,
             sessions,
+            mfa,
             ip_max_per_minute: settings.login_ip_max_per_minute,
         }
     }
@@ -58,7 +70,7 @@ impl Login {
         meta: &RequestMeta,
         email: &str,
         password: String,
-    ) -> ServiceResult<LoginTokens> {
+    ) -> ServiceResult<LoginOutcome> {
         let password = Password::candidate(password)
             .map_err(password_error)?
             .into_secret();
@@ -93,14 +105,18 @@ impl Login {
             self.audit_alone(failed("unknown_user", None)).await;
             return refuse("failed");
         };
+        // A user with a second factor: a right password does not end the login,
+        // so it clears no failure count (issue 14).
+        let factors = self.mfa.factors(record.id).await?;
         let checked = self
             .lockout
             .check_password(
                 meta,
                 record.id,
                 record.password_hash.clone(),
-                password,
+                password.clone(),
                 failed("wrong_password", Some(record.id)),
+                !factors.any(),
             )
             .await?;
         match checked {
@@ -115,11 +131,32 @@ impl Login {
             }
             Checked::Right => {}
         }
+        // An imported user's legacy hash becomes a current argon2id one.
+        super::import_users::upgrade_password_hash(
+            &self.hasher,
+            &self.db,
+            meta,
+            record.id,
+            record.password_hash.as_deref(),
+            password,
+        )
+        .await;
+        if factors.any() {
+            metrics::counter!("logins_total", "result" => "mfa_required").increment(1);
+            let challenge = self
+                .mfa
+                .begin_second_step(meta, record.id, &factors)
+                .await?;
+            return Ok(LoginOutcome::MfaRequired(challenge));
+        }
         metrics::counter!("logins_total", "result" => "succeeded").increment(1);
         let user = record.into_user();
         let audit =
             AuditEntry::new("auth.login.succeeded", Outcome::Success).actor("user", user.id);
-        self.sessions.open(meta, user, audit).await
+        let amr = [crate::domain::mfa::amr::PWD.to_string()];
+        Ok(LoginOutcome::Tokens(
+            self.sessions.open(meta, user, &amr, audit).await?,
+        ))
     }
 
     /// A refusal's audit row, in a transaction of its own; a failure to write it

@@ -8,12 +8,17 @@ pub mod api_keys;
 pub mod audit;
 pub mod audit_log;
 mod graph;
+pub mod import_users;
 pub mod invalidation;
 pub mod invitations;
 pub mod lockout;
 pub mod login;
+pub mod mfa;
+pub mod mfa_login;
+pub mod notify;
 pub mod paging;
 pub mod policy;
+pub mod recovery;
 pub mod service_clients;
 pub mod sessions;
 pub mod swr;
@@ -45,8 +50,20 @@ pub enum ServiceError {
     InvalidToken,
     #[error("invalid client credentials")]
     InvalidClient,
+    /// A wrong, used or expired second factor, or a dead `mfa_token` (401
+    /// `invalid_credentials`, like a wrong password).
+    #[error("invalid or expired second factor")]
+    SecondFactorRefused,
+    /// A step-up operation without a recent second factor (403 `mfa_required`),
+    /// or by a user the policy requires to enrol one (403 `mfa_enrollment_required`).
+    #[error("{}", step_up_message(*.0))]
+    StepUp(crate::domain::mfa::StepUpRefusal),
     #[error("{0}")]
     Forbidden(String),
+    /// A step-up operation refused until the user's email is verified
+    /// (REQUIRE_VERIFIED_EMAIL): 403 `email_unverified`.
+    #[error("verify your email address first")]
+    EmailUnverified,
     /// `what` names the kind of thing ("trading account"), never whether it exists.
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -105,6 +122,17 @@ impl From<crate::store::StoreError> for ServiceError {
 }
 
 pub type ServiceResult<T> = Result<T, ServiceError>;
+
+fn step_up_message(r: crate::domain::mfa::StepUpRefusal) -> &'static str {
+    match r {
+        crate::domain::mfa::StepUpRefusal::MfaRequired => {
+            "this operation needs a recent second factor: POST /v1/auth/step-up"
+        }
+        crate::domain::mfa::StepUpRefusal::EnrollmentRequired => {
+            "enrol a second factor (POST /v1/users/me/mfa/totp) before this operation"
+        }
+    }
+}
 
 /// Where a request came from; recorded in audit rows and used by rate limits.
 #[derive(Debug, Clone, Default)]

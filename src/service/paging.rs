@@ -6,13 +6,16 @@ use std::str::FromStr;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Utc};
 
 use super::ServiceError;
+use crate::domain::instant;
 
 pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 200;
 
+/// One page of any list: the only page type of the crate; the gateway answers
+/// it as `{"items": [...], "next_cursor": null | "…"}` (`http::list`).
 #[derive(Debug, Clone)]
 pub struct Page<T> {
     pub items: Vec<T>,
@@ -20,6 +23,14 @@ pub struct Page<T> {
 }
 
 impl<T> Page<T> {
+    /// A list short enough to answer whole: one page, no cursor.
+    pub fn all(items: Vec<T>) -> Self {
+        Self {
+            items,
+            next_cursor: None,
+        }
+    }
+
     pub fn map<U>(self, f: impl FnMut(T) -> U) -> Page<U> {
         Page {
             items: self.items.into_iter().map(f).collect(),
@@ -28,8 +39,8 @@ impl<T> Page<T> {
     }
 }
 
-/// A client's page request, checked: limit 1..=200 (default 50).
-pub fn limit(limit: Option<i64>) -> Result<i64, ServiceError> {
+/// The page size asked for, checked: 1..=200 (default 50).
+fn limit(limit: Option<i64>) -> Result<i64, ServiceError> {
     match limit {
         None => Ok(DEFAULT_LIMIT),
         Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
@@ -41,27 +52,19 @@ pub fn limit(limit: Option<i64>) -> Result<i64, ServiceError> {
     }
 }
 
-/// The instants a filter, cursor or expiry may name: years 1 to 9999, what RFC 3339
-/// can write and PostgreSQL can store (chrono reaches further, and PostgreSQL
-/// answers an error for what it cannot hold).
 fn time_in_range(at: &DateTime<Utc>) -> bool {
-    (1..=9999).contains(&at.year())
+    instant::storable(at)
 }
 
 /// A client-given instant (`since`, `until`, `expires_at`, …), checked against
-/// that range.
+/// the range PostgreSQL and RFC 3339 share (`domain::instant`).
 pub fn check_time(
     field: &'static str,
     at: Option<DateTime<Utc>>,
 ) -> Result<Option<DateTime<Utc>>, ServiceError> {
-    match at {
-        Some(t) if !time_in_range(&t) => Err(ServiceError::validation(
-            field,
-            "out_of_range",
-            "must be a date between the years 1 and 9999",
-        )),
-        other => Ok(other),
-    }
+    at.map(|t| instant::check(field, t))
+        .transpose()
+        .map_err(|e| ServiceError::Validation(vec![e]))
 }
 
 /// Longest text a list filter accepts.
@@ -98,11 +101,110 @@ fn bad_cursor() -> ServiceError {
     ServiceError::validation("cursor", "invalid", "not a cursor from a previous page")
 }
 
-pub fn encode(s: &str) -> String {
+/// `?limit=&cursor=` as a client sent it: the one page query every list takes.
+#[derive(Debug, Clone, Default)]
+pub struct PageQuery {
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+impl PageQuery {
+    /// Checks the query for a list sorted by `K`: the limit's range, and that the
+    /// cursor is one of this list's.
+    pub fn parse<K: SortKey>(&self) -> Result<PageRequest<K>, ServiceError> {
+        Ok(PageRequest {
+            limit: limit(self.limit)?,
+            after: self.cursor.as_deref().map(K::decode).transpose()?,
+        })
+    }
+}
+
+/// A page query checked for one list: its size, and the sort key of the previous
+/// page's last item (`None` on the first page).
+#[derive(Debug, Clone, Copy)]
+pub struct PageRequest<K> {
+    pub limit: i64,
+    pub after: Option<K>,
+}
+
+impl<K: SortKey> PageRequest<K> {
+    /// How many rows to fetch: one more than the page tells whether another follows.
+    pub fn fetch(&self) -> i64 {
+        self.limit + 1
+    }
+
+    /// The page of `rows` (fetched with `fetch()`), its cursor the key of the
+    /// last item kept.
+    pub fn page<T>(&self, rows: Vec<T>, key_of: impl Fn(&T) -> K) -> Page<T> {
+        finish(rows, self.limit, |r| key_of(r).encode())
+    }
+}
+
+/// A list's sort key, and its cursor: opaque to clients, base64url of the key.
+pub trait SortKey: Sized {
+    fn encode(&self) -> String;
+    /// A cursor this list handed out; anything else is a validation error.
+    fn decode(cursor: &str) -> Result<Self, ServiceError>;
+}
+
+/// A single-column key: audit row ids (newest first).
+impl SortKey for i64 {
+    fn encode(&self) -> String {
+        encode(&self.to_string())
+    }
+    fn decode(cursor: &str) -> Result<Self, ServiceError> {
+        decode(cursor)?.parse().map_err(|_| bad_cursor())
+    }
+}
+
+/// A single-column key: UUIDv7 ids, in creation order (API keys).
+impl SortKey for uuid::Uuid {
+    fn encode(&self) -> String {
+        encode(&self.to_string())
+    }
+    fn decode(cursor: &str) -> Result<Self, ServiceError> {
+        decode(cursor)?.parse().map_err(|_| bad_cursor())
+    }
+}
+
+/// (timestamp, id), the id a uuid: `<micros>.<id>`. Cursors of the users' list
+/// written before issue 12 (`<rfc3339>|<id>`) are still accepted.
+impl SortKey for (DateTime<Utc>, uuid::Uuid) {
+    fn encode(&self) -> String {
+        encode_time_id(self.0, self.1)
+    }
+    fn decode(cursor: &str) -> Result<Self, ServiceError> {
+        let raw = decode(cursor)?;
+        match raw.split_once('|') {
+            Some((t, id)) => {
+                let at = DateTime::parse_from_rfc3339(t)
+                    .ok()
+                    .map(|t| t.with_timezone(&Utc))
+                    .filter(time_in_range)
+                    .ok_or_else(bad_cursor)?;
+                Ok((at, id.parse().map_err(|_| bad_cursor())?))
+            }
+            None => split_time_id(&raw),
+        }
+    }
+}
+
+/// (timestamp, id), the id a serial (usage rows): `<micros>.<id>`.
+impl SortKey for (DateTime<Utc>, i64) {
+    fn encode(&self) -> String {
+        encode_time_id(self.0, self.1)
+    }
+    fn decode(cursor: &str) -> Result<Self, ServiceError> {
+        split_time_id(&decode(cursor)?)
+    }
+}
+
+fn encode(s: &str) -> String {
     URL_SAFE_NO_PAD.encode(s)
 }
 
-pub fn decode(c: &str) -> Result<String, ServiceError> {
+fn decode(c: &str) -> Result<String, ServiceError> {
     URL_SAFE_NO_PAD
         .decode(c)
         .ok()
@@ -110,13 +212,11 @@ pub fn decode(c: &str) -> Result<String, ServiceError> {
         .ok_or_else(bad_cursor)
 }
 
-/// A (timestamp, id) sort key, the id being a uuid or a serial.
-pub fn encode_time_id(at: DateTime<Utc>, id: impl Display) -> String {
+fn encode_time_id(at: DateTime<Utc>, id: impl Display) -> String {
     encode(&format!("{}.{id}", at.timestamp_micros()))
 }
 
-pub fn decode_time_id<K: FromStr>(c: &str) -> Result<(DateTime<Utc>, K), ServiceError> {
-    let s = decode(c)?;
+fn split_time_id<K: FromStr>(s: &str) -> Result<(DateTime<Utc>, K), ServiceError> {
     let (micros, id) = s.split_once('.').ok_or_else(bad_cursor)?;
     let at = micros
         .parse::<i64>()
@@ -128,14 +228,9 @@ pub fn decode_time_id<K: FromStr>(c: &str) -> Result<(DateTime<Utc>, K), Service
     Ok((at, id))
 }
 
-/// A single-column sort key (e.g. audit row ids or key ids, newest first).
-pub fn decode_key<K: FromStr>(c: &str) -> Result<K, ServiceError> {
-    decode(c)?.parse().map_err(|_| bad_cursor())
-}
-
 /// Fetching `limit + 1` rows tells whether another page follows: trims the extra
 /// row and returns the cursor of the last kept one.
-pub fn finish<T>(mut rows: Vec<T>, limit: i64, cursor_of: impl Fn(&T) -> String) -> Page<T> {
+fn finish<T>(mut rows: Vec<T>, limit: i64, cursor_of: impl Fn(&T) -> String) -> Page<T> {
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     let next_cursor = if more {
@@ -154,27 +249,42 @@ mod tests {
     use super::*;
     use uuid::Uuid;
 
+    fn query(cursor: &str) -> PageQuery {
+        PageQuery {
+            limit: None,
+            cursor: Some(cursor.into()),
+        }
+    }
+
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
         let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
         let id = Uuid::new_v4();
+        let key = (at, id);
         assert_eq!(
-            decode_time_id::<Uuid>(&encode_time_id(at, id)).unwrap(),
-            (at, id)
+            query(&key.encode())
+                .parse::<(DateTime<Utc>, Uuid)>()
+                .unwrap()
+                .after,
+            Some(key)
         );
-        assert!(decode_time_id::<Uuid>("!!").is_err());
-        assert!(decode_key::<i64>(&encode("x")).is_err());
-        assert_eq!(decode_key::<i64>(&encode("42")).unwrap(), 42);
-        let serial = encode_time_id(at, 7_i64);
-        assert_eq!(decode_time_id::<i64>(&serial).unwrap(), (at, 7));
-        assert!(decode_time_id::<i64>(&encode_time_id(at, id)).is_err());
+        assert!(<(DateTime<Utc>, Uuid)>::decode("!!").is_err());
+        assert!(i64::decode(&encode("x")).is_err());
+        assert_eq!(i64::decode(&42_i64.encode()).unwrap(), 42);
+        assert_eq!(Uuid::decode(&id.encode()).unwrap(), id);
+        let serial = (at, 7_i64).encode();
+        assert_eq!(<(DateTime<Utc>, i64)>::decode(&serial).unwrap(), (at, 7));
+        assert!(<(DateTime<Utc>, i64)>::decode(&key.encode()).is_err());
+        // The users' list's cursors from before the one page query still hold.
+        let legacy = encode(&format!("{}|{id}", at.to_rfc3339()));
+        assert_eq!(<(DateTime<Utc>, Uuid)>::decode(&legacy).unwrap(), key);
     }
 
     #[test]
     fn cursors_and_filters_outside_what_postgresql_holds_are_refused() {
         // Valid for chrono, out of range for PostgreSQL (before 4713 BC).
         let far = encode(&format!("{}.7", -200_000_000_000_000_000_i64));
-        assert!(decode_time_id::<i64>(&far).is_err());
+        assert!(<(DateTime<Utc>, i64)>::decode(&far).is_err());
         let year_10000 = DateTime::parse_from_rfc3339("9999-12-31T23:59:59Z").unwrap()
             + chrono::Duration::days(1);
         assert!(check_time("until", Some(year_10000.to_utc())).is_err());
@@ -189,14 +299,24 @@ mod tests {
     }
 
     #[test]
-    fn finish_trims_the_probe_row() {
-        let p = finish(vec![1, 2, 3], 2, |n| n.to_string());
+    fn a_page_trims_the_probe_row() {
+        let req = PageQuery {
+            limit: Some(2),
+            cursor: None,
+        }
+        .parse::<i64>()
+        .unwrap();
+        assert_eq!(req.fetch(), 3);
+        let p = req.page(vec![1_i64, 2, 3], |n| *n);
         assert_eq!(p.items, vec![1, 2]);
-        assert_eq!(p.next_cursor.as_deref(), Some("2"));
-        assert!(finish(vec![1, 2], 2, |n| n.to_string())
-            .next_cursor
-            .is_none());
-        assert!(limit(Some(201)).is_err());
-        assert!(limit(Some(0)).is_err());
+        assert_eq!(p.next_cursor, Some(2_i64.encode()));
+        assert!(req.page(vec![1_i64, 2], |n| *n).next_cursor.is_none());
+        for bad in [201, 0] {
+            let q = PageQuery {
+                limit: Some(bad),
+                cursor: None,
+            };
+            assert!(q.parse::<i64>().is_err());
+        }
     }
 }

@@ -12,11 +12,43 @@ use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::policy::{self, parse_action, Decision, Policy, Resource, Subject};
-use crate::store::{self, Db, StoreError};
+use crate::store::{self, Db};
 
 /// Bounds staleness on a replica that missed an invalidation (Redis down); role
 /// and status changes publish `Change::User`, which drops the entry everywhere.
 const POLICY_CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// The audit target kind of a trading account.
+const ACCOUNT: &str = "trading_account";
+
+/// Why `user_scope` refused a caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeRefusal {
+    /// A service client: the use case is a user's.
+    NotAUser,
+    /// The caller's API key does not carry the scope.
+    KeyScope,
+    /// The user's roles' policies do not allow it; the rule that decided.
+    Policy { decided_by: String },
+}
+
+impl ScopeRefusal {
+    /// The `reason` an `authz.denied` row records.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ScopeRefusal::NotAUser => "not_a_user",
+            ScopeRefusal::KeyScope => "key_scope",
+            ScopeRefusal::Policy { .. } => "policy",
+        }
+    }
+
+    pub fn decided_by(&self) -> Option<&str> {
+        match self {
+            ScopeRefusal::Policy { decided_by } => Some(decided_by),
+            ScopeRefusal::NotAUser | ScopeRefusal::KeyScope => None,
+        }
+    }
+}
 
 /// A user's policies; `None` for an unknown or disabled user.
 type UserPolicies = Option<Arc<Vec<Policy>>>;
@@ -71,7 +103,7 @@ impl PolicyEngine {
         }
         metrics::counter!("policy_cache_total", "result" => "miss").increment(1);
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let loaded = store::policies::for_user(&self.db.pool, user_id)
+        let loaded = store::policies::for_user(&self.db, user_id)
             .await?
             .map(Arc::new);
         if self.epoch.load(Ordering::SeqCst) == epoch {
@@ -119,27 +151,78 @@ impl PolicyEngine {
         action: &str,
         resource: &str,
     ) -> ServiceResult<Decision> {
-        let holds = matches!(caller, Caller::ServiceClient { scopes, .. }
-            if scopes.iter().any(|s| s == "permissions:check"));
-        if !holds {
-            let mut conn = self.db.pool.acquire().await.map_err(StoreError::from)?;
-            self.denials
-                .write(
-                    &mut conn,
-                    AuditEntry::new("authz.denied", Outcome::Denied)
-                        .by(caller)
-                        .meta(meta)
-                        .details(serde_json::json!({
-                            "reason": "client_scope",
-                            "need": "permissions:check",
-                        })),
-                )
-                .await?;
-            return Err(ServiceError::Forbidden(
-                "requires the permissions:check scope".into(),
-            ));
-        }
+        self.require_client_scope(caller, meta, "permissions:check", None)
+            .await?;
         self.check_permission(subject, action, resource).await
+    }
+
+    // ---- the one authorisation idiom ------------------------------------------
+    //
+    // Every use case decides who may call it here, not in a transport: a service
+    // client by the scopes its token carries (`require_client_scope`), a user by
+    // their key's scopes and their roles' policies (`user_scope`); a refusal is
+    // written as an `authz.denied` row through `denials` (a few per actor per
+    // minute) and answered 403 / PERMISSION_DENIED.
+
+    /// The check of every service-client RPC: the caller is a service client
+    /// holding `scope`. Any other caller is refused and the refusal audited,
+    /// against `target` (a trading account) when there is one.
+    pub async fn require_client_scope(
+        &self,
+        caller: &Caller,
+        meta: &RequestMeta,
+        scope: &'static str,
+        target: Option<Uuid>,
+    ) -> ServiceResult<()> {
+        if matches!(caller, Caller::ServiceClient { scopes, .. } if scopes.iter().any(|s| s == scope))
+        {
+            return Ok(());
+        }
+        let mut entry = AuditEntry::new("authz.denied", Outcome::Denied)
+            .by(caller)
+            .meta(meta)
+            .details(serde_json::json!({ "reason": "client_scope", "need": scope }));
+        if let Some(id) = target {
+            entry = entry.target(ACCOUNT, id);
+        }
+        self.record_denial(entry).await?;
+        Err(ServiceError::Forbidden(format!(
+            "requires the {scope} scope"
+        )))
+    }
+
+    /// Whether a user may use `scope` on `resource`: the caller is a user, their
+    /// API key (if any) carries the scope, and their roles' policies allow it.
+    /// `Ok(Err)` is a refusal for the caller to record (with its own words and
+    /// target); `Err` only when the answer cannot be known.
+    pub async fn user_scope(
+        &self,
+        caller: &Caller,
+        scope: &str,
+        resource: &Resource,
+    ) -> ServiceResult<Result<Uuid, ScopeRefusal>> {
+        let Some(user_id) = caller.user_id() else {
+            return Ok(Err(ScopeRefusal::NotAUser));
+        };
+        if !caller.key_allows_scope(scope) {
+            return Ok(Err(ScopeRefusal::KeyScope));
+        }
+        let decision = self.user_allows(user_id, scope, resource).await?;
+        if !decision.allowed {
+            return Ok(Err(ScopeRefusal::Policy {
+                decided_by: decision.decided_by,
+            }));
+        }
+        Ok(Ok(user_id))
+    }
+
+    /// Writes one refusal's `authz.denied` row in a transaction of its own, for
+    /// refusals made before the use case opened one.
+    pub async fn record_denial(&self, entry: AuditEntry) -> ServiceResult<()> {
+        let mut tx = self.db.begin().await?;
+        self.denials.write(&mut tx, entry).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The one evaluation: users by their roles' policies, service clients by
@@ -156,7 +239,7 @@ impl PolicyEngine {
                 None => Decision::default_deny(),
             }),
             Subject::Client(client_id) => {
-                let scopes = store::policies::client_scopes(&self.db.pool, client_id).await?;
+                let scopes = store::policies::client_scopes(&self.db, client_id).await?;
                 Ok(match scopes {
                     Some(s) if s.iter().any(|s| s == action) => {
                         Decision::allow(format!("client_scope:{action}"))

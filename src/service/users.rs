@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
-use serde::Serialize;
 use uuid::Uuid;
 
 use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
 use super::lockout::{Checked, Lockout};
-use super::paging;
+use super::mfa::StepUp;
+use super::paging::{self, Page, PageQuery};
 use super::sessions::Sessions;
 use super::throttle::Throttle;
 use super::{Caller, FieldError, RequestMeta, ServiceError, ServiceResult};
@@ -24,41 +24,15 @@ use crate::domain::session::RevocationReason;
 use crate::domain::user::{Role, User, UserStatus};
 use crate::store::{sessions, users, Db};
 
-/// A page of a list: `{"items": [...], "next_cursor": null | "…"}`.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    pub next_cursor: Option<String>,
-}
-
 pub struct UserFilter {
     pub email: Option<String>,
     pub status: Option<String>,
-    pub limit: Option<i64>,
-    pub cursor: Option<String>,
+    pub page: PageQuery,
 }
 
 pub struct UserChange {
     pub status: Option<String>,
     pub roles: Option<Vec<String>>,
-}
-
-/// User lists keep their own `rfc3339|id` sort key and error text rather than
-/// `paging::encode_time_id`, so cursors already handed out stay valid.
-fn encode_cursor(t: DateTime<Utc>, id: Uuid) -> String {
-    paging::encode(&format!("{}|{id}", t.to_rfc3339()))
-}
-
-fn decode_cursor(c: &str) -> ServiceResult<(DateTime<Utc>, Uuid)> {
-    let bad =
-        || ServiceError::validation("cursor", "invalid", "cursor is not one this service issued");
-    let raw = paging::decode(c).map_err(|_| bad())?;
-    let (t, id) = raw.split_once('|').ok_or_else(bad)?;
-    let at = DateTime::parse_from_rfc3339(t)
-        .map_err(|_| bad())?
-        .with_timezone(&Utc);
-    paging::check_time("cursor", Some(at)).map_err(|_| bad())?;
-    Ok((at, id.parse().map_err(|_| bad())?))
 }
 
 pub(crate) fn password_error(e: crate::domain::password::PasswordError) -> ServiceError {
@@ -118,7 +92,7 @@ fn parse_status(s: &str) -> Result<UserStatus, FieldError> {
         .ok_or_else(|| FieldError::new("status", "invalid", "status must be active or disabled"))
 }
 
-fn require_admin(caller: &Caller) -> ServiceResult<()> {
+pub(super) fn require_admin(caller: &Caller) -> ServiceResult<()> {
     if caller.has_role(Role::Admin) && caller.key_allows_scope("admin:users") {
         Ok(())
     } else {
@@ -127,15 +101,19 @@ fn require_admin(caller: &Caller) -> ServiceResult<()> {
 }
 
 pub struct Users {
-    db: Db,
-    hasher: PasswordHasher,
-    sessions: Arc<Sessions>,
+    pub(super) db: Db,
+    pub(super) hasher: PasswordHasher,
+    pub(super) sessions: Arc<Sessions>,
     /// The current-password check of a password change counts against the
     /// same lockout as login.
-    lockout: Arc<Lockout>,
-    throttle: Arc<Throttle>,
+    pub(super) lockout: Arc<Lockout>,
+    pub(super) throttle: Arc<Throttle>,
     /// Tells every replica's caches (API keys, policies …) that a user changed.
-    invalidation: Invalidation,
+    pub(super) invalidation: Invalidation,
+    /// The step-up rule (issue 14) for the use cases here that need it.
+    pub(super) step_up: StepUp,
+    /// Recovery (issue 15): REQUIRE_VERIFIED_EMAIL, link lifetimes, mail limits.
+    pub(super) settings: Settings,
     /// PASSWORD_MIN_LENGTH, REGISTRATION_ENABLED, REGISTER_IP_MAX_PER_HOUR.
     password_min_length: usize,
     registration_enabled: bool,
@@ -151,6 +129,7 @@ impl Users {
         lockout: Arc<Lockout>,
         throttle: Arc<Throttle>,
         invalidation: Invalidation,
+        step_up: StepUp,
     ) -> Self {
         Self {
             db,
@@ -159,13 +138,15 @@ impl Users {
             lockout,
             throttle,
             invalidation,
+            step_up,
+            settings: settings.clone(),
             password_min_length: settings.password_min_length,
             registration_enabled: settings.registration_enabled(),
             register_ip_max_per_hour: settings.register_ip_max_per_hour,
         }
     }
 
-    fn parse_new_password(
+    pub(super) fn parse_new_password(
         &self,
         raw: String,
         email: &Email,
@@ -273,6 +254,10 @@ impl Users {
         let user = users::insert(&mut tx, id, email.as_str(), name, &hash, roles)
             .await?
             .into_user();
+        // Hook (issue 15): sign-up sends the `email_verification` link.
+        if by == CreatedBy::SignUp {
+            super::recovery::on_registered(&mut tx, &self.settings, id, email.as_str()).await?;
+        }
         let action = match by {
             CreatedBy::SignUp => "auth.register",
             CreatedBy::Operator => "user.created",
@@ -359,6 +344,12 @@ impl Users {
         new_password: String,
     ) -> ServiceResult<()> {
         let (user_id, current_session) = caller.session_user()?;
+        // A step-up operation, refused until the email is verified.
+        super::recovery::require_verified(&self.db, self.settings.require_verified_email(), caller)
+            .await?;
+        self.step_up
+            .require_step_up(caller, meta, "user.password.change")
+            .await?;
         let current = Password::candidate(current_password)
             .map_err(|e| ServiceError::validation("current_password", e.code, e.message))?;
         let record = users::get(&self.db, user_id)
@@ -382,6 +373,7 @@ impl Users {
                 record.password_hash.clone(),
                 current.into_secret(),
                 failed,
+                true,
             )
             .await?;
         if checked != Checked::Right {
@@ -404,6 +396,14 @@ impl Users {
             user_id,
             current_session,
             RevocationReason::PasswordChanged,
+        )
+        .await?;
+        // Hook (issue 15): the `password_changed` notice, in this transaction.
+        super::notify::notify(
+            &mut tx,
+            crate::domain::recovery::Template::PasswordChanged,
+            user_id,
+            serde_json::json!({}),
         )
         .await?;
         tx.audit(
@@ -429,27 +429,19 @@ impl Users {
         f: UserFilter,
     ) -> ServiceResult<Page<User>> {
         require_admin(caller)?;
-        let limit = paging::limit(f.limit).map_err(|_| {
-            ServiceError::validation(
-                "limit",
-                "out_of_range",
-                format!("limit must be between 1 and {}", paging::MAX_LIMIT),
-            )
-        })?;
+        let page = f.page.parse::<(DateTime<Utc>, Uuid)>()?;
         let status = f
             .status
             .as_deref()
             .map(parse_status)
             .transpose()
             .map_err(|e| ServiceError::Validation(vec![e]))?;
-        let after = f.cursor.as_deref().map(decode_cursor).transpose()?;
         let email = paging::text_filter("email", f.email.map(|e| e.trim().to_string()))?;
-        let rows = users::list(&self.db, email.as_deref(), status, after, limit + 1).await?;
-        let page = paging::finish(rows, limit, |u| encode_cursor(u.created_at, u.id));
-        Ok(Page {
-            items: page.items.into_iter().map(|r| r.into_user()).collect(),
-            next_cursor: page.next_cursor,
-        })
+        let rows =
+            users::list(&self.db, email.as_deref(), status, page.after, page.fetch()).await?;
+        Ok(page
+            .page(rows, |u| (u.created_at, u.id))
+            .map(|r| r.into_user()))
     }
 
     /// Admin: change a user's status and/or roles. Disabling ends every session of

@@ -2,10 +2,9 @@
 //! account never select the ciphertext columns; only `sealed_credentials` does.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::{StoreError, StoreResult};
+use super::{Db, StoreError, StoreResult, Tx};
 use crate::domain::account::{
     Access, AccountAccess, AccountStatus, Member, MemberRole, SubscriptionStatus, SubscriptionTier,
     TradingAccount,
@@ -93,7 +92,7 @@ pub struct NewAccount<'a> {
     pub subscription_tier: SubscriptionTier,
 }
 
-pub async fn insert(conn: &mut PgConnection, a: &NewAccount<'_>) -> StoreResult<TradingAccount> {
+pub async fn insert(tx: &mut Tx, a: &NewAccount<'_>) -> StoreResult<TradingAccount> {
     let row: AccountRow = sqlx::query_as(&format!(
         "insert into trading_accounts as a (id, owner_user_id, broker, broker_user_id, nickname, subscription_tier)
          values ($1, $2, $3, $4, $5, $6) returning {COLUMNS}"
@@ -104,18 +103,18 @@ pub async fn insert(conn: &mut PgConnection, a: &NewAccount<'_>) -> StoreResult<
     .bind(a.broker_user_id)
     .bind(a.nickname)
     .bind(a.subscription_tier.as_str())
-    .fetch_one(conn)
+    .fetch_one(&mut **tx)
     .await?;
     row.try_into()
 }
 
 /// A live (not deleted) account.
-pub async fn get_live(pool: &PgPool, id: Uuid) -> StoreResult<Option<TradingAccount>> {
+pub async fn get_live(db: &Db, id: Uuid) -> StoreResult<Option<TradingAccount>> {
     let row: Option<AccountRow> = sqlx::query_as(&format!(
         "select {COLUMNS} from trading_accounts a where a.id = $1 and a.deleted_at is null"
     ))
     .bind(id)
-    .fetch_optional(pool)
+    .fetch_optional(&db.pool)
     .await?;
     row.map(TradingAccount::try_from).transpose()
 }
@@ -123,12 +122,12 @@ pub async fn get_live(pool: &PgPool, id: Uuid) -> StoreResult<Option<TradingAcco
 /// Locks a live account's row until the transaction ends; false when there is
 /// no such live account. Every change to an account, its credentials or its
 /// memberships takes this lock first, so they are serialised per account.
-pub async fn lock_live(conn: &mut PgConnection, account_id: Uuid) -> StoreResult<bool> {
+pub async fn lock_live(tx: &mut Tx, account_id: Uuid) -> StoreResult<bool> {
     let locked: Option<i32> = sqlx::query_scalar(
         "select 1 from trading_accounts where id = $1 and deleted_at is null for update",
     )
     .bind(account_id)
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?;
     Ok(locked.is_some())
 }
@@ -141,31 +140,47 @@ pub async fn lock_live(conn: &mut PgConnection, account_id: Uuid) -> StoreResult
 /// joins the membership rows of the snapshot it started with, so a caller demoted
 /// or removed by the transaction it waited for would act on its old role.
 pub async fn get_with_access(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     user_id: Uuid,
     account_id: Uuid,
     for_update: bool,
 ) -> StoreResult<Option<(TradingAccount, Option<Access>)>> {
-    if for_update && !lock_live(&mut *conn, account_id).await? {
+    if for_update && !lock_live(tx, account_id).await? {
         return Ok(None);
     }
-    let row: Option<AccessRow> = sqlx::query_as(&format!(
-        "select {COLUMNS}, {ACCESS_EXPR} {ACCESS_JOIN}
-          where a.id = $2 and a.deleted_at is null"
-    ))
-    .bind(user_id)
-    .bind(account_id)
-    .fetch_optional(conn)
-    .await?;
+    let row: Option<AccessRow> = sqlx::query_as(&WITH_ACCESS)
+        .bind(user_id)
+        .bind(account_id)
+        .fetch_optional(&mut **tx)
+        .await?;
     row.map(AccessRow::into_parts).transpose()
 }
 
-/// Keyset position in a list ordered by (created_at, id).
-#[derive(Debug, Clone, Copy)]
-pub struct After {
-    pub created_at: DateTime<Utc>,
-    pub id: Uuid,
+/// The user's access on a live account, outside any transaction (the cached
+/// answer of CheckAccountAccess and API-key checks); `None` without standing or
+/// without such an account.
+pub async fn access_of(db: &Db, user_id: Uuid, account_id: Uuid) -> StoreResult<Option<Access>> {
+    let row: Option<AccessRow> = sqlx::query_as(&WITH_ACCESS)
+        .bind(user_id)
+        .bind(account_id)
+        .fetch_optional(&db.pool)
+        .await?;
+    Ok(row
+        .map(AccessRow::into_parts)
+        .transpose()?
+        .and_then(|(_, a)| a))
 }
+
+/// One live account (`$2`) with user `$1`'s access to it.
+static WITH_ACCESS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "select {COLUMNS}, {ACCESS_EXPR} {ACCESS_JOIN}
+          where a.id = $2 and a.deleted_at is null"
+    )
+});
+
+/// Keyset position in a list ordered by (created_at, id): the last row seen.
+pub type After = (DateTime<Utc>, Uuid);
 
 /// Live accounts the user owns or is a live member of, oldest first; at most
 /// `limit` after `after`, and only those in `only` when given.
@@ -186,8 +201,8 @@ pub async fn list_for_user(
           limit $4"
     ))
     .bind(user_id)
-    .bind(after.map(|a| a.created_at))
-    .bind(after.map(|a| a.id))
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
     .bind(limit)
     .bind(only)
     .fetch_all(&db.pool)
@@ -211,11 +226,7 @@ pub struct AccountChanges<'a> {
     pub subscription_expires_at: Option<Option<DateTime<Utc>>>,
 }
 
-pub async fn update(
-    conn: &mut PgConnection,
-    id: Uuid,
-    c: &AccountChanges<'_>,
-) -> StoreResult<TradingAccount> {
+pub async fn update(tx: &mut Tx, id: Uuid, c: &AccountChanges<'_>) -> StoreResult<TradingAccount> {
     let row: AccountRow = sqlx::query_as(&format!(
         "update trading_accounts as a set
             nickname = coalesce($2, a.nickname),
@@ -234,7 +245,7 @@ pub async fn update(
     .bind(c.subscription_status.map(|s| s.as_str()))
     .bind(c.subscription_expires_at.is_some())
     .bind(c.subscription_expires_at.flatten())
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?
     .ok_or(StoreError::NotFound("trading account"))?;
     row.try_into()
@@ -242,13 +253,13 @@ pub async fn update(
 
 /// Soft delete: the row stays (the audit trail points at it), every live
 /// membership ends. Returns the users whose membership ended.
-pub async fn soft_delete(conn: &mut PgConnection, id: Uuid) -> StoreResult<Vec<Uuid>> {
+pub async fn soft_delete(tx: &mut Tx, id: Uuid) -> StoreResult<Vec<Uuid>> {
     let done = sqlx::query(
         "update trading_accounts set deleted_at = now(), status = 'deleted', updated_at = now()
           where id = $1 and deleted_at is null",
     )
     .bind(id)
-    .execute(&mut *conn)
+    .execute(&mut **tx)
     .await?;
     if done.rows_affected() == 0 {
         return Err(StoreError::NotFound("trading account"));
@@ -259,7 +270,7 @@ pub async fn soft_delete(conn: &mut PgConnection, id: Uuid) -> StoreResult<Vec<U
           returning user_id",
     )
     .bind(id)
-    .fetch_all(conn)
+    .fetch_all(&mut **tx)
     .await?)
 }
 
@@ -273,7 +284,7 @@ pub struct SealedCredentials {
 }
 
 pub async fn set_credentials(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     id: Uuid,
     sealed: &SealedCredentials,
     hint: &str,
@@ -290,7 +301,7 @@ pub async fn set_credentials(
     .bind(&sealed.access_token_ciphertext)
     .bind(&sealed.credentials_key_id)
     .bind(hint)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     if done.rows_affected() == 0 {
         return Err(StoreError::NotFound("trading account"));
@@ -299,52 +310,45 @@ pub async fn set_credentials(
 }
 
 /// The sealed credentials of a live account; `None` when it has none.
-pub async fn sealed_credentials(pool: &PgPool, id: Uuid) -> StoreResult<Option<SealedCredentials>> {
+pub async fn sealed_credentials(db: &Db, id: Uuid) -> StoreResult<Option<SealedCredentials>> {
     Ok(sqlx::query_as(
         "select api_key_ciphertext, api_secret_ciphertext, access_token_ciphertext, credentials_key_id
            from trading_accounts
           where id = $1 and deleted_at is null and api_key_ciphertext is not null",
     )
     .bind(id)
-    .fetch_optional(pool)
+    .fetch_optional(&db.pool)
     .await?)
 }
 
 /// Accounts (deleted ones too: their ciphertext still needs the old key) whose
 /// credentials are sealed under another key than `active_kid`.
-pub async fn ids_sealed_with_other_key(pool: &PgPool, active_kid: &str) -> StoreResult<Vec<Uuid>> {
+pub async fn ids_sealed_with_other_key(db: &Db, active_kid: &str) -> StoreResult<Vec<Uuid>> {
     Ok(sqlx::query_scalar(
         "select id from trading_accounts
           where credentials_key_id is not null and credentials_key_id <> $1
           order by id",
     )
     .bind(active_kid)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?)
 }
 
 /// Locks one account's sealed credentials for re-encryption, whatever its state.
-pub async fn sealed_for_update(
-    conn: &mut PgConnection,
-    id: Uuid,
-) -> StoreResult<Option<SealedCredentials>> {
+pub async fn sealed_for_update(tx: &mut Tx, id: Uuid) -> StoreResult<Option<SealedCredentials>> {
     Ok(sqlx::query_as(
         "select api_key_ciphertext, api_secret_ciphertext, access_token_ciphertext, credentials_key_id
            from trading_accounts where id = $1 and api_key_ciphertext is not null
           for update",
     )
     .bind(id)
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?)
 }
 
 /// Replaces the ciphertexts without touching `credentials_updated_at`: the
 /// credentials did not change, only the key that protects them.
-pub async fn reseal(
-    conn: &mut PgConnection,
-    id: Uuid,
-    sealed: &SealedCredentials,
-) -> StoreResult<()> {
+pub async fn reseal(tx: &mut Tx, id: Uuid, sealed: &SealedCredentials) -> StoreResult<()> {
     sqlx::query(
         "update trading_accounts set api_key_ciphertext = $2, api_secret_ciphertext = $3,
                 access_token_ciphertext = $4, credentials_key_id = $5
@@ -355,7 +359,7 @@ pub async fn reseal(
     .bind(&sealed.api_secret_ciphertext)
     .bind(&sealed.access_token_ciphertext)
     .bind(&sealed.credentials_key_id)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
@@ -382,7 +386,7 @@ impl TryFrom<MemberRow> for Member {
 
 /// Live members, oldest first; at most `limit` after `after` (added_at, user_id).
 pub async fn list_members(
-    pool: &PgPool,
+    db: &Db,
     account_id: Uuid,
     after: Option<After>,
     limit: i64,
@@ -396,26 +400,26 @@ pub async fn list_members(
           limit $4",
     )
     .bind(account_id)
-    .bind(after.map(|a| a.created_at))
-    .bind(after.map(|a| a.id))
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?;
     rows.into_iter().map(Member::try_from).collect()
 }
 
-pub async fn user_exists(pool: &PgPool, id: Uuid) -> StoreResult<bool> {
+pub async fn user_exists(db: &Db, id: Uuid) -> StoreResult<bool> {
     Ok(
         sqlx::query_scalar("select exists (select 1 from users where id = $1)")
             .bind(id)
-            .fetch_one(pool)
+            .fetch_one(&db.pool)
             .await?,
     )
 }
 
 /// An active user's id and email, by id or by email (case-insensitive).
 pub async fn find_active_user(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     id: Option<Uuid>,
     email: Option<&str>,
 ) -> StoreResult<Option<(Uuid, String)>> {
@@ -427,14 +431,14 @@ pub async fn find_active_user(
     )
     .bind(id)
     .bind(email)
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?)
 }
 
 /// A new live membership; a live one for the same user already → Conflict (the
 /// partial unique index decides between concurrent adds).
 pub async fn add_member(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     account_id: Uuid,
     user_id: Uuid,
     role: MemberRole,
@@ -449,13 +453,13 @@ pub async fn add_member(
     .bind(user_id)
     .bind(role.as_str())
     .bind(granted_by)
-    .fetch_one(conn)
+    .fetch_one(&mut **tx)
     .await?)
 }
 
 /// The live membership's role, locked for the rest of the transaction.
 pub async fn member_role_for_update(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     account_id: Uuid,
     user_id: Uuid,
 ) -> StoreResult<Option<MemberRole>> {
@@ -466,14 +470,14 @@ pub async fn member_role_for_update(
     )
     .bind(account_id)
     .bind(user_id)
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?;
     role.map(|r| MemberRole::parse(&r).map_err(|_| corrupt("member role", &r)))
         .transpose()
 }
 
 pub async fn set_member_role(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     account_id: Uuid,
     user_id: Uuid,
     role: MemberRole,
@@ -488,24 +492,20 @@ pub async fn set_member_role(
     .bind(account_id)
     .bind(user_id)
     .bind(role.as_str())
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?
     .ok_or(StoreError::NotFound("member"))?;
     row.try_into()
 }
 
-pub async fn remove_member(
-    conn: &mut PgConnection,
-    account_id: Uuid,
-    user_id: Uuid,
-) -> StoreResult<()> {
+pub async fn remove_member(tx: &mut Tx, account_id: Uuid, user_id: Uuid) -> StoreResult<()> {
     let done = sqlx::query(
         "update trading_account_memberships set revoked_at = now(), updated_at = now()
           where trading_account_id = $1 and user_id = $2 and revoked_at is null",
     )
     .bind(account_id)
     .bind(user_id)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     if done.rows_affected() == 0 {
         return Err(StoreError::NotFound("member"));

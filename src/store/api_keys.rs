@@ -2,11 +2,11 @@
 //! revocation, and the batched usage flush.
 
 use chrono::{DateTime, Utc};
-use sqlx::{FromRow, PgConnection, PgPool};
+use sqlx::FromRow;
 use uuid::Uuid;
 
-use super::StoreResult;
-use crate::service::audit::{AuditEntry, Outcome};
+use super::{Db, StoreResult, Tx};
+use crate::domain::api_key::RevocationReason;
 
 #[derive(Debug, Clone, FromRow)]
 pub struct ApiKeyRow {
@@ -36,6 +36,7 @@ pub struct KeyWithOwner {
     pub user_email: String,
     pub user_full_name: String,
     pub user_status: String,
+    pub user_email_verified: bool,
     pub user_created_at: DateTime<Utc>,
     pub user_roles: Vec<String>,
 }
@@ -54,7 +55,7 @@ pub struct NewApiKey<'a> {
     pub rotated_from: Option<Uuid>,
 }
 
-pub async fn insert(conn: &mut PgConnection, k: &NewApiKey<'_>) -> StoreResult<ApiKeyRow> {
+pub async fn insert(tx: &mut Tx, k: &NewApiKey<'_>) -> StoreResult<ApiKeyRow> {
     let row = sqlx::query_as::<_, ApiKeyRow>(&format!(
         "insert into api_keys (id, user_id, name, prefix, key_hash, scopes, allowed_ips,
              trading_account_ids, rate_limit_per_minute, expires_at, rotated_from)
@@ -72,18 +73,18 @@ pub async fn insert(conn: &mut PgConnection, k: &NewApiKey<'_>) -> StoreResult<A
     .bind(k.rate_limit_per_minute)
     .bind(k.expires_at)
     .bind(k.rotated_from)
-    .fetch_one(conn)
+    .fetch_one(&mut **tx)
     .await?;
     Ok(row)
 }
 
 /// The hot path's only query on a cache miss (unique index on key_hash).
-pub async fn find_by_hash(pool: &PgPool, hash: &[u8]) -> StoreResult<Option<KeyWithOwner>> {
+pub async fn find_by_hash(db: &Db, hash: &[u8]) -> StoreResult<Option<KeyWithOwner>> {
     let row = sqlx::query_as::<_, KeyWithOwner>(
         "select k.id, k.user_id, k.name, k.prefix, k.key_hash, k.scopes, k.allowed_ips,
                 k.trading_account_ids, k.rate_limit_per_minute, k.expires_at, k.last_used_at,
                 k.revoked_at, k.created_at,
-                u.email as user_email, u.full_name as user_full_name, u.status as user_status,
+                u.email as user_email, u.full_name as user_full_name, u.status as user_status, u.email_verified as user_email_verified,
                 u.created_at as user_created_at,
                 array(select r.name from user_roles ur join roles r on r.id = ur.role_id
                       where ur.user_id = u.id order by r.name) as user_roles
@@ -91,38 +92,30 @@ pub async fn find_by_hash(pool: &PgPool, hash: &[u8]) -> StoreResult<Option<KeyW
          where k.key_hash = $1",
     )
     .bind(hash)
-    .fetch_optional(pool)
+    .fetch_optional(&db.pool)
     .await?;
     Ok(row)
 }
 
-pub async fn get_for_user(
-    pool: &PgPool,
-    user_id: Uuid,
-    id: Uuid,
-) -> StoreResult<Option<ApiKeyRow>> {
+pub async fn get_for_user(db: &Db, user_id: Uuid, id: Uuid) -> StoreResult<Option<ApiKeyRow>> {
     let row = sqlx::query_as::<_, ApiKeyRow>(&format!(
         "select {KEY_COLUMNS} from api_keys where id = $1 and user_id = $2"
     ))
     .bind(id)
     .bind(user_id)
-    .fetch_optional(pool)
+    .fetch_optional(&db.pool)
     .await?;
     Ok(row)
 }
 
-/// Same, locking the row for a revoke or rotate in `conn`'s transaction.
-pub async fn lock_for_user(
-    conn: &mut PgConnection,
-    user_id: Uuid,
-    id: Uuid,
-) -> StoreResult<Option<ApiKeyRow>> {
+/// Same, locking the row for a revoke or rotate in `tx`.
+pub async fn lock_for_user(tx: &mut Tx, user_id: Uuid, id: Uuid) -> StoreResult<Option<ApiKeyRow>> {
     let row = sqlx::query_as::<_, ApiKeyRow>(&format!(
         "select {KEY_COLUMNS} from api_keys where id = $1 and user_id = $2 for update"
     ))
     .bind(id)
     .bind(user_id)
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?;
     Ok(row)
 }
@@ -130,7 +123,7 @@ pub async fn lock_for_user(
 /// Newest first (ids are UUIDv7, so id order is creation order); `before` is the
 /// last id of the previous page.
 pub async fn list_for_user(
-    pool: &PgPool,
+    db: &Db,
     user_id: Uuid,
     before: Option<Uuid>,
     limit: i64,
@@ -143,28 +136,28 @@ pub async fn list_for_user(
     .bind(user_id)
     .bind(before)
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?;
     Ok(rows)
 }
 
 /// Marks the key revoked; false when it already was.
-pub async fn revoke(conn: &mut PgConnection, id: Uuid, reason: &str) -> StoreResult<bool> {
+pub async fn revoke(tx: &mut Tx, id: Uuid, reason: RevocationReason) -> StoreResult<bool> {
     let done = sqlx::query(
         "update api_keys set revoked_at = now(), revoked_reason = $2
          where id = $1 and revoked_at is null",
     )
     .bind(id)
-    .bind(reason)
-    .execute(conn)
+    .bind(reason.as_str())
+    .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)
 }
 
 /// The scopes an API key may carry, from the seeded catalog.
-pub async fn grantable_scopes(pool: &PgPool) -> StoreResult<Vec<(String, bool)>> {
+pub async fn grantable_scopes(db: &Db) -> StoreResult<Vec<(String, bool)>> {
     let rows = sqlx::query_as::<_, (String, bool)>("select name, api_key_grantable from scopes")
-        .fetch_all(pool)
+        .fetch_all(&db.pool)
         .await?;
     Ok(rows)
 }
@@ -180,7 +173,7 @@ pub struct UsageRow {
 
 /// Newest first; `before` is the (used_at, id) of the previous page's last row.
 pub async fn usage_page(
-    pool: &PgPool,
+    db: &Db,
     key_id: Uuid,
     before: Option<(DateTime<Utc>, i64)>,
     limit: i64,
@@ -196,41 +189,37 @@ pub async fn usage_page(
     .bind(t)
     .bind(id)
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?;
     Ok(rows)
 }
 
-/// One use of a key, as buffered in memory until the next flush.
-#[derive(Debug, Clone)]
-pub struct UsageRecord {
+/// Identical uses of a key within one flush window, as one usage row.
+#[derive(Debug, Clone, Copy)]
+pub struct NewUsage<'a> {
     pub key_id: Uuid,
-    pub key_prefix: String,
+    /// The last of the uses.
     pub used_at: DateTime<Utc>,
     pub ip: Option<std::net::IpAddr>,
-    pub operation: String,
-    pub result: &'static str,
-    /// A revoked key was presented: audited as `api_key.revoked_used`.
-    pub revoked_use: bool,
-    /// How many identical uses this record stands for (the buffer aggregates).
+    pub operation: &'a str,
+    pub result: &'a str,
     pub count: i32,
 }
 
-/// Writes a batch in one transaction: one multi-row INSERT of the usage rows, one
-/// UPDATE of last_used_at for every key in the batch, and an audit row for each
-/// use of a revoked key. Rows of keys deleted meanwhile are skipped.
-pub async fn flush_usage(pool: &PgPool, batch: &[UsageRecord]) -> StoreResult<()> {
+/// Writes a batch of usage rows in `tx`: one multi-row INSERT, and one UPDATE
+/// of last_used_at for every key used successfully. Rows of keys deleted
+/// meanwhile are skipped.
+pub async fn record_usage(tx: &mut Tx, batch: &[NewUsage<'_>]) -> StoreResult<()> {
     if batch.is_empty() {
         return Ok(());
     }
     let ids: Vec<Uuid> = batch.iter().map(|u| u.key_id).collect();
     let times: Vec<DateTime<Utc>> = batch.iter().map(|u| u.used_at).collect();
     let ips: Vec<Option<String>> = batch.iter().map(|u| u.ip.map(|i| i.to_string())).collect();
-    let ops: Vec<&str> = batch.iter().map(|u| u.operation.as_str()).collect();
+    let ops: Vec<&str> = batch.iter().map(|u| u.operation).collect();
     let results: Vec<&str> = batch.iter().map(|u| u.result).collect();
     let counts: Vec<i32> = batch.iter().map(|u| u.count).collect();
 
-    let mut tx = pool.begin().await?;
     sqlx::query(
         "insert into api_key_usage_logs (api_key_id, used_at, ip, operation, result, request_count)
          select u.id, u.t, u.ip, u.op, u.res, u.n
@@ -244,7 +233,7 @@ pub async fn flush_usage(pool: &PgPool, batch: &[UsageRecord]) -> StoreResult<()
     .bind(&ops)
     .bind(&results)
     .bind(&counts)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
     // Only successful uses move last_used_at: a refused attempt is not a use.
     sqlx::query(
@@ -257,22 +246,7 @@ pub async fn flush_usage(pool: &PgPool, batch: &[UsageRecord]) -> StoreResult<()
     .bind(&ids)
     .bind(&times)
     .bind(&results)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
-    for u in batch.iter().filter(|u| u.revoked_use) {
-        let entry = AuditEntry::new("api_key.revoked_used", Outcome::Denied)
-            .actor("api_key", u.key_id)
-            .target("api_key", u.key_id)
-            .details(serde_json::json!({
-                "key_id": u.key_id,
-                "prefix": u.key_prefix,
-                "operation": u.operation,
-                "used_at": u.used_at,
-                "uses": u.count,
-            }));
-        let entry = AuditEntry { ip: u.ip, ..entry };
-        super::audit::insert(&mut tx, &entry).await?;
-    }
-    tx.commit().await?;
     Ok(())
 }

@@ -30,7 +30,7 @@ pub async fn insert(conn: &mut PgConnection, e: &AuditEntry) -> StoreResult<()> 
 /// or delete rows): it is a superuser, or owns the table, or is a member of the
 /// role that does. None when it can only use what it was granted, or when the
 /// table does not exist yet.
-pub async fn connected_role_can_alter(pool: &sqlx::PgPool) -> StoreResult<Option<String>> {
+pub async fn connected_role_can_alter(db: &super::Db) -> StoreResult<Option<String>> {
     let row: Option<(String, String, bool, bool)> = sqlx::query_as(
         "select current_user::text, t.tableowner::text, r.rolsuper,
                 pg_has_role(current_user, t.tableowner, 'MEMBER')
@@ -38,7 +38,7 @@ pub async fn connected_role_can_alter(pool: &sqlx::PgPool) -> StoreResult<Option
            join pg_roles r on r.rolname = current_user
           where t.schemaname = current_schema() and t.tablename = 'audit_logs'",
     )
-    .fetch_optional(pool)
+    .fetch_optional(&db.pool)
     .await?;
     Ok(row.and_then(|(user, owner, superuser, member)| {
         if superuser {

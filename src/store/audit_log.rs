@@ -2,9 +2,8 @@
 //! keyset-paginated by row id.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 
-use super::StoreResult;
+use super::{Db, StoreResult};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AuditRow {
@@ -32,7 +31,7 @@ pub struct AuditFilter {
 
 /// At most `limit` rows with id below `before`, newest first.
 pub async fn list(
-    pool: &PgPool,
+    db: &Db,
     f: &AuditFilter,
     before: Option<i64>,
     limit: i64,
@@ -57,7 +56,7 @@ pub async fn list(
     .bind(f.until)
     .bind(before)
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?)
 }
 
@@ -75,7 +74,7 @@ pub struct ChainLink {
 /// Up to `limit` links after chain position `after`, in chain order. The hash is
 /// recomputed in SQL with the expression of `audit_logs_chain()` (the initial
 /// migration), so timestamps and JSON print exactly as they did when chained.
-pub async fn chain_after(pool: &PgPool, after: i64, limit: i64) -> StoreResult<Vec<ChainLink>> {
+pub async fn chain_after(db: &Db, after: i64, limit: i64) -> StoreResult<Vec<ChainLink>> {
     Ok(sqlx::query_as(
         r#"select id, chain_seq, prev_hash, row_hash,
                   sha256(coalesce(prev_hash, '\x'::bytea) || convert_to(concat_ws(E'\x1f',
@@ -90,6 +89,6 @@ pub async fn chain_after(pool: &PgPool, after: i64, limit: i64) -> StoreResult<V
     )
     .bind(after)
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?)
 }

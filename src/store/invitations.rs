@@ -2,11 +2,10 @@
 //! the user's current email for invitations made before they signed up.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::accounts::After;
-use super::{StoreError, StoreResult};
+use super::{Db, StoreError, StoreResult, Tx};
 use crate::domain::account::MemberRole;
 use crate::domain::invitation::{Invitation, InvitationStatus, ReceivedInvitation};
 
@@ -72,24 +71,20 @@ pub struct NewInvitation<'a> {
 
 /// Marks pending invitations of this email on this account that have expired, so
 /// the one-pending-invitation index lets a new one in.
-pub async fn expire_stale(
-    conn: &mut PgConnection,
-    account_id: Uuid,
-    email: &str,
-) -> StoreResult<()> {
+pub async fn expire_stale(tx: &mut Tx, account_id: Uuid, email: &str) -> StoreResult<()> {
     sqlx::query(
         "update trading_account_invitations set status = 'expired', updated_at = now()
           where trading_account_id = $1 and email = $2 and status = 'pending' and expires_at <= now()",
     )
     .bind(account_id)
     .bind(email)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
 /// A new pending invitation; one already pending for the email → Conflict.
-pub async fn insert(conn: &mut PgConnection, n: &NewInvitation<'_>) -> StoreResult<Invitation> {
+pub async fn insert(tx: &mut Tx, n: &NewInvitation<'_>) -> StoreResult<Invitation> {
     let row: Row = sqlx::query_as(&format!(
         "insert into trading_account_invitations as i
                 (id, trading_account_id, email, invitee_user_id, role, invited_by, expires_at)
@@ -102,14 +97,14 @@ pub async fn insert(conn: &mut PgConnection, n: &NewInvitation<'_>) -> StoreResu
     .bind(n.role.as_str())
     .bind(n.invited_by)
     .bind(n.expires_at)
-    .fetch_one(conn)
+    .fetch_one(&mut **tx)
     .await?;
     row.try_into()
 }
 
 /// An account's pending, unexpired invitations, oldest first.
 pub async fn pending_for_account(
-    pool: &PgPool,
+    db: &Db,
     account_id: Uuid,
     after: Option<After>,
     limit: i64,
@@ -122,17 +117,17 @@ pub async fn pending_for_account(
           limit $4"
     ))
     .bind(account_id)
-    .bind(after.map(|a| a.created_at))
-    .bind(after.map(|a| a.id))
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?;
     rows.into_iter().map(Invitation::try_from).collect()
 }
 
 /// One pending invitation of an account, locked for the rest of the transaction.
 pub async fn lock_pending_of_account(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     account_id: Uuid,
     id: Uuid,
 ) -> StoreResult<Option<Invitation>> {
@@ -143,7 +138,7 @@ pub async fn lock_pending_of_account(
     ))
     .bind(id)
     .bind(account_id)
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?;
     row.map(Invitation::try_from).transpose()
 }
@@ -151,7 +146,7 @@ pub async fn lock_pending_of_account(
 /// One pending invitation addressed to the user (expired ones too: the caller
 /// tells them apart); with `lock`, locked for the rest of the transaction.
 pub async fn pending_of_invitee(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     user_id: Uuid,
     id: Uuid,
     lock: bool,
@@ -163,7 +158,7 @@ pub async fn pending_of_invitee(
     ))
     .bind(user_id)
     .bind(id)
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?;
     row.map(Invitation::try_from).transpose()
 }
@@ -182,7 +177,7 @@ struct ReceivedRow {
 
 /// The user's pending, unexpired invitations to live accounts, oldest first.
 pub async fn pending_for_invitee(
-    pool: &PgPool,
+    db: &Db,
     user_id: Uuid,
     after: Option<After>,
     limit: i64,
@@ -199,10 +194,10 @@ pub async fn pending_for_invitee(
           limit $4"
     ))
     .bind(user_id)
-    .bind(after.map(|a| a.created_at))
-    .bind(after.map(|a| a.id))
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?;
     rows.into_iter()
         .map(|r| {
@@ -222,7 +217,7 @@ pub async fn pending_for_invitee(
 
 /// Closes a pending invitation; `invitee` records who answered it.
 pub async fn close(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     id: Uuid,
     status: InvitationStatus,
     invitee: Option<Uuid>,
@@ -236,7 +231,7 @@ pub async fn close(
     .bind(id)
     .bind(status.as_str())
     .bind(invitee)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     if done.rows_affected() == 0 {
         return Err(StoreError::NotFound("invitation"));

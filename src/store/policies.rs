@@ -1,10 +1,9 @@
 //! Roles → role_policies → policies, and service clients' scopes, as the policy
 //! engine needs them.
 
-use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{StoreError, StoreResult};
+use super::{Db, StoreError, StoreResult};
 use crate::domain::policy::{Effect, Policy};
 
 #[derive(sqlx::FromRow)]
@@ -36,11 +35,11 @@ impl TryFrom<PolicyRow> for Policy {
 
 /// The policies of an active user's roles; `None` when the user is unknown or
 /// disabled (who then holds nothing).
-pub async fn for_user(pool: &PgPool, user_id: Uuid) -> StoreResult<Option<Vec<Policy>>> {
+pub async fn for_user(db: &Db, user_id: Uuid) -> StoreResult<Option<Vec<Policy>>> {
     let active: Option<bool> =
         sqlx::query_scalar("select status = 'active' from users where id = $1")
             .bind(user_id)
-            .fetch_optional(pool)
+            .fetch_optional(&db.pool)
             .await?;
     if active != Some(true) {
         return Ok(None);
@@ -54,7 +53,7 @@ pub async fn for_user(pool: &PgPool, user_id: Uuid) -> StoreResult<Option<Vec<Po
           order by p.name",
     )
     .bind(user_id)
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?;
     rows.into_iter()
         .map(Policy::try_from)
@@ -63,11 +62,11 @@ pub async fn for_user(pool: &PgPool, user_id: Uuid) -> StoreResult<Option<Vec<Po
 }
 
 /// An active service client's scopes; `None` when unknown or disabled.
-pub async fn client_scopes(pool: &PgPool, client_id: &str) -> StoreResult<Option<Vec<String>>> {
+pub async fn client_scopes(db: &Db, client_id: &str) -> StoreResult<Option<Vec<String>>> {
     Ok(sqlx::query_scalar(
         "select scopes from service_clients where client_id = $1 and status = 'active'",
     )
     .bind(client_id)
-    .fetch_optional(pool)
+    .fetch_optional(&db.pool)
     .await?)
 }

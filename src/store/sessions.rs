@@ -39,6 +39,8 @@ pub struct SessionRow {
     pub expires_at: DateTime<Utc>,
     pub ip: Option<String>,
     pub user_agent: Option<String>,
+    pub amr: Vec<String>,
+    pub auth_time: DateTime<Utc>,
 }
 
 /// A refresh token looked up by hash, with its session's state.
@@ -260,7 +262,7 @@ pub async fn live_ids_for_user(db: &Db, user_id: Uuid) -> StoreResult<Vec<Uuid>>
 /// A user's live sessions, newest first.
 pub async fn list_live(db: &Db, user_id: Uuid) -> StoreResult<Vec<SessionRow>> {
     Ok(sqlx::query_as::<_, SessionRow>(
-        "select id, user_id, created_at, last_seen_at, expires_at, ip, user_agent
+        "select id, user_id, created_at, last_seen_at, expires_at, ip, user_agent, amr, auth_time
            from sessions
           where user_id = $1 and revoked_at is null and expires_at > now()
           order by created_at desc, id desc",

@@ -14,6 +14,7 @@ pub struct UserRecord {
     pub full_name: String,
     pub password_hash: Option<String>,
     pub status: UserStatus,
+    pub email_verified: bool,
     pub created_at: DateTime<Utc>,
     pub roles: Vec<Role>,
 }
@@ -26,6 +27,7 @@ struct UserRow {
     full_name: String,
     password_hash: Option<String>,
     status: String,
+    email_verified: bool,
     created_at: DateTime<Utc>,
     roles: Vec<String>,
 }
@@ -41,6 +43,7 @@ impl TryFrom<UserRow> for UserRecord {
             email: r.email,
             full_name: r.full_name,
             password_hash: r.password_hash,
+            email_verified: r.email_verified,
             created_at: r.created_at,
         })
     }
@@ -68,12 +71,14 @@ impl UserRecord {
             full_name: self.full_name,
             roles: self.roles,
             status: self.status,
+            email_verified: self.email_verified,
             created_at: self.created_at,
         }
     }
 }
 
 const SELECT: &str = "select u.id, u.email, u.full_name, u.password_hash, u.status, u.created_at,
+        u.email_verified,
         coalesce(array(select r.name from user_roles ur join roles r on r.id = ur.role_id
                         where ur.user_id = u.id order by r.name), '{}') as roles
    from users u";

@@ -728,36 +728,45 @@ async fn login_failures_are_indistinguishable() {
         login_raw(&app, &locked, "not-the-password-at-all").await;
     }
 
+    // Each path is timed a few times and its fastest answer kept: a load spike on
+    // a shared machine slows one sample, never makes a path skip its argon2 work.
+    // The wrong password is tried twice only (a third would lock the account).
+    let paths = [
+        (None, STRONG_PASSWORD, 3),                     // unknown
+        (Some(wrong.clone()), "not-the-password-1", 2), // wrong password
+        (Some(disabled.clone()), STRONG_PASSWORD, 3),   // disabled, right password
+        (Some(locked.clone()), STRONG_PASSWORD, 3),     // locked, right password
+    ];
     let mut answers = Vec::new();
-    for (who, pw) in [
-        (email(), STRONG_PASSWORD),            // unknown
-        (wrong.clone(), "not-the-password-1"), // wrong password
-        (disabled.clone(), STRONG_PASSWORD),   // disabled, right password
-        (locked.clone(), STRONG_PASSWORD),     // locked, right password
-    ] {
-        let started = std::time::Instant::now();
-        let res = login_raw(&app, &who, pw).await;
-        let took = started.elapsed();
-        let status = res.status().as_u16();
-        let headers = res.headers().clone();
-        let body: Value = res.json().await.unwrap();
-        assert!(headers.get("set-cookie").is_none());
-        answers.push((status, body, took));
+    let mut fastest = Vec::new();
+    for (who, pw, samples) in &paths {
+        let mut best = Duration::MAX;
+        for _ in 0..*samples {
+            let who = who.clone().unwrap_or_else(email);
+            let started = std::time::Instant::now();
+            let res = login_raw(&app, &who, pw).await;
+            best = best.min(started.elapsed());
+            let status = res.status().as_u16();
+            let headers = res.headers().clone();
+            let body: Value = res.json().await.unwrap();
+            assert!(headers.get("set-cookie").is_none());
+            answers.push((status, body));
+        }
+        fastest.push(best);
     }
-    let (s0, b0, _) = &answers[0];
+    let (s0, b0) = &answers[0];
     assert_eq!(*s0, 401);
     assert_eq!(b0["code"], "invalid_credentials");
-    for (s, b, _) in &answers[1..] {
+    for (s, b) in &answers[1..] {
         assert_eq!((s, b), (s0, b0));
     }
     // Every path runs one argon2 verification: no path is many times faster.
-    let times: Vec<Duration> = answers.iter().map(|a| a.2).collect();
-    eprintln!("login failure timings (unknown, wrong, disabled, locked): {times:?}");
-    let min = *times.iter().min().unwrap();
-    let max = *times.iter().max().unwrap();
+    eprintln!("fastest login failures (unknown, wrong, disabled, locked): {fastest:?}");
+    let min = *fastest.iter().min().unwrap();
+    let max = *fastest.iter().max().unwrap();
     assert!(
         max < min * 5 + Duration::from_millis(50),
-        "timings differ: {times:?}"
+        "timings differ: {fastest:?}"
     );
     // Failures are audited with the reason, for operators only.
     let reasons: Vec<String> = sqlx::query_scalar(

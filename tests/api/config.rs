@@ -551,7 +551,9 @@ fn no_key_material_is_tracked() {
         .into_iter()
         .filter(|f| !f.starts_with("tests/"))
         .collect();
-    assert!(files.iter().any(|f| f == ".env.dev") && files.iter().any(|f| f == "src/config.rs"));
+    assert!(
+        files.iter().any(|f| f == ".env.dev") && files.iter().any(|f| f == "src/config/mod.rs")
+    );
     let mut found = Vec::new();
     for f in &files {
         let Ok(text) = std::fs::read_to_string(format!("{REPO}/{f}")) else {

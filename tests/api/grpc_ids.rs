@@ -69,6 +69,15 @@ async fn a_malformed_id_is_invalid_argument_on_every_rpc_and_an_unknown_one_not_
         for (rpc, result) in codes {
             let err = result.expect_err(rpc);
             assert_eq!(err.code(), want, "{rpc}({raw:?}): {err:?}");
+            if want == Code::InvalidArgument {
+                // One conversion for every id field: the same answer, naming the field.
+                let field = if rpc.contains("User") {
+                    "user_id"
+                } else {
+                    "account_id"
+                };
+                assert_eq!(err.message(), format!("{field}: must be a UUID"), "{rpc}");
+            }
         }
         if want == Code::InvalidArgument {
             let err = accounts
@@ -80,6 +89,7 @@ async fn a_malformed_id_is_invalid_argument_on_every_rpc_and_an_unknown_one_not_
                 .await
                 .unwrap_err();
             assert_eq!(err.code(), want, "CheckAccountAccess({raw:?})");
+            assert_eq!(err.message(), "user_id: must be a UUID");
             let err = auth
                 .verify_api_key(VerifyApiKeyRequest {
                     api_key: "sbk_dev_nothing".into(),
@@ -88,11 +98,13 @@ async fn a_malformed_id_is_invalid_argument_on_every_rpc_and_an_unknown_one_not_
                 })
                 .await;
             if !raw.is_empty() {
+                let err = err.unwrap_err();
                 assert_eq!(
-                    err.unwrap_err().code(),
+                    err.code(),
                     want,
                     "VerifyApiKey(trading_account_id: {raw:?})"
                 );
+                assert_eq!(err.message(), "trading_account_id: must be a UUID");
             }
         }
     }

@@ -46,8 +46,24 @@ const EXPECTED: &[&str] = &[
     "GET /v1/admin/users",
     "PATCH /v1/admin/users/{id}",
     "GET /v1/admin/audit-logs",
+    // Second factors (issue 14).
+    "GET /v1/users/me/mfa",
+    "POST /v1/users/me/mfa/totp",
+    "DELETE /v1/users/me/mfa/totp",
+    "POST /v1/users/me/mfa/totp/confirm",
+    "POST /v1/users/me/mfa/recovery-codes",
+    "POST /v1/auth/mfa",
+    "POST /v1/auth/step-up",
+    "DELETE /v1/admin/users/{id}/mfa",
     "GET /openapi.json",
     "GET /metrics",
+    // DESIGN.md section 8: verification, reset, email change (issue 15).
+    "POST /v1/auth/verify-email",
+    "POST /v1/auth/password-reset",
+    "POST /v1/auth/password-reset/confirm",
+    "POST /v1/users/me/email",
+    "POST /v1/users/me/email/verification",
+    "POST /v1/admin/users/{id}/password-reset",
 ];
 
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
@@ -333,4 +349,32 @@ fn tempfile_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("schemathesis-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// The gateway answers with its own wire types: only src/http/ derives OpenAPI
+/// schemas, so a domain or service type cannot become part of the published
+/// contract (or leak a field onto the wire) by accident.
+#[test]
+fn only_http_wire_types_derive_openapi_schemas() {
+    fn scan(dir: &std::path::Path, found: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                if !path.ends_with("src/http") {
+                    scan(&path, found);
+                }
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                if text.contains("utoipa") {
+                    found.push(path.display().to_string());
+                }
+            }
+        }
+    }
+    let mut found = Vec::new();
+    scan(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut found,
+    );
+    assert!(found.is_empty(), "utoipa outside src/http/: {found:?}");
 }

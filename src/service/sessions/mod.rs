@@ -13,7 +13,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use moka::sync::Cache as MokaCache;
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -21,8 +20,8 @@ use self::verify::{AccessClaims, CookieSession, UntilAccessExp};
 pub use self::verify::{AccessGrant, TokenRefusal, TokenVerification};
 use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
+use super::paging::Page;
 use super::swr::SwrCache;
-use super::users::Page;
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::config::Settings;
 use crate::crypto::jwt::{JwtKeys, TokenType};
@@ -44,7 +43,7 @@ pub struct LoginTokens {
 }
 
 /// One of the caller's sessions.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone)]
 pub struct SessionView {
     pub id: Uuid,
     pub created_at: DateTime<Utc>,
@@ -53,6 +52,10 @@ pub struct SessionView {
     pub user_agent: Option<String>,
     /// The session this request was made with.
     pub current: bool,
+    /// How the session was authenticated (RFC 8176 values, issue 14).
+    pub amr: Vec<String>,
+    /// When the user last authenticated in this session (login or step-up).
+    pub auth_time: DateTime<Utc>,
 }
 
 pub struct Sessions {
@@ -86,7 +89,7 @@ pub struct Sessions {
     access_verifications: [metrics::Counter; 5],
 }
 
-fn sha256(s: &str) -> [u8; 32] {
+pub(crate) fn sha256(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
 }
 
@@ -271,17 +274,20 @@ impl Sessions {
 
     // ---- opening, rotating and ending sessions ----------------------------------
 
-    /// A new session for `user`, whose credentials a use case has just checked;
-    /// `audit` (the login's row) is written with it, naming the session.
+    /// A new session for `user`, whose credentials a use case has just checked,
+    /// authenticated by `amr` now; `audit` (the login's row) is written with it,
+    /// naming the session, in the transaction of the session.
     pub async fn open(
         &self,
         meta: &RequestMeta,
         user: User,
+        amr: &[String],
         audit: AuditEntry,
     ) -> ServiceResult<LoginTokens> {
         let session_id = Uuid::now_v7();
         let refresh = super::random_token();
-        let expires_at = Utc::now() + chrono::Duration::seconds(self.refresh_ttl_secs as i64);
+        let now = Utc::now();
+        let expires_at = now + chrono::Duration::seconds(self.refresh_ttl_secs as i64);
         let mut tx = self.db.begin().await?;
         sessions::create(
             &mut tx,
@@ -292,32 +298,46 @@ impl Sessions {
             meta.user_agent.as_deref(),
         )
         .await?;
+        crate::store::mfa::set_session_auth(&mut tx, session_id, amr, now).await?;
         sessions::insert_refresh_token(&mut tx, session_id, &sha256(&refresh), expires_at).await?;
-        tx.audit(&audit.target("session", session_id).meta(meta))
-            .await?;
+        // Hook (issue 15): `new_sign_in` from an address unseen for 30 days.
+        super::recovery::on_sign_in(&mut tx, user.id, &user.email, meta).await?;
+        tx.audit(
+            &audit
+                .target("session", session_id)
+                .meta(meta)
+                .detail("amr", amr.to_vec()),
+        )
+        .await?;
         tx.commit().await?;
         let live = SessionState::Live {
             user_id: user.id,
             roles: user.roles.clone(),
         };
         self.record(session_id, &live).await;
-        self.tokens_for(user, session_id, refresh)
+        self.tokens_for(user, session_id, refresh, amr, now.timestamp())
     }
 
-    fn tokens_for(
+    /// An access token for the session, saying how and when the user
+    /// authenticated (`amr`, `auth_time`).
+    pub(crate) fn tokens_for(
         &self,
         user: User,
         session_id: Uuid,
         refresh: String,
+        amr: &[String],
+        auth_time: i64,
     ) -> ServiceResult<LoginTokens> {
         let ttl = self.access_ttl_secs;
-        let claims = self.jwt.claims(
+        let mut claims = self.jwt.claims(
             TokenType::Access,
             user.id.to_string(),
             Duration::from_secs(ttl),
             Some(session_id.to_string()),
             None,
         );
+        claims.amr = Some(amr.to_vec());
+        claims.auth_time = Some(auth_time);
         Ok(LoginTokens {
             access_token: self.jwt.sign(&claims).map_err(ServiceError::internal)?,
             refresh_token: refresh,
@@ -368,6 +388,9 @@ impl Sessions {
             .into_user();
         sessions::mark_refresh_used(&mut tx, row.id).await?;
         sessions::touch(&mut tx, row.session_id).await?;
+        let (amr, auth_time) = crate::store::mfa::session_auth_in(&mut tx, row.session_id)
+            .await?
+            .ok_or(ServiceError::InvalidToken)?;
         let refresh = super::random_token();
         sessions::insert_refresh_token(
             &mut tx,
@@ -380,7 +403,7 @@ impl Sessions {
         // The used token no longer works as the session cookie on any replica
         // (also said by the refresh_tokens trigger, for when Redis is down).
         self.invalidation.session_changed(row.session_id).await;
-        self.tokens_for(user, row.session_id, refresh)
+        self.tokens_for(user, row.session_id, refresh, &amr, auth_time.timestamp())
     }
 
     /// A refresh that ends its session (token reuse, idle timeout): revoke and
@@ -447,12 +470,11 @@ impl Sessions {
                 last_seen_at: s.last_seen_at,
                 ip: s.ip,
                 user_agent: s.user_agent,
+                amr: s.amr,
+                auth_time: s.auth_time,
             })
             .collect();
-        Ok(Page {
-            items,
-            next_cursor: None,
-        })
+        Ok(Page::all(items))
     }
 
     /// Ends one of the caller's own sessions; another user's is "not found".

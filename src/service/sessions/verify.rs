@@ -42,6 +42,9 @@ pub struct AccessGrant {
     pub roles: Vec<Role>,
     pub expires_at: i64,
     pub user: Arc<User>,
+    /// The token's `amr` and `auth_time` (issue 14).
+    pub amr: Arc<[String]>,
+    pub auth_time: i64,
 }
 
 impl AccessGrant {
@@ -62,6 +65,8 @@ pub enum TokenVerification {
         accounts: Arc<[AccountAccess]>,
         session_id: Uuid,
         expires_at: i64,
+        amr: Arc<[String]>,
+        auth_time: i64,
     },
     Refused(TokenRefusal),
 }
@@ -73,6 +78,8 @@ pub(super) struct AccessClaims {
     user_id: Uuid,
     session_id: Uuid,
     exp: i64,
+    amr: Arc<[String]>,
+    auth_time: i64,
 }
 
 /// A session cookie (the session's current refresh token) as last read.
@@ -135,6 +142,9 @@ impl Sessions {
             user_id,
             session_id,
             exp: claims.exp,
+            // Tokens signed before amr existed were password logins.
+            amr: claims.amr.unwrap_or_default().into(),
+            auth_time: claims.auth_time.unwrap_or(claims.iat),
         });
         self.token_claims.insert(key, c.clone());
         Ok(c)
@@ -184,6 +194,8 @@ impl Sessions {
                 roles: u.roles.clone(),
                 expires_at: claims.exp,
                 user: u,
+                amr: claims.amr.clone(),
+                auth_time: claims.auth_time,
             }),
             Some(_) => Err(TokenRefusal::UserDisabled),
             None => Err(TokenRefusal::Invalid),
@@ -264,6 +276,8 @@ impl Sessions {
             accounts,
             session_id: grant.session_id,
             expires_at: grant.expires_at,
+            amr: grant.amr,
+            auth_time: grant.auth_time,
         })
     }
 }
@@ -356,6 +370,8 @@ mod rss_probe {
                     user_id: uid,
                     session_id: sid,
                     exp: now_secs() + 900,
+                    amr: Arc::from(Vec::new()),
+                    auth_time: now_secs(),
                 }),
             );
             let _ = s
@@ -376,6 +392,7 @@ mod rss_probe {
                         full_name: format!("User number {i}"),
                         roles: vec![Role::User],
                         status: crate::domain::user::UserStatus::Active,
+                        email_verified: false,
                         created_at: chrono::Utc::now(),
                     })))
                 })

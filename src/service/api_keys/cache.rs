@@ -1,0 +1,218 @@
+//! The verification cache: entries keyed by the key's hash, hits kept past
+//! their fresh time for PostgreSQL outages (stale-while-revalidate), misses
+//! briefly; loads that overlap an invalidation are answered but not cached.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::verify::{KeyInfo, OwnerInfo, VerifiedKey};
+use super::ApiKeyService;
+use crate::crypto::api_key_hash::ApiKeyHasher;
+use crate::domain::api_key::parse_allowed_ip;
+use crate::service::invalidation::Change;
+use crate::service::{ServiceError, ServiceResult};
+use crate::store::api_keys as store;
+
+#[derive(Clone)]
+pub(super) enum CacheEntry {
+    Missing,
+    Key(Arc<VerifiedKey>),
+}
+
+/// Hits are fresh API_KEY_CACHE_TTL_SECONDS and kept CACHE_STALE_SECONDS more
+/// for PostgreSQL outages; misses live API_KEY_NEGATIVE_CACHE_TTL_SECONDS.
+pub(super) struct EntryExpiry {
+    pub(super) hit: Duration,
+    pub(super) miss: Duration,
+}
+
+impl moka::Expiry<[u8; 32], CacheEntry> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &CacheEntry,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(match value {
+            CacheEntry::Missing => self.miss,
+            CacheEntry::Key(_) => self.hit,
+        })
+    }
+}
+
+enum LoadError {
+    /// Loaded while an invalidation ran: answer with it, but do not cache it.
+    Stale(CacheEntry),
+    Failed(ServiceError),
+}
+
+impl ApiKeyService {
+    pub(super) async fn lookup(&self, hash: [u8; 32]) -> ServiceResult<CacheEntry> {
+        // The common case first: a plain get is cheaper than try_get_with's
+        // coalescing machinery, and tells a hit from a miss for the metrics.
+        if let Some(entry) = self.verified.get(&hash).await {
+            match &entry {
+                CacheEntry::Key(k) if k.loaded_at.elapsed() > self.fresh => {
+                    return self.revalidate(hash, entry).await;
+                }
+                _ => {
+                    self.counters.cache_hits.increment(1);
+                    return Ok(entry);
+                }
+            }
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let loaded = self
+            .verified
+            .try_get_with(hash, async {
+                self.counters.cache_misses.increment(1);
+                let _permit = self
+                    .miss_permits
+                    .acquire()
+                    .await
+                    .map_err(|e| LoadError::Failed(ServiceError::internal(e)))?;
+                let entry = self.load(&hash).await.map_err(LoadError::Failed)?;
+                if self.epoch.load(Ordering::SeqCst) != epoch {
+                    return Err(LoadError::Stale(entry));
+                }
+                Ok(entry)
+            })
+            .await;
+        match loaded {
+            Ok(e) => Ok(e),
+            Err(err) => match &*err {
+                LoadError::Stale(e) => Ok(e.clone()),
+                LoadError::Failed(ServiceError::Unavailable(m)) => {
+                    Err(ServiceError::Unavailable(m.clone()))
+                }
+                LoadError::Failed(e) => Err(ServiceError::Internal(anyhow::anyhow!("{e:#}"))),
+            },
+        }
+    }
+
+    /// A hit past its fresh time: read again, or, while PostgreSQL is
+    /// unreachable, answer the stale copy within its bound. An invalidation
+    /// removes the entry, so a revoked key never gets here.
+    async fn revalidate(&self, hash: [u8; 32], stale: CacheEntry) -> ServiceResult<CacheEntry> {
+        let servable = |e: &CacheEntry| matches!(e, CacheEntry::Key(k) if k.loaded_at.elapsed() <= self.fresh + self.stale);
+        let serve_stale = |e: CacheEntry| {
+            metrics::counter!("cache_stale_served_total", "cache" => "api_keys").increment(1);
+            Ok(e)
+        };
+        let claimed = self.probe.claim();
+        if !claimed && servable(&stale) {
+            return serve_stale(stale);
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let loaded = self.load(&hash).await;
+        if claimed {
+            match &loaded {
+                Err(ServiceError::Unavailable(_)) => self.probe.failed(),
+                _ => self.probe.succeeded(),
+            }
+        }
+        match loaded {
+            Ok(entry) => {
+                if self.epoch.load(Ordering::SeqCst) == epoch {
+                    self.verified.insert(hash, entry.clone()).await;
+                }
+                Ok(entry)
+            }
+            Err(ServiceError::Unavailable(m)) => {
+                if self.epoch.load(Ordering::SeqCst) == epoch && servable(&stale) {
+                    serve_stale(stale)
+                } else {
+                    Err(ServiceError::Unavailable(m))
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn load(&self, hash: &[u8; 32]) -> ServiceResult<CacheEntry> {
+        self.db_lookups.fetch_add(1, Ordering::Relaxed);
+        let Some(row) = store::find_by_hash(&self.db, hash).await? else {
+            return Ok(CacheEntry::Missing);
+        };
+        // The index found it; confirm without a timing side channel anyway.
+        if !ApiKeyHasher::matches(&row.key.key_hash, hash) {
+            return Ok(CacheEntry::Missing);
+        }
+        let key = row.key;
+        let usable = key.revoked_at.is_none() && row.user_status == "active";
+        let (user_scopes, accounts) = if usable {
+            (
+                self.policy.user_scopes(key.user_id).await?,
+                self.accounts.accounts_of(key.user_id).await?,
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let scopes = key
+            .scopes
+            .iter()
+            .filter(|s| user_scopes.contains(s))
+            .cloned()
+            .collect();
+        let accounts = accounts
+            .into_iter()
+            .filter(|a| {
+                key.trading_account_ids.is_empty()
+                    || key.trading_account_ids.contains(&a.account.id)
+            })
+            .collect();
+        Ok(CacheEntry::Key(Arc::new(VerifiedKey {
+            key: KeyInfo {
+                id: key.id,
+                name: key.name,
+                prefix: key.prefix,
+                scopes,
+                expires_at: key.expires_at,
+                allowed_ips: key
+                    .allowed_ips
+                    .iter()
+                    .filter_map(|s| parse_allowed_ip(s))
+                    .collect(),
+                trading_account_ids: key.trading_account_ids,
+                rate_limit_per_minute: key.rate_limit_per_minute,
+                revoked: key.revoked_at.is_some(),
+            },
+            user: OwnerInfo {
+                id: key.user_id,
+                email: row.user_email,
+                full_name: row.user_full_name,
+                roles: crate::domain::user::Role::from_names(&row.user_roles),
+                status: row.user_status,
+                email_verified: row.user_email_verified,
+                created_at: row.user_created_at,
+            },
+            accounts,
+            loaded_at: Instant::now(),
+        })))
+    }
+}
+
+pub(super) fn drop_matching(cache: &moka::future::Cache<[u8; 32], CacheEntry>, change: Change) {
+    let dropped = match change {
+        Change::Everything => {
+            cache.invalidate_all();
+            return;
+        }
+        // Nothing a key grants: its cached owner name may lag by the cache TTL.
+        Change::Session(_) | Change::Profile(_) => return,
+        Change::ApiKey(id) => cache.invalidate_entries_if(
+            move |_, e| matches!(e, CacheEntry::Key(k) if k.key.id == id),
+        ),
+        Change::User(id) => cache.invalidate_entries_if(
+            move |_, e| matches!(e, CacheEntry::Key(k) if k.user.id == id),
+        ),
+        Change::Account(id) => cache.invalidate_entries_if(move |_, e| {
+            matches!(e, CacheEntry::Key(k)
+                if k.key.trading_account_ids.contains(&id) || k.accounts.iter().any(|a| a.account.id == id))
+        }),
+    };
+    if dropped.is_err() {
+        cache.invalidate_all();
+    }
+}

@@ -1,0 +1,121 @@
+//! API keys: issue, list, revoke, rotate, usage; and verification, the platform's
+//! hottest path. Verification results live in an in-process cache keyed by the
+//! key's hash (misses, cached briefly, included), dropped on every replica through
+//! the invalidation bus; usage goes through a bounded buffer flushed in batches.
+//!
+//! `verify` holds the rules a presented key meets, `cache` the verification
+//! cache, `manage` the owner's use cases; this file the service.
+
+mod cache;
+mod manage;
+mod verify;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use cache::{drop_matching, CacheEntry, EntryExpiry};
+pub use manage::{IssuedKey, KeyView, UsageItem};
+use verify::VerifyCounters;
+pub use verify::{KeyInfo, OwnerInfo, VerifiedKey, VerifyFailure, VerifyRequest};
+
+use super::accounts::AccountsService;
+use super::api_key_usage::UsageBuffer;
+use super::invalidation::Invalidation;
+use super::policy::PolicyEngine;
+use crate::config::{Environment, Settings};
+use crate::crypto::api_key_hash::ApiKeyHasher;
+use crate::store::{Cache, Db};
+
+pub struct ApiKeyService {
+    db: Db,
+    policy: PolicyEngine,
+    accounts: AccountsService,
+    redis: Cache,
+    env: Environment,
+    hasher: ApiKeyHasher,
+    invalidation: Invalidation,
+    verified: moka::future::Cache<[u8; 32], CacheEntry>,
+    /// Bumped by every invalidation; a load that overlaps one is not cached.
+    epoch: Arc<AtomicU64>,
+    usage: Arc<UsageBuffer>,
+    /// Misses may use at most half the pool, so a flood of made-up (but
+    /// well-formed) keys cannot starve everything else of connections.
+    miss_permits: Semaphore,
+    db_lookups: AtomicU64,
+    /// Per-replica rate-limit counters, used only while Redis is unreachable.
+    local_windows: moka::sync::Cache<Uuid, Arc<AtomicU64>>,
+    counters: VerifyCounters,
+    /// A hit older than this is read again; if PostgreSQL is unreachable it is
+    /// still answered until `fresh + stale` (revocations received still apply).
+    fresh: Duration,
+    stale: Duration,
+    /// One stale reload at a time, none for a second after a failure.
+    probe: super::swr::Probe,
+}
+
+impl ApiKeyService {
+    pub fn new(
+        settings: &Settings,
+        db: Db,
+        redis: Cache,
+        invalidation: Invalidation,
+        policy: PolicyEngine,
+        accounts: AccountsService,
+    ) -> Self {
+        let fresh = Duration::from_secs(settings.api_key_cache_ttl_seconds);
+        let stale = Duration::from_secs(settings.cache_stale_seconds);
+        // TinyLFU admission keeps a flood of one-off misses from evicting the
+        // keys in real use.
+        let verified = moka::future::Cache::builder()
+            .max_capacity(settings.api_key_cache_capacity)
+            .expire_after(EntryExpiry {
+                hit: fresh + stale,
+                miss: Duration::from_secs(settings.api_key_negative_cache_ttl_seconds),
+            })
+            .support_invalidation_closures()
+            .build();
+        let epoch = Arc::new(AtomicU64::new(0));
+        {
+            let (verified, epoch) = (verified.clone(), epoch.clone());
+            invalidation.on_change(move |change| {
+                epoch.fetch_add(1, Ordering::SeqCst);
+                drop_matching(&verified, change);
+            });
+        }
+        Self {
+            db,
+            policy,
+            accounts,
+            redis,
+            env: settings.app_env,
+            hasher: ApiKeyHasher::new(settings.api_key_hash_secret.as_ref()),
+            invalidation,
+            verified,
+            epoch,
+            usage: UsageBuffer::new(settings.usage_log_buffer_capacity),
+            miss_permits: Semaphore::new((settings.database_max_connections as usize / 2).max(1)),
+            db_lookups: AtomicU64::new(0),
+            local_windows: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+            counters: VerifyCounters::new(),
+            fresh,
+            stale,
+            probe: Default::default(),
+        }
+    }
+
+    pub fn usage_buffer(&self) -> &Arc<UsageBuffer> {
+        &self.usage
+    }
+
+    /// How many times verification went to PostgreSQL (cache misses that loaded).
+    pub fn db_lookups(&self) -> u64 {
+        self.db_lookups.load(Ordering::Relaxed)
+    }
+}
