@@ -110,7 +110,6 @@ impl Services {
             lockout,
             throttle,
             invalidation.clone(),
-            mfa.step_up.clone(),
         ));
         let service_clients = Arc::new(ServiceClients::new(settings, db.clone(), hasher, jwt));
         let policy = PolicyEngine::new(db.clone(), &invalidation);

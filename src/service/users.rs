@@ -129,16 +129,15 @@ impl Users {
         lockout: Arc<Lockout>,
         throttle: Arc<Throttle>,
         invalidation: Invalidation,
-        step_up: StepUp,
     ) -> Self {
         Self {
+            step_up: StepUp::new(db.clone(), settings),
             db,
             hasher,
             sessions,
             lockout,
             throttle,
             invalidation,
-            step_up,
             settings: settings.clone(),
             password_min_length: settings.password_min_length,
             registration_enabled: settings.registration_enabled(),

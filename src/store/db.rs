@@ -16,7 +16,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone)]
 pub struct Db {
     // pub(crate) until every service file reads through store functions.
-    pub(crate) pool: PgPool,
+    pub(super) pool: PgPool,
 }
 
 impl Db {
