@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 /// A role a user may hold (DESIGN §9; the `roles` table's names). Ordered as
 /// their names sort, the order a user's roles are listed in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Admin,
@@ -53,7 +53,7 @@ impl fmt::Display for Role {
 
 /// `users_status_check`: a disabled user can neither log in nor use a token,
 /// a session or an API key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UserStatus {
     Active,

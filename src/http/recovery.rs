@@ -1,5 +1,5 @@
 //! Email verification, password reset and email change (DESIGN.md section 8):
-//! translate, call `Identity`.
+//! translate, call `Users`.
 
 use axum::extract::State;
 use axum::http::StatusCode;

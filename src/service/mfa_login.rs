@@ -2,7 +2,7 @@
 //! password earns when the user has a second factor (single use, 300 s), its
 //! completion with a factor (`POST /v1/auth/mfa`), and a session's fresh second
 //! factor (`POST /v1/auth/step-up`). Wrong second factors count toward the same
-//! lockout as wrong passwords (`Identity::check_guarded`), and the count
+//! lockout as wrong passwords (`Lockout::check_guarded`), and the count
 //! resets only when a login completes.
 //!
 //! The pub API other factors plug into (passkeys): `MfaService::pending_user`

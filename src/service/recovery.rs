@@ -36,7 +36,7 @@ use crate::domain::password::Password;
 use crate::domain::recovery::{is_link_token, Template, TokenPurpose, SIGN_IN_MEMORY};
 use crate::domain::session::RevocationReason;
 use crate::domain::user::UserStatus;
-use crate::store::{audit, recovery as store, sessions, users, Db, Tx};
+use crate::store::{recovery as store, sessions, users, Db, Tx};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -236,8 +236,7 @@ impl Users {
                 AuditEntry::new("user.email.verified", Outcome::Success)
             }
         };
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &entry
                 .actor("user", t.user_id)
                 .target("user", t.user_id)
@@ -278,8 +277,7 @@ impl Users {
             TokenPurpose::VerifyEmail,
         )
         .await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("user.email.verification_sent", Outcome::Success)
                 .by(caller)
                 .target("user", user_id)
@@ -371,8 +369,7 @@ impl Users {
         // The link reached its address: that proves the address (as Kratos does).
         let verified = store::set_email_verified(&mut tx, used.user_id, &used.email).await?;
         notify(&mut tx, Template::PasswordChanged, used.user_id, json!({})).await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("user.password.reset", Outcome::Success)
                 .actor("user", used.user_id)
                 .target("user", used.user_id)
@@ -410,8 +407,7 @@ impl Users {
             TokenPurpose::ResetPassword,
         )
         .await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("user.password_reset.issued", Outcome::Success)
                 .by(caller)
                 .target("user", user_id)
@@ -495,8 +491,7 @@ impl Users {
             TokenPurpose::ChangeEmail,
         )
         .await?;
-        audit::insert(
-            &mut tx,
+        tx.audit(
             &AuditEntry::new("user.email.change_requested", Outcome::Success)
                 .by(caller)
                 .target("user", user_id)
@@ -511,7 +506,7 @@ impl Users {
     async fn audit_alone_recovery(&self, entry: AuditEntry) {
         let r = async {
             let mut tx = self.db.begin().await?;
-            audit::insert(&mut tx, &entry).await?;
+            tx.audit(&entry).await?;
             tx.commit().await
         }
         .await;
@@ -559,7 +554,7 @@ async fn issue_reset(
             ..entry.detail("reason", "unknown_email")
         },
     };
-    audit::insert(&mut tx, &entry).await?;
+    tx.audit(&entry).await?;
     tx.commit().await?;
     Ok(())
 }

@@ -1,7 +1,6 @@
 //! Users moved in from the FastAPI user_service (`admin import-users`), and the
 //! replacement of their legacy password hashes after their first login.
 
-use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{Db, StoreResult, Tx};
@@ -47,7 +46,7 @@ pub async fn email_taken(db: &Db, email: &str) -> StoreResult<bool> {
 /// Replaces the user's password hash if it is still `old`: a password changed
 /// meanwhile is never overwritten. True when replaced.
 pub async fn replace_password_hash(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     id: Uuid,
     old: &str,
     new: &str,
@@ -59,7 +58,7 @@ pub async fn replace_password_hash(
     .bind(id)
     .bind(old)
     .bind(new)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?
     .rows_affected()
         == 1)

@@ -3,10 +3,9 @@
 //! second step of logins (`mfa_challenges`) and each session's `amr`/`auth_time`.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{Db, StoreResult};
+use super::{Db, StoreResult, Tx};
 use crate::domain::mfa::Factors;
 
 /// What a user holds, in one query.
@@ -50,20 +49,17 @@ pub async fn totp(db: &Db, user_id: Uuid) -> StoreResult<Option<TotpRow>> {
 }
 
 /// Locks the row (confirmation, re-encryption).
-pub async fn totp_for_update(
-    conn: &mut PgConnection,
-    user_id: Uuid,
-) -> StoreResult<Option<TotpRow>> {
+pub async fn totp_for_update(tx: &mut Tx, user_id: Uuid) -> StoreResult<Option<TotpRow>> {
     Ok(sqlx::query_as(&format!("{TOTP_SELECT} for update"))
         .bind(user_id)
-        .fetch_optional(conn)
+        .fetch_optional(&mut **tx)
         .await?)
 }
 
 /// Stores a pending enrolment, replacing an earlier pending one; answers false
 /// (nothing written) when the user's TOTP is already confirmed.
 pub async fn put_pending_totp(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     user_id: Uuid,
     ciphertext: &[u8],
     key_id: &str,
@@ -79,21 +75,21 @@ pub async fn put_pending_totp(
     .bind(user_id)
     .bind(ciphertext)
     .bind(key_id)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?
     .rows_affected();
     Ok(n > 0)
 }
 
 /// Activates a pending enrolment whose first code matched `step`.
-pub async fn confirm_totp(conn: &mut PgConnection, user_id: Uuid, step: i64) -> StoreResult<bool> {
+pub async fn confirm_totp(tx: &mut Tx, user_id: Uuid, step: i64) -> StoreResult<bool> {
     let n = sqlx::query(
         "update user_totp set confirmed_at = now(), last_used_step = $2, updated_at = now()
           where user_id = $1 and confirmed_at is null",
     )
     .bind(user_id)
     .bind(step)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?
     .rows_affected();
     Ok(n > 0)
@@ -101,11 +97,7 @@ pub async fn confirm_totp(conn: &mut PgConnection, user_id: Uuid, step: i64) -> 
 
 /// Records that a code of `step` was accepted, only if no code of this step or a
 /// later one was: of two requests racing with one code, exactly one wins.
-pub async fn accept_totp_step(
-    conn: &mut PgConnection,
-    user_id: Uuid,
-    step: i64,
-) -> StoreResult<bool> {
+pub async fn accept_totp_step(tx: &mut Tx, user_id: Uuid, step: i64) -> StoreResult<bool> {
     let n = sqlx::query(
         "update user_totp set last_used_step = $2, updated_at = now()
           where user_id = $1 and confirmed_at is not null
@@ -113,19 +105,19 @@ pub async fn accept_totp_step(
     )
     .bind(user_id)
     .bind(step)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?
     .rows_affected();
     Ok(n > 0)
 }
 
 /// Removes the user's TOTP (pending or confirmed); answers whether one was confirmed.
-pub async fn delete_totp(conn: &mut PgConnection, user_id: Uuid) -> StoreResult<bool> {
+pub async fn delete_totp(tx: &mut Tx, user_id: Uuid) -> StoreResult<bool> {
     let confirmed: Option<bool> = sqlx::query_scalar(
         "delete from user_totp where user_id = $1 returning confirmed_at is not null",
     )
     .bind(user_id)
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?;
     Ok(confirmed.unwrap_or(false))
 }
@@ -141,7 +133,7 @@ pub async fn totp_sealed_with_other_key(db: &Db, active_kid: &str) -> StoreResul
 }
 
 pub async fn reseal_totp(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     user_id: Uuid,
     ciphertext: &[u8],
     key_id: &str,
@@ -152,7 +144,7 @@ pub async fn reseal_totp(
     .bind(user_id)
     .bind(ciphertext)
     .bind(key_id)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
@@ -161,13 +153,13 @@ pub async fn reseal_totp(
 
 /// Replaces the user's recovery codes with these hashes.
 pub async fn replace_recovery_codes(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     user_id: Uuid,
     hashes: &[[u8; 32]],
 ) -> StoreResult<()> {
     sqlx::query("delete from user_recovery_codes where user_id = $1")
         .bind(user_id)
-        .execute(&mut *conn)
+        .execute(&mut **tx)
         .await?;
     let ids: Vec<Uuid> = hashes.iter().map(|_| Uuid::now_v7()).collect();
     let hashes: Vec<Vec<u8>> = hashes.iter().map(|h| h.to_vec()).collect();
@@ -178,34 +170,30 @@ pub async fn replace_recovery_codes(
     .bind(&ids)
     .bind(user_id)
     .bind(&hashes)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
 /// Spends one unused code; false when there is no such unused code.
-pub async fn use_recovery_code(
-    conn: &mut PgConnection,
-    user_id: Uuid,
-    hash: &[u8; 32],
-) -> StoreResult<bool> {
+pub async fn use_recovery_code(tx: &mut Tx, user_id: Uuid, hash: &[u8; 32]) -> StoreResult<bool> {
     let n = sqlx::query(
         "update user_recovery_codes set used_at = now()
           where user_id = $1 and code_hash = $2 and used_at is null",
     )
     .bind(user_id)
     .bind(hash.as_slice())
-    .execute(conn)
+    .execute(&mut **tx)
     .await?
     .rows_affected();
     Ok(n > 0)
 }
 
-pub async fn delete_recovery_codes(conn: &mut PgConnection, user_id: Uuid) -> StoreResult<u64> {
+pub async fn delete_recovery_codes(tx: &mut Tx, user_id: Uuid) -> StoreResult<u64> {
     Ok(
         sqlx::query("delete from user_recovery_codes where user_id = $1")
             .bind(user_id)
-            .execute(conn)
+            .execute(&mut **tx)
             .await?
             .rows_affected(),
     )
@@ -234,13 +222,13 @@ pub struct NewChallenge<'a> {
 }
 
 /// Stores a challenge; the user's dead ones go at the same time.
-pub async fn insert_challenge(conn: &mut PgConnection, c: &NewChallenge<'_>) -> StoreResult<()> {
+pub async fn insert_challenge(tx: &mut Tx, c: &NewChallenge<'_>) -> StoreResult<()> {
     sqlx::query(
         "delete from mfa_challenges
           where user_id = $1 and (expires_at <= now() or used_at is not null)",
     )
     .bind(c.user_id)
-    .execute(&mut *conn)
+    .execute(&mut **tx)
     .await?;
     sqlx::query(
         "insert into mfa_challenges (id, token_hash, user_id, amr, expires_at, ip, user_agent)
@@ -253,7 +241,7 @@ pub async fn insert_challenge(conn: &mut PgConnection, c: &NewChallenge<'_>) -> 
     .bind(c.expires_at)
     .bind(&c.ip)
     .bind(c.user_agent)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
@@ -269,13 +257,13 @@ pub async fn challenge(db: &Db, token_hash: &[u8]) -> StoreResult<Option<Challen
 }
 
 /// Uses a challenge up: true for exactly one caller, and only while it is live.
-pub async fn consume_challenge(conn: &mut PgConnection, id: Uuid) -> StoreResult<bool> {
+pub async fn consume_challenge(tx: &mut Tx, id: Uuid) -> StoreResult<bool> {
     let n = sqlx::query(
         "update mfa_challenges set used_at = now()
           where id = $1 and used_at is null and expires_at > now()",
     )
     .bind(id)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?
     .rows_affected();
     Ok(n > 0)
@@ -301,20 +289,20 @@ pub async fn session_auth(
 
 /// The same, inside a transaction (a refresh carries them into the new token).
 pub async fn session_auth_in(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     session_id: Uuid,
 ) -> StoreResult<Option<(Vec<String>, DateTime<Utc>)>> {
     Ok(
         sqlx::query_as("select amr, auth_time from sessions where id = $1")
             .bind(session_id)
-            .fetch_optional(conn)
+            .fetch_optional(&mut **tx)
             .await?,
     )
 }
 
 /// A live session of `user_id`, locked (a step-up): its `amr` and expiry.
 pub async fn live_session_for_update(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     session_id: Uuid,
     user_id: Uuid,
 ) -> StoreResult<Option<(Vec<String>, DateTime<Utc>)>> {
@@ -325,12 +313,12 @@ pub async fn live_session_for_update(
     )
     .bind(session_id)
     .bind(user_id)
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?)
 }
 
 pub async fn set_session_auth(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     session_id: Uuid,
     amr: &[String],
     auth_time: DateTime<Utc>,
@@ -339,7 +327,7 @@ pub async fn set_session_auth(
         .bind(session_id)
         .bind(amr)
         .bind(auth_time)
-        .execute(conn)
+        .execute(&mut **tx)
         .await?;
     Ok(())
 }

@@ -2,10 +2,9 @@
 //! causes them, claimed by the dispatchers with `FOR UPDATE SKIP LOCKED`.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{Db, StoreResult};
+use super::{Db, StoreResult, Tx};
 
 /// A message waiting for delivery, as the dispatcher reads it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -20,7 +19,7 @@ pub struct OutboxRow {
 }
 
 pub async fn insert(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     id: Uuid,
     template: &str,
     recipient: &str,
@@ -36,14 +35,14 @@ pub async fn insert(
     .bind(recipient)
     .bind(user_id)
     .bind(data)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
 /// Due messages, oldest first, locked for the rest of the transaction; rows
 /// another dispatcher holds are skipped, so no message is in flight twice.
-pub async fn claim_due(conn: &mut PgConnection, limit: i64) -> StoreResult<Vec<OutboxRow>> {
+pub async fn claim_due(tx: &mut Tx, limit: i64) -> StoreResult<Vec<OutboxRow>> {
     Ok(sqlx::query_as::<_, OutboxRow>(
         "select id, template, recipient, user_id, data, attempts, created_at
            from notification_outbox
@@ -53,7 +52,7 @@ pub async fn claim_due(conn: &mut PgConnection, limit: i64) -> StoreResult<Vec<O
           for update skip locked",
     )
     .bind(limit)
-    .fetch_all(conn)
+    .fetch_all(&mut **tx)
     .await?)
 }
 
@@ -61,7 +60,7 @@ pub async fn claim_due(conn: &mut PgConnection, limit: i64) -> StoreResult<Vec<O
 /// token stays in the outbox only while it may still be sent.
 const SECRET_KEYS: [&str; 2] = ["link", "token"];
 
-pub async fn mark_delivered(conn: &mut PgConnection, id: Uuid) -> StoreResult<()> {
+pub async fn mark_delivered(tx: &mut Tx, id: Uuid) -> StoreResult<()> {
     sqlx::query(
         "update notification_outbox
             set status = 'delivered', attempts = attempts + 1, delivered_at = now(),
@@ -70,18 +69,13 @@ pub async fn mark_delivered(conn: &mut PgConnection, id: Uuid) -> StoreResult<()
     )
     .bind(id)
     .bind(&SECRET_KEYS[..])
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
 /// A failed attempt: try again after `retry_in_ms`.
-pub async fn mark_retry(
-    conn: &mut PgConnection,
-    id: Uuid,
-    retry_in_ms: i64,
-    error: &str,
-) -> StoreResult<()> {
+pub async fn mark_retry(tx: &mut Tx, id: Uuid, retry_in_ms: i64, error: &str) -> StoreResult<()> {
     sqlx::query(
         "update notification_outbox
             set attempts = attempts + 1, last_error = $3,
@@ -91,13 +85,13 @@ pub async fn mark_retry(
     .bind(id)
     .bind(retry_in_ms)
     .bind(error)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
 /// The last attempt failed: the message is dead and keeps no token.
-pub async fn mark_dead(conn: &mut PgConnection, id: Uuid, error: &str) -> StoreResult<()> {
+pub async fn mark_dead(tx: &mut Tx, id: Uuid, error: &str) -> StoreResult<()> {
     sqlx::query(
         "update notification_outbox
             set status = 'dead', attempts = attempts + 1, last_error = $2,
@@ -107,7 +101,7 @@ pub async fn mark_dead(conn: &mut PgConnection, id: Uuid, error: &str) -> StoreR
     .bind(id)
     .bind(error)
     .bind(&SECRET_KEYS[..])
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }

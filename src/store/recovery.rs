@@ -2,10 +2,9 @@
 //! addresses users signed in from.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{Db, StoreResult};
+use super::{Db, StoreResult, Tx};
 
 /// A token that was live (unused, unexpired) when it was consumed.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -25,7 +24,7 @@ pub struct LiveToken {
 }
 
 pub async fn insert_token(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     user_id: Uuid,
     purpose: &str,
     token_hash: &[u8],
@@ -42,7 +41,7 @@ pub async fn insert_token(
     .bind(token_hash)
     .bind(email)
     .bind(expires_at)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
@@ -65,7 +64,7 @@ pub async fn live_token(
 
 /// Uses the token once: of two concurrent confirmations exactly one gets it.
 pub async fn consume_token(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     token_hash: &[u8],
     purposes: &[&str],
 ) -> StoreResult<Option<ConsumedToken>> {
@@ -76,24 +75,20 @@ pub async fn consume_token(
     )
     .bind(token_hash)
     .bind(purposes)
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?)
 }
 
 /// Ends every live token of the user for these purposes (a reset done, an address
 /// changed: links sent earlier must not work any more).
-pub async fn revoke_tokens(
-    conn: &mut PgConnection,
-    user_id: Uuid,
-    purposes: &[&str],
-) -> StoreResult<u64> {
+pub async fn revoke_tokens(tx: &mut Tx, user_id: Uuid, purposes: &[&str]) -> StoreResult<u64> {
     Ok(sqlx::query(
         "update user_tokens set used_at = now()
           where user_id = $1 and purpose = any($2) and used_at is null",
     )
     .bind(user_id)
     .bind(purposes)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?
     .rows_affected())
 }
@@ -110,18 +105,14 @@ pub async fn email_verified(db: &Db, user_id: Uuid) -> StoreResult<Option<bool>>
 }
 
 /// Marks the address verified, if it is still the user's address.
-pub async fn set_email_verified(
-    conn: &mut PgConnection,
-    user_id: Uuid,
-    email: &str,
-) -> StoreResult<bool> {
+pub async fn set_email_verified(tx: &mut Tx, user_id: Uuid, email: &str) -> StoreResult<bool> {
     Ok(sqlx::query(
         "update users set email_verified = true, updated_at = now()
           where id = $1 and lower(email) = lower($2)",
     )
     .bind(user_id)
     .bind(email)
-    .execute(conn)
+    .execute(&mut **tx)
     .await?
     .rows_affected()
         == 1)
@@ -130,14 +121,14 @@ pub async fn set_email_verified(
 /// Moves the user to a new, verified address; returns the old one. A clash with
 /// another user's address is `Taken { field: "email" }`.
 pub async fn change_email(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     user_id: Uuid,
     new_email: &str,
 ) -> StoreResult<Option<String>> {
     let old: Option<String> =
         sqlx::query_scalar("select email from users where id = $1 for update")
             .bind(user_id)
-            .fetch_optional(&mut *conn)
+            .fetch_optional(&mut **tx)
             .await?;
     if old.is_some() {
         sqlx::query(
@@ -145,7 +136,7 @@ pub async fn change_email(
         )
         .bind(user_id)
         .bind(new_email)
-        .execute(&mut *conn)
+        .execute(&mut **tx)
         .await?;
     }
     Ok(old)
@@ -165,7 +156,7 @@ pub async fn email_taken(db: &Db, email: &str, except: Uuid) -> StoreResult<bool
 /// Records a sign-in from `ip`; true when the address was not seen for this
 /// user within `memory_secs` (or never).
 pub async fn record_sign_in_ip(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     user_id: Uuid,
     ip: &str,
     memory_secs: i64,
@@ -178,7 +169,7 @@ pub async fn record_sign_in_ip(
     )
     .bind(user_id)
     .bind(ip)
-    .fetch_optional(conn)
+    .fetch_optional(&mut **tx)
     .await?;
     let seen = previous
         .flatten()
