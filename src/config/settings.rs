@@ -159,7 +159,7 @@ settings_table! {
 
         /// Base URL of the web app that links in emails point under
         /// (`{PUBLIC_APP_URL}/verify-email?token=…`); unset, the environment's own.
-        public_app_url: Option<String>;
+        public_app_url: Option<String>, shown(|s| s.public_app_url());
         /// Bearer token sent to the alert service, when it wants one.
         alert_service_token: Option<SecretString>, secret;
         /// `http` (POST to ALERT_SERVICE_URL) or `log` (the message, link included,

@@ -85,6 +85,11 @@ pub struct SessionView {
     user_agent: Option<String>,
     /// The session this request was made with.
     current: bool,
+    /// How the session was authenticated (RFC 8176 values: `pwd`, `otp`, `rc`,
+    /// `hwk`, and `mfa` when two factors were used).
+    amr: Vec<String>,
+    /// When the user last authenticated in this session (login or step-up).
+    auth_time: DateTime<Utc>,
 }
 
 impl From<crate::service::sessions::SessionView> for SessionView {
@@ -96,6 +101,8 @@ impl From<crate::service::sessions::SessionView> for SessionView {
             ip: s.ip,
             user_agent: s.user_agent,
             current: s.current,
+            amr: s.amr,
+            auth_time: s.auth_time,
         }
     }
 }

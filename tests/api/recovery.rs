@@ -388,9 +388,15 @@ async fn a_reset_request_answers_the_same_for_unknown_addresses() {
     diffs.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = diffs[diffs.len() / 2];
     println!("password-reset request: median known - unknown = {median:.2} ms");
+    // The bound: a quarter of the spread between the 20th and 80th percentile of
+    // the differences, at least 3 ms. Per-address work (a lookup, a token, an
+    // audit row in the request) shows as a shift well beyond it; a loaded machine
+    // widens the spread and the bound with it.
+    let spread = diffs[diffs.len() * 4 / 5] - diffs[diffs.len() / 5];
+    let bound = (spread / 4.0).max(3.0);
     assert!(
-        median.abs() < 3.0,
-        "known - unknown = {median:.2} ms: {diffs:?}"
+        median.abs() < bound,
+        "known - unknown = {median:.2} ms (bound {bound:.2} ms): {diffs:?}"
     );
 
     receiver.message("password_reset", &known).await;
