@@ -46,6 +46,8 @@ pub struct AppInner {
     pub api_keys: crate::service::api_keys::ApiKeyService,
     /// Invitations to trading accounts: membership only with the invitee's consent.
     pub invitations: crate::service::invitations::InvitationsService,
+    /// Passkeys (WebAuthn): registration, passwordless login, second factor.
+    pub passkeys: crate::service::passkeys::PasskeyService,
 }
 
 impl Deref for AppState {
@@ -107,6 +109,7 @@ impl App {
             policy.clone(),
             accounts.clone(),
         );
+        let passkeys = crate::service::passkeys::PasskeyService::new(&settings, db.clone())?;
         let state = AppState(Arc::new(AppInner {
             settings,
             db,
@@ -120,6 +123,7 @@ impl App {
             invalidation,
             api_keys,
             invitations,
+            passkeys,
         }));
         state
             .invalidation

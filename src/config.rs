@@ -325,6 +325,20 @@ pub struct Settings {
     /// how often session activity is recorded, hence at most 30.
     #[serde(default = "default_token_cache_ttl")]
     pub token_cache_ttl_seconds: u64,
+
+    // ---- passkeys (issue 14) ----
+    /// The WebAuthn relying-party id: the domain passkeys are bound to. It can
+    /// never change without orphaning every registered passkey.
+    #[serde(default = "default_webauthn_rp_id")]
+    pub webauthn_rp_id: String,
+    /// Comma-separated origins (scheme, host, port) a ceremony may come from;
+    /// unset: the CORS origins.
+    #[serde(default)]
+    pub webauthn_origins: String,
+}
+
+fn default_webauthn_rp_id() -> String {
+    "localhost".into()
 }
 
 fn default_token_cache_ttl() -> u64 {
@@ -741,6 +755,21 @@ impl Settings {
             .collect()
     }
 
+    /// WEBAUTHN_ORIGINS, or the CORS origins when it is unset.
+    pub fn webauthn_origins(&self) -> Vec<String> {
+        let list: Vec<String> = self
+            .webauthn_origins
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if list.is_empty() {
+            self.cors_origins()
+        } else {
+            list
+        }
+    }
+
     /// Session cookie name: `__Host-` prefixed whenever the cookie is Secure.
     pub fn session_cookie_name(&self) -> &'static str {
         if self.session_cookie_secure {
@@ -809,6 +838,11 @@ impl Settings {
             p.push("SESSION_COOKIE_SAMESITE=none requires SESSION_COOKIE_SECURE=true".into());
         }
         p.extend(self.key_material_problems());
+        p.extend(crate::domain::passkey::origin_problems(
+            &self.webauthn_rp_id,
+            &self.webauthn_origins(),
+            self.app_env != Environment::Development,
+        ));
         if self.app_env == Environment::Development {
             return p;
         }
@@ -1139,6 +1173,9 @@ impl Settings {
                 "TOKEN_CACHE_TTL_SECONDS",
                 self.token_cache_ttl_seconds.to_string(),
             ),
+            // ---- passkeys ----
+            ("WEBAUTHN_RP_ID", self.webauthn_rp_id.clone()),
+            ("WEBAUTHN_ORIGINS", self.webauthn_origins().join(",")),
         ]
     }
 }

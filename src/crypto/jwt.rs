@@ -44,6 +44,12 @@ pub struct Claims {
     /// Space-separated scopes of a service token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    /// How the user authenticated (RFC 8176 values, DESIGN §8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amr: Option<Vec<String>>,
+    /// When the user last authenticated, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_time: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -155,6 +161,8 @@ impl JwtKeys {
             sid,
             token_type,
             scope,
+            amr: None,
+            auth_time: None,
         }
     }
 

@@ -7,6 +7,7 @@ pub mod email;
 pub mod invitation;
 pub mod lockout;
 pub mod network;
+pub mod passkey;
 pub mod password;
 pub mod policy;
 pub mod scope;

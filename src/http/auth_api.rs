@@ -75,7 +75,7 @@ pub struct LoginBody {
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
-struct TokenPair {
+pub(super) struct TokenPair {
     access_token: String,
     refresh_token: String,
     #[schema(example = "Bearer")]
@@ -86,7 +86,7 @@ struct TokenPair {
 }
 
 /// The login-shaped body plus the session cookie; never cached.
-fn token_response(state: &AppState, t: LoginTokens) -> Response {
+pub(super) fn token_response(state: &AppState, t: LoginTokens) -> Response {
     let cookie = session_cookie(
         &state.settings,
         &t.refresh_token,

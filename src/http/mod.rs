@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod network;
 pub mod observe;
 pub mod openapi;
+pub mod passkeys;
 pub mod problem;
 pub mod users;
 
@@ -43,6 +44,7 @@ pub fn routes(state: AppState) -> Router {
         .merge(admin_audit::routes())
         .merge(api_keys::routes())
         .merge(invitations::routes())
+        .merge(passkeys::routes())
         .merge(users::routes())
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)

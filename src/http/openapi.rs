@@ -14,7 +14,9 @@ use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Response as Doc
 use utoipa::{Modify, OpenApi};
 
 use super::problem::Problem;
-use super::{accounts, admin_audit, api_keys, auth_api, health, invitations, metrics, users};
+use super::{
+    accounts, admin_audit, api_keys, auth_api, health, invitations, metrics, passkeys, users,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -63,6 +65,13 @@ use super::{accounts, admin_audit, api_keys, auth_api, health, invitations, metr
         api_keys::revoke,
         api_keys::rotate,
         api_keys::usage,
+        passkeys::list,
+        passkeys::register_start,
+        passkeys::register_finish,
+        passkeys::remove,
+        passkeys::login_start,
+        passkeys::login_finish,
+        passkeys::mfa_start,
         metrics::metrics,
         openapi_json,
     ),

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod identity;
 pub mod invalidation;
 pub mod invitations;
+pub mod passkeys;
 pub mod paging;
 pub mod policy;
 pub mod swr;

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod db;
 pub mod invitations;
 pub mod login_failures;
+pub mod passkeys;
 pub mod policies;
 pub mod redis;
 pub mod service_clients;

@@ -24,6 +24,7 @@ mod network;
 mod observability;
 mod openapi;
 mod own_postgres;
+mod passkeys;
 mod runtime;
 mod scale_out;
 mod tls;
