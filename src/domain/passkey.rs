@@ -179,6 +179,9 @@ mod tests {
         assert!(bad[1].contains("https"), "{bad:?}");
         assert!(bad[2].contains("must be an origin"), "{bad:?}");
 
-        assert_eq!(origin_problems("https://x.com", &origins(&[]), false).len(), 2);
+        assert_eq!(
+            origin_problems("https://x.com", &origins(&[]), false).len(),
+            2
+        );
     }
 }

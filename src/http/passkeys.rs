@@ -25,10 +25,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/users/me/passkeys", get(list))
         .route("/v1/users/me/passkeys/{id}", delete(remove))
-        .route(
-            "/v1/users/me/passkeys/register/start",
-            post(register_start),
-        )
+        .route("/v1/users/me/passkeys/register/start", post(register_start))
         .route(
             "/v1/users/me/passkeys/register/finish",
             post(register_finish),

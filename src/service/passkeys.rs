@@ -266,8 +266,8 @@ impl PasskeyService {
         credential: Value,
     ) -> ServiceResult<PasskeySummary> {
         let user_id = session_user(caller)?;
-        let name = PasskeyName::parse(name)
-            .map_err(|m| ServiceError::validation("name", "invalid", m))?;
+        let name =
+            PasskeyName::parse(name).map_err(|m| ServiceError::validation("name", "invalid", m))?;
         let reg: RegisterPublicKeyCredential = parse_credential(credential)?;
         let state: PasskeyRegistration = self
             .take_state(challenge_id, Ceremony::Register, Some(user_id))
@@ -419,7 +419,11 @@ impl PasskeyService {
     /// Starts a passwordless login: request options with no allowed credentials,
     /// so the authenticator offers the discoverable passkeys it holds for us.
     #[tracing::instrument(skip_all)]
-    pub async fn start_login(&self, identity: &Identity, meta: &RequestMeta) -> ServiceResult<Challenge> {
+    pub async fn start_login(
+        &self,
+        identity: &Identity,
+        meta: &RequestMeta,
+    ) -> ServiceResult<Challenge> {
         throttle_login(identity, meta).await?;
         let (rcr, state) = self
             .webauthn
@@ -449,7 +453,9 @@ impl PasskeyService {
             .take_state::<DiscoverableAuthentication>(challenge_id, Ceremony::Login, None)
             .await?
         else {
-            return Err(self.refuse("login", meta, Refusal::Challenge, None, none).await);
+            return Err(self
+                .refuse("login", meta, Refusal::Challenge, None, none)
+                .await);
         };
         let Ok((user_id, cred_id)) = self.webauthn.identify_discoverable_authentication(&cred)
         else {
@@ -469,7 +475,8 @@ impl PasskeyService {
             state,
             &[DiscoverableKey::from(&passkey)],
         );
-        let details = serde_json::json!({ "passkey_id": stored.id, "stored_counter": stored.sign_count });
+        let details =
+            serde_json::json!({ "passkey_id": stored.id, "stored_counter": stored.sign_count });
         let mut tx = self.db.begin().await?;
         if let Err(reason) = self.verify(&mut tx, &stored, verdict, passkey).await? {
             drop(tx);
@@ -530,7 +537,11 @@ impl PasskeyService {
         let cred: PublicKeyCredential = parse_credential(credential)?;
         let none = serde_json::json!({});
         let Some(state) = self
-            .take_state::<PasskeyAuthentication>(challenge_id, Ceremony::SecondFactor, Some(user_id))
+            .take_state::<PasskeyAuthentication>(
+                challenge_id,
+                Ceremony::SecondFactor,
+                Some(user_id),
+            )
             .await?
         else {
             let e = self.refuse("mfa", meta, Refusal::Challenge, Some(user_id), none);
@@ -545,7 +556,8 @@ impl PasskeyService {
         };
         let passkey: Passkey = serde_json::from_value(stored.passkey.clone()).map_err(internal)?;
         let verdict = self.webauthn.finish_passkey_authentication(&cred, &state);
-        let details = serde_json::json!({ "passkey_id": stored.id, "stored_counter": stored.sign_count });
+        let details =
+            serde_json::json!({ "passkey_id": stored.id, "stored_counter": stored.sign_count });
         let mut tx = self.db.begin().await?;
         if let Err(reason) = self.verify(&mut tx, &stored, verdict, passkey).await? {
             drop(tx);
@@ -568,7 +580,11 @@ async fn throttle_login(identity: &Identity, meta: &RequestMeta) -> ServiceResul
     match meta.ip {
         Some(ip) => {
             identity
-                .throttle(&format!("login:ip:{ip}"), per_minute, Duration::from_secs(60))
+                .throttle(
+                    &format!("login:ip:{ip}"),
+                    per_minute,
+                    Duration::from_secs(60),
+                )
                 .await
         }
         None => Ok(()),

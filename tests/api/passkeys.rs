@@ -74,7 +74,11 @@ impl<B: AuthenticatorBackendHashedClientData> AuthenticatorBackendHashedClientDa
         let mut cred = self
             .backend
             .perform_auth(client_data_hash, options, timeout_ms)?;
-        cred.response.user_handle = self.users.get(cred.raw_id.as_slice()).cloned().map(Into::into);
+        cred.response.user_handle = self
+            .users
+            .get(cred.raw_id.as_slice())
+            .cloned()
+            .map(Into::into);
         Ok(cred)
     }
 }
@@ -105,9 +109,13 @@ impl<B: AuthenticatorBackendHashedClientData> Device<B> {
     fn get(&mut self, origin: &str, options: &Value) -> Value {
         let options: PublicKeyCredentialRequestOptions =
             serde_json::from_value(options.clone()).expect("request options parse");
-        let cred =
-            AuthenticatorBackend::perform_auth(self, Url::parse(origin).unwrap(), options, TIMEOUT_MS)
-                .expect("the authenticator signs");
+        let cred = AuthenticatorBackend::perform_auth(
+            self,
+            Url::parse(origin).unwrap(),
+            options,
+            TIMEOUT_MS,
+        )
+        .expect("the authenticator signs");
         serde_json::to_value(cred).unwrap()
     }
 }
@@ -155,7 +163,13 @@ async fn register<B: AuthenticatorBackendHashedClientData>(
     name: &str,
 ) -> Value {
     let start = json_of(
-        post(app, "/v1/users/me/passkeys/register/start", Some(token), &json!({})).await,
+        post(
+            app,
+            "/v1/users/me/passkeys/register/start",
+            Some(token),
+            &json!({}),
+        )
+        .await,
         200,
     )
     .await;
@@ -175,11 +189,19 @@ async fn register<B: AuthenticatorBackendHashedClientData>(
 
 /// A passwordless login challenge: (challenge_id, options).
 async fn login_start(app: &TestApp) -> (Value, Value) {
-    let start = json_of(post(app, "/v1/auth/passkey/start", None, &json!({})).await, 200).await;
+    let start = json_of(
+        post(app, "/v1/auth/passkey/start", None, &json!({})).await,
+        200,
+    )
+    .await;
     (start["challenge_id"].clone(), start["options"].clone())
 }
 
-async fn login_finish(app: &TestApp, challenge_id: &Value, credential: &Value) -> reqwest::Response {
+async fn login_finish(
+    app: &TestApp,
+    challenge_id: &Value,
+    credential: &Value,
+) -> reqwest::Response {
     post(
         app,
         "/v1/auth/passkey/finish",
@@ -229,7 +251,13 @@ async fn a_passkey_registers_lists_logs_in_without_a_password_and_is_removed() {
     // Creation options: this relying party, this user, a discoverable and
     // user-verified credential.
     let start = json_of(
-        post(&app, "/v1/users/me/passkeys/register/start", Some(&token), &json!({})).await,
+        post(
+            &app,
+            "/v1/users/me/passkeys/register/start",
+            Some(&token),
+            &json!({}),
+        )
+        .await,
         200,
     )
     .await;
@@ -237,28 +265,57 @@ async fn a_passkey_registers_lists_logs_in_without_a_password_and_is_removed() {
     assert_eq!(options["rp"]["id"], "localhost", "{options}");
     assert_eq!(options["user"]["name"], email.as_str());
     assert_eq!(options["authenticatorSelection"]["residentKey"], "required");
-    assert_eq!(options["authenticatorSelection"]["userVerification"], "required");
+    assert_eq!(
+        options["authenticatorSelection"]["userVerification"],
+        "required"
+    );
     assert!(options["challenge"].as_str().is_some_and(|c| c.len() >= 22));
     let credential = device.create(ORIGIN, options);
-    let finish = |name: Value| {
-        json!({"challenge_id": start["challenge_id"], "name": name, "credential": credential})
-    };
+    let finish = |name: Value| json!({"challenge_id": start["challenge_id"], "name": name, "credential": credential});
     // A bad name is refused before the challenge is spent.
-    let res = post(&app, "/v1/users/me/passkeys/register/finish", Some(&token), &finish(json!(" "))).await;
+    let res = post(
+        &app,
+        "/v1/users/me/passkeys/register/finish",
+        Some(&token),
+        &finish(json!(" ")),
+    )
+    .await;
     let body = assert_problem(res, 400, "validation_failed").await;
     assert_eq!(body["errors"][0]["field"], "name", "{body}");
-    let res = post(&app, "/v1/users/me/passkeys/register/finish", Some(&token), &finish(json!("Laptop"))).await;
+    let res = post(
+        &app,
+        "/v1/users/me/passkeys/register/finish",
+        Some(&token),
+        &finish(json!("Laptop")),
+    )
+    .await;
     let created = json_of(res, 201).await;
     assert_eq!(created["name"], "Laptop");
-    assert!(created["created_at"].is_string() && created["last_used_at"].is_null(), "{created}");
+    assert!(
+        created["created_at"].is_string() && created["last_used_at"].is_null(),
+        "{created}"
+    );
     let passkey_id = created["id"].as_str().unwrap().to_string();
-    assert_eq!(audit_count(&app, "mfa.passkey.registered", user_id).await, 1);
+    assert_eq!(
+        audit_count(&app, "mfa.passkey.registered", user_id).await,
+        1
+    );
     // The challenge was single use.
-    let res = post(&app, "/v1/users/me/passkeys/register/finish", Some(&token), &finish(json!("Again"))).await;
+    let res = post(
+        &app,
+        "/v1/users/me/passkeys/register/finish",
+        Some(&token),
+        &finish(json!("Again")),
+    )
+    .await;
     let body = assert_problem(res, 400, "validation_failed").await;
     assert_eq!(body["errors"][0]["field"], "challenge_id", "{body}");
 
-    let list = json_of(crate::helpers::get_bearer(&app, "/v1/users/me/passkeys", &token).await, 200).await;
+    let list = json_of(
+        crate::helpers::get_bearer(&app, "/v1/users/me/passkeys", &token).await,
+        200,
+    )
+    .await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list["items"][0]["id"], passkey_id.as_str());
     assert!(list["next_cursor"].is_null());
@@ -267,7 +324,9 @@ async fn a_passkey_registers_lists_logs_in_without_a_password_and_is_removed() {
     // answer is the login body and the session cookie, amr ["hwk","mfa"].
     let (challenge_id, options) = login_start(&app).await;
     assert!(
-        options["allowCredentials"].as_array().is_none_or(|a| a.is_empty()),
+        options["allowCredentials"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
         "{options}"
     );
     assert_eq!(options["userVerification"], "required");
@@ -285,10 +344,20 @@ async fn a_passkey_registers_lists_logs_in_without_a_password_and_is_removed() {
     let access = login["access_token"].as_str().unwrap();
     let claims = jwt_claims(access);
     assert_eq!(claims["amr"], json!(["hwk", "mfa"]), "{claims}");
-    assert!(claims["auth_time"].as_i64().is_some_and(|t| t >= claims["iat"].as_i64().unwrap()));
-    let me = json_of(crate::helpers::get_bearer(&app, "/v1/users/me", access).await, 200).await;
+    assert!(claims["auth_time"]
+        .as_i64()
+        .is_some_and(|t| t >= claims["iat"].as_i64().unwrap()));
+    let me = json_of(
+        crate::helpers::get_bearer(&app, "/v1/users/me", access).await,
+        200,
+    )
+    .await;
     assert_eq!(me["id"], user_id.to_string());
-    let list = json_of(crate::helpers::get_bearer(&app, "/v1/users/me/passkeys", &token).await, 200).await;
+    let list = json_of(
+        crate::helpers::get_bearer(&app, "/v1/users/me/passkeys", &token).await,
+        200,
+    )
+    .await;
     assert!(list["items"][0]["last_used_at"].is_string(), "{list}");
     let logins: i64 = sqlx::query_scalar(
         "select count(*) from audit_logs where action = 'auth.login.succeeded'
@@ -302,13 +371,28 @@ async fn a_passkey_registers_lists_logs_in_without_a_password_and_is_removed() {
 
     // Someone else cannot see or remove it, and an API key cannot manage passkeys.
     let (_, _, other) = app.user_with_token().await;
-    let other_list = json_of(crate::helpers::get_bearer(&app, "/v1/users/me/passkeys", &other).await, 200).await;
+    let other_list = json_of(
+        crate::helpers::get_bearer(&app, "/v1/users/me/passkeys", &other).await,
+        200,
+    )
+    .await;
     assert_eq!(other_list["items"], json!([]));
     let path = format!("/v1/users/me/passkeys/{passkey_id}");
-    let res = reqwest::Client::new().delete(app.url(&path)).bearer_auth(&other).send().await.unwrap();
+    let res = reqwest::Client::new()
+        .delete(app.url(&path))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, 404, "not_found").await;
     let key = json_of(
-        post(&app, "/v1/api-keys", Some(&token), &json!({"name": "bot", "scopes": ["accounts:read"]})).await,
+        post(
+            &app,
+            "/v1/api-keys",
+            Some(&token),
+            &json!({"name": "bot", "scopes": ["accounts:read"]}),
+        )
+        .await,
         201,
     )
     .await;
@@ -321,10 +405,19 @@ async fn a_passkey_registers_lists_logs_in_without_a_password_and_is_removed() {
     assert_problem(res, 403, "forbidden").await;
 
     // Removed (audited), it logs nobody in any more.
-    let res = reqwest::Client::new().delete(app.url(&path)).bearer_auth(&token).send().await.unwrap();
+    let res = reqwest::Client::new()
+        .delete(app.url(&path))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status().as_u16(), 204);
     assert_eq!(audit_count(&app, "mfa.passkey.removed", user_id).await, 1);
-    let list = json_of(crate::helpers::get_bearer(&app, "/v1/users/me/passkeys", &token).await, 200).await;
+    let list = json_of(
+        crate::helpers::get_bearer(&app, "/v1/users/me/passkeys", &token).await,
+        200,
+    )
+    .await;
     assert_eq!(list["items"], json!([]));
     let res = passwordless(&app, &mut device, ORIGIN).await;
     assert_problem(res, 401, "invalid_credentials").await;
@@ -340,7 +433,13 @@ async fn a_ceremony_from_a_wrong_origin_is_refused() {
     // (which only a subverted client would sign for).
     for origin in ["http://localhost:9999", "https://stocksblitz-login.example"] {
         let start = json_of(
-            post(&app, "/v1/users/me/passkeys/register/start", Some(&token), &json!({})).await,
+            post(
+                &app,
+                "/v1/users/me/passkeys/register/start",
+                Some(&token),
+                &json!({}),
+            )
+            .await,
             200,
         )
         .await;
@@ -383,7 +482,13 @@ async fn a_replayed_assertion_is_refused() {
 
     let (challenge_id, options) = login_start(&app).await;
     let assertion = device.get(ORIGIN, &options);
-    assert_eq!(login_finish(&app, &challenge_id, &assertion).await.status().as_u16(), 200);
+    assert_eq!(
+        login_finish(&app, &challenge_id, &assertion)
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
     // The same assertion again: its challenge is spent.
     let res = login_finish(&app, &challenge_id, &assertion).await;
     assert_problem(res, 401, "invalid_credentials").await;
@@ -405,18 +510,26 @@ async fn a_replayed_assertion_is_refused() {
     .await
     .unwrap();
     assert_eq!(ttl, 300.0);
-    sqlx::query("update webauthn_challenges set expires_at = now() - interval '1 second' where id = $1")
-        .bind(Uuid::parse_str(challenge_id.as_str().unwrap()).unwrap())
-        .execute(&app.db)
-        .await
-        .unwrap();
+    sqlx::query(
+        "update webauthn_challenges set expires_at = now() - interval '1 second' where id = $1",
+    )
+    .bind(Uuid::parse_str(challenge_id.as_str().unwrap()).unwrap())
+    .execute(&app.db)
+    .await
+    .unwrap();
     let res = login_finish(&app, &challenge_id, &device.get(ORIGIN, &options)).await;
     assert_problem(res, 401, "invalid_credentials").await;
 
     // A login challenge cannot finish a registration.
     let (challenge_id, _) = login_start(&app).await;
     let start = json_of(
-        post(&app, "/v1/users/me/passkeys/register/start", Some(&token), &json!({})).await,
+        post(
+            &app,
+            "/v1/users/me/passkeys/register/start",
+            Some(&token),
+            &json!({}),
+        )
+        .await,
         200,
     )
     .await;
@@ -442,11 +555,23 @@ async fn a_cloned_authenticator_is_refused_and_audited() {
     let (user_id, _, token) = app.user_with_token().await;
     let mut original = soft_token();
     register(&app, &token, &mut original, "Security key").await;
-    assert_eq!(passwordless(&app, &mut original, ORIGIN).await.status().as_u16(), 200);
+    assert_eq!(
+        passwordless(&app, &mut original, ORIGIN)
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
 
     // Copied now, the clone starts from the same counter; the original moves on.
     let mut clone = clone_of(&original);
-    assert_eq!(passwordless(&app, &mut original, ORIGIN).await.status().as_u16(), 200);
+    assert_eq!(
+        passwordless(&app, &mut original, ORIGIN)
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
     let stored: i64 = sqlx::query_scalar("select sign_count from webauthn_credentials")
         .fetch_one(&app.db)
         .await
@@ -467,9 +592,20 @@ async fn a_cloned_authenticator_is_refused_and_audited() {
     // The original moves on twice; the clone, one signature behind, is refused
     // as a second factor too, and the stored counter never moves back.
     for _ in 0..2 {
-        assert_eq!(passwordless(&app, &mut original, ORIGIN).await.status().as_u16(), 200);
+        assert_eq!(
+            passwordless(&app, &mut original, ORIGIN)
+                .await
+                .status()
+                .as_u16(),
+            200
+        );
     }
-    let challenge = app.state.passkeys.start_second_factor(user_id).await.unwrap();
+    let challenge = app
+        .state
+        .passkeys
+        .start_second_factor(user_id)
+        .await
+        .unwrap();
     let assertion = clone.get(ORIGIN, &challenge.options);
     let meta = user_service::service::RequestMeta::default();
     let err = app
@@ -478,7 +614,10 @@ async fn a_cloned_authenticator_is_refused_and_audited() {
         .finish_second_factor(&meta, user_id, challenge.id, assertion)
         .await
         .unwrap_err();
-    assert!(matches!(err, user_service::service::ServiceError::InvalidCredentials), "{err:?}");
+    assert!(
+        matches!(err, user_service::service::ServiceError::InvalidCredentials),
+        "{err:?}"
+    );
     assert_eq!(audit_count(&app, "auth.passkey.cloned", user_id).await, 2);
     let after: i64 = sqlx::query_scalar("select sign_count from webauthn_credentials")
         .fetch_one(&app.db)
@@ -486,7 +625,13 @@ async fn a_cloned_authenticator_is_refused_and_audited() {
         .unwrap();
     assert_eq!(after, 4);
     // The original still works.
-    assert_eq!(passwordless(&app, &mut original, ORIGIN).await.status().as_u16(), 200);
+    assert_eq!(
+        passwordless(&app, &mut original, ORIGIN)
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -510,7 +655,10 @@ async fn a_passkey_is_a_second_factor_for_its_own_user_only() {
         .await
         .unwrap();
     assert_eq!(verified.user_id, user_id);
-    assert_eq!(verified.passkey_id.to_string(), created["id"].as_str().unwrap());
+    assert_eq!(
+        verified.passkey_id.to_string(),
+        created["id"].as_str().unwrap()
+    );
     // Replayed: refused.
     let err = passkeys
         .finish_second_factor(&meta, user_id, challenge.id, assertion)
@@ -538,7 +686,13 @@ async fn a_passkey_is_a_second_factor_for_its_own_user_only() {
     assert_eq!(passkeys.count(user_id).await.unwrap(), 1);
 
     // Over HTTP the start needs a live mfa_token from the password step.
-    let res = post(&app, "/v1/auth/mfa/webauthn/start", None, &json!({"mfa_token": "nope"})).await;
+    let res = post(
+        &app,
+        "/v1/auth/mfa/webauthn/start",
+        None,
+        &json!({"mfa_token": "nope"}),
+    )
+    .await;
     assert_problem(res, 401, "invalid_token").await;
 }
 
@@ -552,7 +706,13 @@ async fn a_ceremony_started_on_one_replica_finishes_on_another() {
     let mut device = soft_passkey();
 
     let start = json_of(
-        post(&first, "/v1/users/me/passkeys/register/start", Some(&token), &json!({})).await,
+        post(
+            &first,
+            "/v1/users/me/passkeys/register/start",
+            Some(&token),
+            &json!({}),
+        )
+        .await,
         200,
     )
     .await;
@@ -568,7 +728,13 @@ async fn a_ceremony_started_on_one_replica_finishes_on_another() {
 
     let (challenge_id, options) = login_start(&second).await;
     let assertion = device.get(ORIGIN, &options);
-    assert_eq!(login_finish(&first, &challenge_id, &assertion).await.status().as_u16(), 200);
+    assert_eq!(
+        login_finish(&first, &challenge_id, &assertion)
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
     // Used up on the first replica, it is used up on the second.
     let res = login_finish(&second, &challenge_id, &assertion).await;
     assert_problem(res, 401, "invalid_credentials").await;
@@ -597,7 +763,10 @@ fn relying_party_settings_follow_the_environment() {
     );
     assert_eq!(
         read(".env.production"),
-        ("stocksblitz.com".into(), "https://app.stocksblitz.com".into())
+        (
+            "stocksblitz.com".into(),
+            "https://app.stocksblitz.com".into()
+        )
     );
     assert_eq!(
         read(".env.staging"),
