@@ -332,7 +332,7 @@ pub struct Settings {
     #[serde(default = "default_webauthn_rp_id")]
     pub webauthn_rp_id: String,
     /// Comma-separated origins (scheme, host, port) a ceremony may come from;
-    /// unset: the CORS origins.
+    /// unset: the CORS origins (see `webauthn_origins()`).
     #[serde(default)]
     pub webauthn_origins: String,
 }
@@ -755,7 +755,9 @@ impl Settings {
             .collect()
     }
 
-    /// WEBAUTHN_ORIGINS, or the CORS origins when it is unset.
+    /// WEBAUTHN_ORIGINS; unset, the CORS origins; without those either, the
+    /// relying party's own `https://` origin (so a deployment that sets neither,
+    /// such as the compose file, still starts).
     pub fn webauthn_origins(&self) -> Vec<String> {
         let list: Vec<String> = self
             .webauthn_origins
@@ -763,10 +765,10 @@ impl Settings {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect();
-        if list.is_empty() {
-            self.cors_origins()
-        } else {
-            list
+        match (list.is_empty(), self.cors_origins()) {
+            (false, _) => list,
+            (true, cors) if !cors.is_empty() => cors,
+            (true, _) => vec![format!("https://{}", self.webauthn_rp_id)],
         }
     }
 

@@ -103,7 +103,7 @@ pub fn origin_problems(rp_id: &str, origins: &[String], strict: bool) -> Vec<Str
         ));
     }
     if origins.is_empty() {
-        p.push("WEBAUTHN_ORIGINS is empty (and so is CORS_ALLOWED_ORIGINS): passkeys need at least one origin".into());
+        p.push("WEBAUTHN_ORIGINS is empty: passkeys need at least one origin".into());
     }
     for o in origins {
         let Ok(u) = url::Url::parse(o) else {
