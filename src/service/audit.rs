@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use super::{Caller, RequestMeta};
-pub use crate::domain::audit::{AuditEntry, Outcome};
 use crate::domain::audit::{AuditActor, AuditSource};
+pub use crate::domain::audit::{AuditEntry, Outcome};
 
 impl AuditActor for Caller {
     fn audit_actor(&self) -> (&'static str, String) {
