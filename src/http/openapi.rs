@@ -72,6 +72,7 @@ use super::{
         passkeys::login_start,
         passkeys::login_finish,
         passkeys::mfa_start,
+        passkeys::step_up_start,
         metrics::metrics,
         openapi_json,
     ),

@@ -33,6 +33,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/auth/passkey/start", post(login_start))
         .route("/v1/auth/passkey/finish", post(login_finish))
         .route("/v1/auth/mfa/webauthn/start", post(mfa_start))
+        .route("/v1/auth/step-up/webauthn/start", post(step_up_start))
 }
 
 /// A started WebAuthn ceremony.
@@ -259,4 +260,26 @@ async fn mfa_start(
 /// here, no token is known and the route answers 401 `invalid_token`.
 async fn mfa_token_user(_state: &AppState, _mfa_token: &str) -> Result<Uuid, ServiceError> {
     Err(ServiceError::InvalidToken)
+}
+
+/// Starts a passkey step-up for the signed-in user; finish it with
+/// `POST /v1/auth/step-up {method: "webauthn", challenge_id, credential}`.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/step-up/webauthn/start",
+    tag = "auth",
+    security(("bearer" = []), ("session_cookie" = [])),
+    responses(
+        (status = 200, description = "The challenge and the request options (the caller's passkeys)", body = ChallengeBody),
+        (status = 400, description = "The caller has no passkey (`validation_failed`)"),
+        (status = 403, description = "An API key, not a login session (`forbidden`)"),
+    ),
+)]
+async fn step_up_start(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+) -> Result<Response, ServiceError> {
+    Ok(challenge_response(
+        state.passkeys.start_step_up(&caller).await?,
+    ))
 }

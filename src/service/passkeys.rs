@@ -370,10 +370,17 @@ impl PasskeyService {
         details: Value,
     ) -> ServiceError {
         assertions(ceremony, reason.as_str());
+        tracing::info!(
+            ceremony,
+            reason = reason.as_str(),
+            "passkey assertion refused"
+        );
         let (action, outcome) = match (reason, ceremony) {
             (Refusal::Cloned, _) => ("auth.passkey.cloned", Outcome::Denied),
             (_, "login") => ("auth.login.failed", Outcome::Failure),
-            _ => ("auth.mfa.failed", Outcome::Failure),
+            // A failed second factor is audited by the login or step-up flow
+            // that asked (`auth.mfa.failed`, counted toward the lockout there).
+            _ => return ServiceError::InvalidCredentials,
         };
         let mut entry = AuditEntry::new(action, outcome)
             .meta(meta)
@@ -401,7 +408,7 @@ impl PasskeyService {
             Ok(r) => r,
             Err(WebauthnError::CredentialPossibleCompromise) => return Ok(Err(Refusal::Cloned)),
             Err(e) => {
-                tracing::info!(error = %e, "passkey assertion refused");
+                tracing::info!(error = %e, "passkey assertion does not verify");
                 return Ok(Err(Refusal::Invalid));
             }
         };
@@ -522,10 +529,18 @@ impl PasskeyService {
             .await
     }
 
+    /// Starts a passkey step-up for the signed-in user (a session, not an API
+    /// key): the same assertion as a second factor, finished through
+    /// `POST /v1/auth/step-up {method: "webauthn", challenge_id, credential}`.
+    pub async fn start_step_up(&self, caller: &Caller) -> ServiceResult<Challenge> {
+        self.start_second_factor(session_user(caller)?).await
+    }
+
     /// Verifies a passkey assertion as `user_id`'s second factor, for a challenge
     /// from [`Self::start_second_factor`] for that user, and advances its
-    /// counter. A refusal is 401 `invalid_credentials` (audited `auth.mfa.failed`,
-    /// or `auth.passkey.cloned`); the caller counts it toward the lockout.
+    /// counter. A refusal is `InvalidCredentials`, audited here only when it is
+    /// a cloned authenticator (`auth.passkey.cloned`): the flow that asked
+    /// audits the failure (`auth.mfa.failed`) and counts it toward the lockout.
     #[tracing::instrument(skip_all)]
     pub async fn finish_second_factor(
         &self,

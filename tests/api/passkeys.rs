@@ -435,7 +435,8 @@ async fn a_passkey_is_a_second_factor_for_its_own_user_only() {
         .await
         .unwrap_err();
     assert!(matches!(err, ServiceError::InvalidCredentials), "{err:?}");
-    assert_eq!(audit_count(&app, "auth.mfa.failed", user_id).await, 1);
+    // Audited by the flow that asked (POST /v1/auth/mfa or step-up), not twice.
+    assert_eq!(audit_count(&app, "auth.mfa.failed", user_id).await, 0);
 
     // A challenge started for one user cannot finish another's login, and a user
     // without passkeys is told so.
@@ -463,6 +464,24 @@ async fn a_passkey_is_a_second_factor_for_its_own_user_only() {
         &json!({"mfa_token": "nope"}),
     )
     .await;
+    assert_problem(res, 401, "invalid_token").await;
+
+    // A step-up starts the same assertion for the signed-in user.
+    let res = post(
+        &app,
+        "/v1/auth/step-up/webauthn/start",
+        Some(&token),
+        &json!({}),
+    )
+    .await;
+    let start = json_of(res, 200).await;
+    let challenge_id = Uuid::parse_str(start["challenge_id"].as_str().unwrap()).unwrap();
+    let assertion = device.get(ORIGIN, &start["options"]);
+    passkeys
+        .finish_second_factor(&meta, user_id, challenge_id, assertion)
+        .await
+        .unwrap();
+    let res = post(&app, "/v1/auth/step-up/webauthn/start", None, &json!({})).await;
     assert_problem(res, 401, "invalid_token").await;
 }
 
