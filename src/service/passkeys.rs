@@ -328,7 +328,7 @@ impl PasskeyService {
     pub async fn remove(&self, caller: &Caller, meta: &RequestMeta, id: Uuid) -> ServiceResult<()> {
         let user_id = session_user(caller)?;
         // STEP-UP(mfa): removing a factor needs a recent second factor (DESIGN §8):
-        // `crate::service::mfa::require_step_up(caller, …)?` goes on this line.
+        // `self.step_up.require_step_up(caller, meta, "mfa.passkey.remove").await?;`
         let mut tx = self.db.begin().await?;
         let removed = store::delete(&mut tx, user_id, id)
             .await?
@@ -359,8 +359,9 @@ impl PasskeyService {
 
     // ---- assertions ----
 
-    /// Refuses an assertion: a metric, an audit row, and the same 401 whatever
-    /// the reason.
+    /// Refuses an assertion: a metric, a log line (the reason, nothing of the
+    /// assertion), an audit row for a login or a clone, and the same 401
+    /// whatever the reason.
     async fn refuse(
         &self,
         ceremony: &'static str,
