@@ -48,6 +48,8 @@ pub struct AppInner {
     pub invitations: crate::service::invitations::InvitationsService,
     /// Second factors, the login's second step and step-up (issue 14).
     pub mfa: crate::service::mfa::MfaService,
+    /// Passkeys (WebAuthn): registration, passwordless login, second factor.
+    pub passkeys: crate::service::passkeys::PasskeyService,
 }
 
 impl Deref for AppState {
@@ -116,6 +118,8 @@ impl App {
             policy.clone(),
             accounts.clone(),
         );
+        let passkeys = crate::service::passkeys::PasskeyService::new(&settings, db.clone())?
+            .with_step_up(mfa.step_up.clone());
         let state = AppState(Arc::new(AppInner {
             settings,
             db,
@@ -130,6 +134,7 @@ impl App {
             api_keys,
             invitations,
             mfa,
+            passkeys,
         }));
         state
             .invalidation

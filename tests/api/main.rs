@@ -32,6 +32,7 @@ mod notify;
 mod observability;
 mod openapi;
 mod own_postgres;
+mod passkeys;
 mod recovery;
 mod recovery_logs;
 mod request_span;
