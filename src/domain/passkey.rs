@@ -4,7 +4,6 @@
 //! `service::passkeys`.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use uuid::Uuid;
 
 /// A challenge lives this long and is used at most once (DESIGN §8).
@@ -25,7 +24,7 @@ pub const AMR_PASSWORDLESS: [&str; 2] = ["hwk", "mfa"];
 pub const AMR_PASSKEY: &str = "hwk";
 
 /// A registered passkey as its owner sees it (never the public key or counter).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PasskeySummary {
     pub id: Uuid,
     pub name: String,

@@ -276,13 +276,16 @@ fn assertion(
 
 /// A passkey assertion as a second factor: right, wrong (counted toward the
 /// lockout like a wrong code), or an error that is neither.
+/// The fields are checked here, after the flow has checked the method, so a
+/// user without passkeys hears about the method first.
 async fn passkey_checks(
     state: &AppState,
     meta: &crate::service::RequestMeta,
     user_id: uuid::Uuid,
-    challenge: uuid::Uuid,
-    credential: serde_json::Value,
+    challenge_id: Option<String>,
+    credential: Option<serde_json::Value>,
 ) -> Result<bool, ServiceError> {
+    let (challenge, credential) = assertion(challenge_id, credential)?;
     match state
         .passkeys
         .finish_second_factor(meta, user_id, challenge, credential)
@@ -320,7 +323,7 @@ async fn second_step(
     Json(body): Json<SecondStepBody>,
 ) -> Result<Response, ServiceError> {
     if body.method == "webauthn" {
-        let (challenge, credential) = assertion(body.challenge_id, body.credential)?;
+        let (challenge_id, credential) = (body.challenge_id, body.credential);
         let tokens = state
             .mfa
             .finish_login_with(
@@ -328,7 +331,7 @@ async fn second_step(
                 &meta,
                 &body.mfa_token,
                 "webauthn",
-                |uid, _| passkey_checks(&state, &meta, uid, challenge, credential),
+                |uid, _| passkey_checks(&state, &meta, uid, challenge_id, credential),
             )
             .await?;
         return Ok(token_response(&state, tokens));
@@ -375,11 +378,11 @@ async fn step_up(
     Json(body): Json<StepUpBody>,
 ) -> Result<Response, ServiceError> {
     if body.method == "webauthn" {
-        let (challenge, credential) = assertion(body.challenge_id, body.credential)?;
+        let (challenge_id, credential) = (body.challenge_id, body.credential);
         let tokens = state
             .mfa
             .step_up_with(&state.identity, &caller, &meta, "webauthn", |uid, _| {
-                passkey_checks(&state, &meta, uid, challenge, credential)
+                passkey_checks(&state, &meta, uid, challenge_id, credential)
             })
             .await?;
         return Ok(token_response(&state, tokens));

@@ -16,7 +16,7 @@ use super::auth_api::{token_response, TokenPair};
 use super::extract::{Json, Meta, Path};
 use super::list::PageBody;
 use super::AppState;
-use crate::domain::passkey::PasskeySummary;
+use crate::domain::passkey;
 use crate::service::paging::Page;
 use crate::service::passkeys::Challenge;
 use crate::service::ServiceError;
@@ -60,6 +60,27 @@ fn challenge_response(c: Challenge) -> Response {
 }
 
 /// The caller's passkeys.
+/// A registered passkey as its owner sees it (never the public key or counter).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct PasskeySummary {
+    id: Uuid,
+    name: String,
+    created_at: chrono::DateTime<chrono::Utc>,
+    /// The last login or second factor it completed; null until then.
+    last_used_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl From<passkey::PasskeySummary> for PasskeySummary {
+    fn from(p: passkey::PasskeySummary) -> Self {
+        Self {
+            id: p.id,
+            name: p.name,
+            created_at: p.created_at,
+            last_used_at: p.last_used_at,
+        }
+    }
+}
+
 #[utoipa::path(
     get,
     path = "/v1/users/me/passkeys",
@@ -74,7 +95,13 @@ async fn list(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
 ) -> Result<axum::Json<PageBody<PasskeySummary>>, ServiceError> {
-    let items = state.passkeys.list(&caller).await?;
+    let items: Vec<PasskeySummary> = state
+        .passkeys
+        .list(&caller)
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect();
     Ok(axum::Json(PageBody::from(Page {
         items,
         next_cursor: None,
@@ -146,7 +173,7 @@ async fn register_finish(
             body.credential,
         )
         .await?;
-    Ok((StatusCode::CREATED, axum::Json(created)))
+    Ok((StatusCode::CREATED, axum::Json(created.into())))
 }
 
 /// Removes one of the caller's passkeys.

@@ -322,6 +322,14 @@ impl PasskeyService {
                 .details(serde_json::json!({ "user_id": user_id, "name": name.as_str() })),
         )
         .await?;
+        // A factor changed: the user hears of it (a security notice, DESIGN §8).
+        super::notify::notify(
+            &mut tx,
+            crate::domain::recovery::Template::MfaEnabled,
+            user_id,
+            serde_json::json!({}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(summary)
     }
@@ -351,6 +359,13 @@ impl PasskeyService {
                 .target("passkey", id)
                 .meta(meta)
                 .details(serde_json::json!({ "user_id": user_id, "name": removed.name })),
+        )
+        .await?;
+        super::notify::notify(
+            &mut tx,
+            crate::domain::recovery::Template::MfaDisabled,
+            user_id,
+            serde_json::json!({}),
         )
         .await?;
         tx.commit().await?;

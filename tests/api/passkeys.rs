@@ -159,7 +159,9 @@ async fn a_passkey_registers_lists_logs_in_without_a_password_and_is_removed() {
         post(
             &app,
             "/v1/api-keys",
-            Some(&token),
+            // A user with a passkey creates keys after a recent second factor
+            // (step-up): the passwordless login's token has one.
+            Some(access),
             &json!({"name": "bot", "scopes": ["accounts:read"]}),
         )
         .await,
@@ -174,10 +176,18 @@ async fn a_passkey_registers_lists_logs_in_without_a_password_and_is_removed() {
         .unwrap();
     assert_problem(res, 403, "forbidden").await;
 
-    // Removed (audited), it logs nobody in any more.
+    // Removing it is a step-up operation: refused with the password session,
+    // done with the passwordless one (audited); it logs nobody in any more.
     let res = reqwest::Client::new()
         .delete(app.url(&path))
         .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 403, "mfa_required").await;
+    let res = reqwest::Client::new()
+        .delete(app.url(&path))
+        .bearer_auth(access)
         .send()
         .await
         .unwrap();
@@ -464,7 +474,8 @@ async fn a_passkey_is_a_second_factor_for_its_own_user_only() {
         &json!({"mfa_token": "nope"}),
     )
     .await;
-    assert_problem(res, 401, "invalid_token").await;
+    // A dead mfa_token: 401 invalid_credentials, as on POST /v1/auth/mfa.
+    assert_problem(res, 401, "invalid_credentials").await;
 
     // A step-up starts the same assertion for the signed-in user.
     let res = post(
