@@ -313,7 +313,7 @@ impl Identity {
             CreatedBy::Operator => entry.actor("system", "cli"),
         };
         audit::insert(&mut tx, &entry).await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         Ok(user)
     }
 
@@ -701,7 +701,7 @@ impl Identity {
             row.session_expires_at,
         )
         .await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         // The used token no longer works as the session cookie on any replica
         // (also said by the refresh_tokens trigger, for when Redis is down).
         self.invalidation.session_changed(row.session_id).await;
@@ -729,7 +729,7 @@ impl Identity {
                 .detail("session_ended", ended),
         )
         .await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         let state = SessionState::Revoked {
             reason: reason.into(),
         };
@@ -759,7 +759,7 @@ impl Identity {
             )
             .await?;
         }
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         self.cache_session(
             *sid,
             &SessionState::Revoked {
@@ -916,7 +916,7 @@ impl Identity {
             .details(serde_json::json!({ "id": id, "scopes": scopes })),
         )
         .await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         Ok(ClientCredentials {
             client_id: client_id.to_string(),
             client_secret: secret,
@@ -946,7 +946,7 @@ impl Identity {
             .target("service_client", client_id),
         )
         .await?;
-        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        tx.commit().await?;
         Ok(ClientCredentials {
             client_id: client_id.to_string(),
             client_secret: secret,
