@@ -19,10 +19,24 @@ ensure_packages() {
     can_apt_install || die "missing packages: ${missing[*]} (as root: apt-get install ${missing[*]})"
     apt_install "${missing[@]}"
   fi
+  ensure_build_packages
   PG_BIN=$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1)")
 }
 
 can_apt_install() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }
+
+# What building the crate needs beyond Rust: OpenSSL's headers and pkg-config,
+# for webauthn-rs (passkeys) through openssl-sys. Installed as root when missing;
+# otherwise says what to install and stops.
+ensure_build_packages() {
+  local missing=()
+  command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+  { command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openssl; } \
+    || [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  can_apt_install || die "missing packages: ${missing[*]} (as root: apt-get install ${missing[*]})"
+  apt_install "${missing[@]}"
+}
 
 # apt_install PKG…: installs Debian packages (root), refreshing the lists once if
 # the first try fails.

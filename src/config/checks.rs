@@ -82,6 +82,11 @@ impl Settings {
             ));
         }
         p.extend(self.notification_problems());
+        p.extend(crate::domain::passkey::origin_problems(
+            &self.webauthn_rp_id,
+            &self.webauthn_origins(),
+            self.app_env != Environment::Development,
+        ));
         p.extend(self.key_material_problems());
         if self.app_env == Environment::Development {
             return p;

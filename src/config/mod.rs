@@ -137,6 +137,23 @@ impl Settings {
         self.mfa_required_for_managers
     }
 
+    /// WEBAUTHN_ORIGINS; unset, the CORS origins; without those either, the
+    /// relying party's own `https://` origin (so a deployment that sets neither,
+    /// such as the compose file, still starts).
+    pub fn webauthn_origins(&self) -> Vec<String> {
+        let list: Vec<String> = self
+            .webauthn_origins
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        match (list.is_empty(), self.cors_origins()) {
+            (false, _) => list,
+            (true, cors) if !cors.is_empty() => cors,
+            (true, _) => vec![format!("https://{}", self.webauthn_rp_id)],
+        }
+    }
+
     pub fn cors_origins(&self) -> Vec<String> {
         self.cors_allowed_origins
             .split(',')

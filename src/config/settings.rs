@@ -195,6 +195,13 @@ settings_table! {
         mfa_required_roles: Option<String>;
         /// Whether trading-account managers must enrol a second factor.
         mfa_required_for_managers: bool = by_env(false, false, true);
+
+        /// The WebAuthn relying-party id: the domain passkeys are bound to. It can
+        /// never change without orphaning every registered passkey.
+        webauthn_rp_id: String = "localhost";
+        /// Comma-separated origins (scheme, host, port) a passkey ceremony may come
+        /// from; unset: the CORS origins, else the relying party's https origin.
+        webauthn_origins: String = "", shown(|s| s.webauthn_origins().join(","));
     }
     internal {
         /// Fingerprints of this checkout's development key material (`.secrets/dev.env`),

@@ -11,6 +11,7 @@ pub mod invitation;
 pub mod lockout;
 pub mod mfa;
 pub mod network;
+pub mod passkey;
 pub mod password;
 pub mod policy;
 pub mod recovery;

@@ -48,15 +48,11 @@ impl AccountService for AccountApi {
         let caller = Caller::try_from(&req)?;
         let meta = RequestMeta::from(&req);
         let q = AccessQuery::try_from(req.get_ref())?;
-        let (decision, access) = self
+        let answer = self
             .accounts
             .check_access(&caller, &meta, q.user_id, q.account_id, q.permission)
             .await?;
-        Ok(Response::new(CheckAccountAccessResponse {
-            allowed: decision.allowed,
-            access: access.map(|a| a.as_str().to_string()).unwrap_or_default(),
-            decided_by: decision.decided_by,
-        }))
+        Ok(Response::new(answer.into()))
     }
 
     async fn get_broker_credentials(

@@ -11,7 +11,10 @@ use chrono::{DateTime, Utc};
 use tonic::{Request, Status};
 use uuid::Uuid;
 
-use crate::domain::account::{AccountAccess, BrokerCredentials, Permission, TradingAccount};
+use crate::domain::account::{
+    Access, AccountAccess, BrokerCredentials, Permission, TradingAccount,
+};
+use crate::domain::policy::Decision;
 use crate::domain::user::User;
 use crate::proto;
 use crate::proto::VerifyReason;
@@ -213,6 +216,26 @@ impl From<BrokerCredentials> for proto::BrokerCredentials {
             api_key: c.api_key,
             api_secret: c.api_secret,
             access_token: c.access_token.unwrap_or_default(),
+        }
+    }
+}
+
+/// CheckAccountAccess's answer: the decision and, when the user has any, their access.
+impl From<(Decision, Option<Access>)> for proto::CheckAccountAccessResponse {
+    fn from((decision, access): (Decision, Option<Access>)) -> Self {
+        Self {
+            allowed: decision.allowed,
+            access: access.map(|a| a.as_str().to_string()).unwrap_or_default(),
+            decided_by: decision.decided_by,
+        }
+    }
+}
+
+impl From<Decision> for proto::CheckPermissionResponse {
+    fn from(d: Decision) -> Self {
+        Self {
+            allowed: d.allowed,
+            decided_by: d.decided_by,
         }
     }
 }

@@ -75,9 +75,6 @@ impl UserService for UserApi {
             .policy
             .check_permission_for(&caller, &meta, &r.subject, &r.action, &r.resource)
             .await?;
-        Ok(Response::new(CheckPermissionResponse {
-            allowed: decision.allowed,
-            decided_by: decision.decided_by,
-        }))
+        Ok(Response::new(decision.into()))
     }
 }

@@ -16,6 +16,7 @@ pub mod mfa;
 pub mod network;
 pub mod observe;
 pub mod openapi;
+pub mod passkeys;
 pub mod problem;
 pub mod recovery;
 pub mod users;
@@ -125,6 +126,7 @@ pub fn routes(state: AppState) -> Router {
         .merge(admin_audit::routes())
         .merge(api_keys::routes())
         .merge(invitations::routes())
+        .merge(passkeys::routes())
         .merge(users::routes())
         .merge(recovery::routes())
         .merge(mfa::routes())

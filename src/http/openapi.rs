@@ -15,7 +15,8 @@ use utoipa::{Modify, OpenApi};
 
 use super::problem::Problem;
 use super::{
-    accounts, admin_audit, api_keys, auth_api, health, invitations, metrics, mfa, recovery, users,
+    accounts, admin_audit, api_keys, auth_api, health, invitations, metrics, mfa, passkeys,
+    recovery, users,
 };
 
 #[derive(OpenApi)]
@@ -79,6 +80,14 @@ use super::{
         mfa::second_step,
         mfa::step_up,
         mfa::admin_remove,
+        passkeys::list,
+        passkeys::register_start,
+        passkeys::register_finish,
+        passkeys::remove,
+        passkeys::login_start,
+        passkeys::login_finish,
+        passkeys::mfa_start,
+        passkeys::step_up_start,
         metrics::metrics,
         openapi_json,
     ),

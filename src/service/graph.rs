@@ -16,6 +16,7 @@ use super::lockout::Lockout;
 use super::login::Login;
 use super::mfa::MfaService;
 use super::notify::Dispatcher;
+use super::passkeys::PasskeyService;
 use super::policy::PolicyEngine;
 use super::service_clients::ServiceClients;
 use super::sessions::Sessions;
@@ -51,6 +52,8 @@ pub struct Services {
     pub invitations: InvitationsService,
     /// Second factors, the login's second step and step-up (issue 14).
     pub mfa: MfaService,
+    /// Passkeys (WebAuthn): registration, passwordless login, second factor.
+    pub passkeys: Arc<PasskeyService>,
     /// Cross-replica cache invalidation: publish "key / user / account changed".
     pub invalidation: Invalidation,
     /// Whether the stores answer, and the pool's occupancy (health, metrics).
@@ -108,7 +111,7 @@ impl Services {
             hasher.clone(),
             sessions.clone(),
             lockout,
-            throttle,
+            throttle.clone(),
             invalidation.clone(),
         ));
         let service_clients = Arc::new(ServiceClients::new(settings, db.clone(), hasher, jwt));
@@ -132,7 +135,12 @@ impl Services {
             policy.clone(),
             accounts.clone(),
         ));
+        let passkeys = Arc::new(
+            PasskeyService::new(settings, db.clone(), sessions.clone(), throttle.clone())?
+                .with_step_up(mfa.step_up.clone()),
+        );
         Ok(Self {
+            passkeys,
             sessions,
             login,
             users,

@@ -355,8 +355,8 @@ impl MfaService {
         if !had {
             return Err(ServiceError::NotFound("totp"));
         }
-        // HOOK(passkeys): count the user's passkeys here (inside the transaction).
-        let passkeys_left = 0;
+        // Recovery codes stay while a passkey is left to go with them.
+        let passkeys_left = store::mfa::passkey_count(&mut tx, uid).await?;
         let codes = if passkeys_left == 0 {
             store::mfa::delete_recovery_codes(&mut tx, uid).await?
         } else {
@@ -439,16 +439,20 @@ impl MfaService {
         }
         let totp = store::mfa::delete_totp(&mut tx, user_id).await?;
         let recovery_codes = store::mfa::delete_recovery_codes(&mut tx, user_id).await?;
-        // HOOK(passkeys): delete the user's passkeys here, in this transaction.
+        let passkeys = super::passkeys::PasskeyService::remove_all_in(&mut tx, user_id).await?;
         tx.audit(
             &AuditEntry::new("admin.user.mfa.removed", Outcome::Success)
                 .by(caller)
                 .target("user", user_id)
                 .meta(meta)
-                .details(json!({ "totp": totp, "recovery_codes": recovery_codes })),
+                .details(json!({
+                    "totp": totp,
+                    "recovery_codes": recovery_codes,
+                    "passkeys": passkeys,
+                })),
         )
         .await?;
-        if totp || recovery_codes > 0 {
+        if totp || recovery_codes > 0 || passkeys > 0 {
             super::notify::notify(&mut tx, Template::MfaDisabled, user_id, json!({})).await?;
         }
         tx.commit().await?;

@@ -17,6 +17,7 @@ pub mod mfa;
 pub mod mfa_login;
 pub mod notify;
 pub mod paging;
+pub mod passkeys;
 pub mod policy;
 pub mod recovery;
 pub mod service_clients;

@@ -10,12 +10,10 @@ use crate::domain::mfa::Factors;
 
 /// What a user holds, in one query.
 ///
-/// HOOK(passkeys): `passkeys` is 0 here; the passkeys branch replaces the
-/// `0::bigint` below with a count of the user's passkeys.
 pub async fn factors(db: &Db, user_id: Uuid) -> StoreResult<Factors> {
     let (totp, passkeys, left): (bool, i64, i64) = sqlx::query_as(
         "select exists(select 1 from user_totp where user_id = $1 and confirmed_at is not null),
-                0::bigint,
+                (select count(*) from webauthn_credentials where user_id = $1),
                 (select count(*) from user_recovery_codes where user_id = $1 and used_at is null)",
     )
     .bind(user_id)
@@ -346,4 +344,15 @@ pub async fn is_account_manager(db: &Db, user_id: Uuid) -> StoreResult<bool> {
     .bind(user_id)
     .fetch_one(&db.pool)
     .await?)
+}
+
+/// The user's passkeys, counted inside a transaction (a factor removal decides
+/// on it whether recovery codes stay).
+pub async fn passkey_count(tx: &mut Tx, user_id: Uuid) -> StoreResult<i64> {
+    Ok(
+        sqlx::query_scalar("select count(*) from webauthn_credentials where user_id = $1")
+            .bind(user_id)
+            .fetch_one(&mut **tx)
+            .await?,
+    )
 }

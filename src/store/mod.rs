@@ -12,6 +12,7 @@ pub mod invitations;
 pub mod login_failures;
 pub mod mfa;
 pub mod outbox;
+pub mod passkeys;
 pub mod policies;
 pub mod probe;
 pub mod recovery;

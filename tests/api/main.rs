@@ -1,5 +1,7 @@
 //! The one integration-test binary: every test starts the whole service on port 0
-//! against a fresh migrated database and its own Redis key prefix.
+//! against a fresh migrated database and its own Redis key prefix. A large topic is a
+//! directory (accounts/, api_keys/, auth/, deploy/): its mod.rs holds the helpers its
+//! files share, each file one sub-topic.
 
 mod helpers;
 
@@ -32,6 +34,7 @@ mod notify;
 mod observability;
 mod openapi;
 mod own_postgres;
+mod passkeys;
 mod recovery;
 mod recovery_logs;
 mod request_span;

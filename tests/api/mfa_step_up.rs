@@ -342,7 +342,10 @@ async fn an_admin_removes_a_users_factors() {
     .unwrap();
     assert_eq!(action, "admin.user.mfa.removed");
     assert_eq!(actor, admin_id.to_string());
-    assert_eq!(details, json!({"totp": true, "recovery_codes": 10}));
+    assert_eq!(
+        details,
+        json!({"totp": true, "recovery_codes": 10, "passkeys": 0})
+    );
     // One step again; the recovery codes went too.
     let (status, body) = password_step(&app, &u.email, STRONG_PASSWORD).await;
     assert_eq!(status, 200);

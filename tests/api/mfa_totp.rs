@@ -112,6 +112,15 @@ async fn enrolment_confirmation_and_status() {
             .await
             .unwrap();
     assert_eq!(stored.len(), 10);
+    // A factor changed: the `mfa_enabled` security notice is in the outbox,
+    // written with the change.
+    let notices: Vec<String> = sqlx::query_scalar(
+        "select template from notification_outbox where template like 'mfa_%' order by created_at",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(notices, ["mfa_enabled"]);
     for c in &uniq {
         let bare = c.replace('-', "");
         assert!(
