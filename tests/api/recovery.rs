@@ -637,3 +637,45 @@ async fn security_notices_go_out_in_the_transaction_of_the_change() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.count("new_sign_in", &e), 2);
 }
+
+#[tokio::test]
+async fn a_password_reset_never_bypasses_the_second_factor() {
+    let (app, receiver) = spawn(|_| {}).await;
+    let u = crate::mfa_support::mfa_user(&app).await;
+    let res = post(
+        &app,
+        "/v1/auth/password-reset",
+        None,
+        json!({"email": u.email}),
+    )
+    .await;
+    assert_eq!(res.status().as_u16(), 202);
+    let message = receiver.message("password_reset", &u.email).await;
+    let res = post(
+        &app,
+        "/v1/auth/password-reset/confirm",
+        None,
+        json!({"token": token_of(&message), "new_password": NEW_PASSWORD}),
+    )
+    .await;
+    assert_eq!(res.status().as_u16(), 204);
+    // The new password is only the first step: the TOTP is still asked for, and
+    // no token or cookie comes with the answer.
+    let (status, body) = crate::mfa_support::password_step(&app, &u.email, NEW_PASSWORD).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["mfa_required"], true, "{body}");
+    assert!(body["access_token"].is_null(), "{body}");
+    assert!(body["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m == "totp"));
+    let factors: bool = sqlx::query_scalar(
+        "select exists(select 1 from user_totp where user_id = $1 and confirmed_at is not null)",
+    )
+    .bind(u.id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(factors, "the reset removed the TOTP authenticator");
+}
