@@ -14,6 +14,7 @@ mod audit_chain;
 mod auth;
 mod browser;
 mod config;
+mod config_keys;
 mod conflicts;
 mod deploy;
 mod edge;
