@@ -14,7 +14,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::Utc;
-use rand::RngCore;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -36,13 +35,6 @@ pub struct SecondStep {
     pub mfa_token: String,
     pub methods: Vec<Method>,
     pub expires_in: u64,
-}
-
-fn random_token() -> String {
-    use base64::Engine as _;
-    let mut b = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 
 /// `method` as the wire gives it; one the user does not hold is a validation
@@ -80,7 +72,7 @@ impl MfaService {
         user_id: Uuid,
         factors: &Factors,
     ) -> ServiceResult<SecondStep> {
-        let token = random_token();
+        let token = super::random_token();
         let id = Uuid::now_v7();
         let amr = [rules::amr::PWD.to_string()];
         let methods = factors.methods();
@@ -314,7 +306,7 @@ impl MfaService {
             .filter(|u| u.status == UserStatus::Active)
             .ok_or(ServiceError::InvalidToken)?;
         let now = Utc::now();
-        let refresh = random_token();
+        let refresh = super::random_token();
         let mut tx = self.db.begin().await?;
         let Some((before, expires_at)) =
             store::mfa::live_session_for_update(&mut tx, sid, uid).await?

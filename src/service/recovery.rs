@@ -131,19 +131,6 @@ fn bad_token() -> ServiceError {
     )
 }
 
-/// The caller as a user acting through a login session (not an API key).
-fn session_user(caller: &Caller) -> ServiceResult<Uuid> {
-    match caller {
-        Caller::User {
-            user_id, key: None, ..
-        } => Ok(*user_id),
-        Caller::User { key: Some(_), .. } => Err(ServiceError::Forbidden(
-            "this needs a login session, not an API key".into(),
-        )),
-        Caller::ServiceClient { .. } => Err(ServiceError::Forbidden("users only".into())),
-    }
-}
-
 fn require_admin(caller: &Caller) -> ServiceResult<()> {
     if caller.has_role(crate::domain::user::Role::Admin) && caller.key_allows_scope("admin:users") {
         Ok(())
@@ -257,7 +244,7 @@ impl Users {
         caller: &Caller,
         meta: &RequestMeta,
     ) -> ServiceResult<()> {
-        let user_id = session_user(caller)?;
+        let user_id = caller.session_user()?.0;
         let record = users::get(&self.db, user_id)
             .await?
             .ok_or(ServiceError::InvalidToken)?;
@@ -428,7 +415,7 @@ impl Users {
         new_email: &str,
         current_password: String,
     ) -> ServiceResult<()> {
-        let user_id = session_user(caller)?;
+        let user_id = caller.session_user()?.0;
         require_verified(&self.db, self.settings.require_verified_email(), caller).await?;
         self.step_up
             .require_step_up(caller, meta, "user.email.change")
