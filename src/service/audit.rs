@@ -124,6 +124,20 @@ impl DenialAudit {
     }
 }
 
+/// Writes `entry` in a transaction of its own, for a refusal that changes
+/// nothing else; a failed write is logged (the refusal still answers).
+pub(crate) async fn write_alone(db: &crate::store::Db, entry: AuditEntry) {
+    let r = async {
+        let mut tx = db.begin().await?;
+        tx.audit(&entry).await?;
+        tx.commit().await
+    }
+    .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, action = %entry.action, "audit write failed");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

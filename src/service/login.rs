@@ -102,7 +102,7 @@ impl Login {
         };
         let Some(record) = record else {
             let _ = self.hasher.verify(password, None).await;
-            self.audit_alone(failed("unknown_user", None)).await;
+            super::audit::write_alone(&self.db, failed("unknown_user", None)).await;
             return refuse("failed");
         };
         // A user with a second factor: a right password does not end the login,
@@ -121,12 +121,12 @@ impl Login {
             .await?;
         match checked {
             Checked::Locked => {
-                self.audit_alone(failed("locked", Some(record.id))).await;
+                super::audit::write_alone(&self.db, failed("locked", Some(record.id))).await;
                 return refuse("locked");
             }
             Checked::Wrong => return refuse("failed"),
             Checked::Right if record.status != UserStatus::Active => {
-                self.audit_alone(failed("disabled", Some(record.id))).await;
+                super::audit::write_alone(&self.db, failed("disabled", Some(record.id))).await;
                 return refuse("failed");
             }
             Checked::Right => {}
@@ -157,19 +157,5 @@ impl Login {
         Ok(LoginOutcome::Tokens(
             self.sessions.open(meta, user, &amr, audit).await?,
         ))
-    }
-
-    /// A refusal's audit row, in a transaction of its own; a failure to write it
-    /// is logged, and the answer stays the refusal.
-    async fn audit_alone(&self, entry: AuditEntry) {
-        let r = async {
-            let mut tx = self.db.begin().await?;
-            tx.audit(&entry).await?;
-            tx.commit().await
-        }
-        .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, action = %entry.action, "audit write failed");
-        }
     }
 }

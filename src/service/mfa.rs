@@ -17,6 +17,9 @@ use crate::domain::mfa::{self as rules, Factors, Method, SessionAuth, TotpEnrolm
 use crate::domain::recovery::Template;
 use crate::store::{self, Db};
 
+/// Factors are never managed with an API key: the refusal says so.
+const MANAGED_WITH: &str = "second factors are managed with";
+
 /// The associated data of a user's sealed TOTP secret: a ciphertext copied to
 /// another user's row no longer opens.
 fn totp_aad(user_id: Uuid) -> Vec<u8> {
@@ -25,20 +28,6 @@ fn totp_aad(user_id: Uuid) -> Vec<u8> {
 
 fn now_secs() -> u64 {
     Utc::now().timestamp().max(0) as u64
-}
-
-/// A user acting through a login session (bearer token or cookie): factors are
-/// never managed with an API key.
-fn session_user(caller: &Caller) -> ServiceResult<Uuid> {
-    match caller {
-        Caller::User {
-            user_id, key: None, ..
-        } => Ok(*user_id),
-        Caller::User { key: Some(_), .. } => Err(ServiceError::Forbidden(
-            "second factors are managed with a login session, not an API key".into(),
-        )),
-        Caller::ServiceClient { .. } => Err(ServiceError::Forbidden("users only".into())),
-    }
 }
 
 // ---- the step-up rule ------------------------------------------------------------
@@ -188,6 +177,7 @@ pub struct MfaService {
     pub(crate) throttle: Arc<super::throttle::Throttle>,
     /// LOGIN_IP_MAX_PER_MINUTE.
     pub(crate) ip_max_per_minute: u32,
+    pub(crate) dead_tokens: super::mfa_login::DeadTokens,
 }
 
 impl MfaService {
@@ -207,6 +197,7 @@ impl MfaService {
             lockout,
             throttle,
             ip_max_per_minute: settings.login_ip_max_per_minute,
+            dead_tokens: super::mfa_login::DeadTokens::new(),
         }
     }
 
@@ -236,7 +227,7 @@ impl MfaService {
     }
 
     pub async fn status(&self, caller: &Caller) -> ServiceResult<MfaStatus> {
-        let uid = session_user(caller)?;
+        let uid = caller.session_user_for(MANAGED_WITH)?.0;
         let f = self.factors(uid).await?;
         Ok(MfaStatus {
             totp: f.totp,
@@ -253,7 +244,7 @@ impl MfaService {
         caller: &Caller,
         meta: &RequestMeta,
     ) -> ServiceResult<TotpEnrolment> {
-        let uid = session_user(caller)?;
+        let uid = caller.session_user_for(MANAGED_WITH)?.0;
         let keys = self.keys()?;
         let user = store::users::get(&self.db, uid)
             .await?
@@ -290,7 +281,7 @@ impl MfaService {
         meta: &RequestMeta,
         code: &str,
     ) -> ServiceResult<Vec<String>> {
-        let uid = session_user(caller)?;
+        let uid = caller.session_user_for(MANAGED_WITH)?.0;
         let mut tx = self.db.begin().await?;
         let row = match store::mfa::totp_for_update(&mut tx, uid).await? {
             Some(r) if !r.confirmed => r,
@@ -346,7 +337,7 @@ impl MfaService {
     /// recovery codes go too: they only back a factor up.
     #[tracing::instrument(skip_all)]
     pub async fn remove_totp(&self, caller: &Caller, meta: &RequestMeta) -> ServiceResult<()> {
-        let uid = session_user(caller)?;
+        let uid = caller.session_user_for(MANAGED_WITH)?.0;
         self.step_up
             .require_step_up(caller, meta, "mfa.totp.remove")
             .await?;
@@ -383,7 +374,7 @@ impl MfaService {
         caller: &Caller,
         meta: &RequestMeta,
     ) -> ServiceResult<Vec<String>> {
-        let uid = session_user(caller)?;
+        let uid = caller.session_user_for(MANAGED_WITH)?.0;
         self.step_up
             .require_step_up(caller, meta, "mfa.recovery_codes.regenerate")
             .await?;

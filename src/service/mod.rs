@@ -194,6 +194,12 @@ impl Caller {
     /// A user acting through their own session (not an API key, not a
     /// service): (user id, session id).
     pub fn session_user(&self) -> ServiceResult<(Uuid, Option<Uuid>)> {
+        self.session_user_for("this needs")
+    }
+
+    /// `session_user` for managing a kind of credential: an API key is
+    /// refused with "`what` a login session" (e.g. "passkeys are managed with").
+    pub fn session_user_for(&self, what: &str) -> ServiceResult<(Uuid, Option<Uuid>)> {
         match self {
             Caller::User {
                 user_id,
@@ -201,9 +207,9 @@ impl Caller {
                 key: None,
                 ..
             } => Ok((*user_id, *session_id)),
-            Caller::User { key: Some(_), .. } => Err(ServiceError::Forbidden(
-                "this needs a login session, not an API key".into(),
-            )),
+            Caller::User { key: Some(_), .. } => Err(ServiceError::Forbidden(format!(
+                "{what} a login session, not an API key"
+            ))),
             Caller::ServiceClient { .. } => Err(ServiceError::Forbidden("users only".into())),
         }
     }

@@ -27,6 +27,9 @@ use crate::domain::passkey::{
 use crate::store::passkeys::{self as store, NewPasskey, StoredPasskey};
 use crate::store::{users, Db, Tx};
 
+/// Factors are never managed with an API key: the refusal says so.
+const MANAGED_WITH: &str = "passkeys are managed with";
+
 /// The relying party's name, shown by authenticators next to the account.
 const RP_NAME: &str = "StocksBlitz";
 
@@ -56,20 +59,6 @@ pub struct PasskeyService {
     webauthn: std::sync::Arc<Webauthn>,
     /// Removing a passkey is a step-up operation (DESIGN §8).
     step_up: Option<super::mfa::StepUp>,
-}
-
-/// The signed-in user behind a session (bearer token or cookie): factors are
-/// never managed with an API key.
-fn session_user(caller: &Caller) -> ServiceResult<Uuid> {
-    match caller {
-        Caller::User {
-            user_id, key: None, ..
-        } => Ok(*user_id),
-        Caller::User { key: Some(_), .. } => Err(ServiceError::Forbidden(
-            "passkeys are managed with a login session, not an API key".into(),
-        )),
-        Caller::ServiceClient { .. } => Err(ServiceError::Forbidden("users only".into())),
-    }
 }
 
 /// The browser's credential JSON as webauthn-rs reads it; a shape it cannot
@@ -213,25 +202,13 @@ impl PasskeyService {
         }
     }
 
-    async fn audit_alone(&self, entry: AuditEntry) {
-        let r = async {
-            let mut tx = self.db.begin().await?;
-            tx.audit(&entry).await?;
-            tx.commit().await
-        }
-        .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, action = %entry.action, "audit write failed");
-        }
-    }
-
     // ---- the signed-in user's passkeys ----
 
     /// Starts adding a passkey: creation options asking for a discoverable,
     /// user-verified credential, excluding the ones the user already has.
     #[tracing::instrument(skip_all)]
     pub async fn start_registration(&self, caller: &Caller) -> ServiceResult<Challenge> {
-        let user_id = session_user(caller)?;
+        let user_id = caller.session_user_for(MANAGED_WITH)?.0;
         let user = users::get(&self.db, user_id)
             .await?
             .ok_or(ServiceError::InvalidToken)?;
@@ -275,7 +252,7 @@ impl PasskeyService {
         name: Option<&str>,
         credential: Value,
     ) -> ServiceResult<PasskeySummary> {
-        let user_id = session_user(caller)?;
+        let user_id = caller.session_user_for(MANAGED_WITH)?.0;
         let name =
             PasskeyName::parse(name).map_err(|m| ServiceError::validation("name", "invalid", m))?;
         let reg: RegisterPublicKeyCredential = parse_credential(credential)?;
@@ -337,14 +314,14 @@ impl PasskeyService {
 
     /// The caller's passkeys, oldest first.
     pub async fn list(&self, caller: &Caller) -> ServiceResult<Vec<PasskeySummary>> {
-        let user_id = session_user(caller)?;
+        let user_id = caller.session_user_for(MANAGED_WITH)?.0;
         Ok(store::list_for_user(&self.db, user_id).await?)
     }
 
     /// Removes one of the caller's passkeys (audited); another user's is 404.
     #[tracing::instrument(skip_all)]
     pub async fn remove(&self, caller: &Caller, meta: &RequestMeta, id: Uuid) -> ServiceResult<()> {
-        let user_id = session_user(caller)?;
+        let user_id = caller.session_user_for(MANAGED_WITH)?.0;
         if let Some(step_up) = &self.step_up {
             step_up
                 .require_step_up(caller, meta, "mfa.passkey.remove")
@@ -419,7 +396,7 @@ impl PasskeyService {
         if let Some(uid) = user_id {
             entry = entry.target("user", uid);
         }
-        self.audit_alone(entry).await;
+        super::audit::write_alone(&self.db, entry).await;
         ServiceError::InvalidCredentials
     }
 
@@ -580,7 +557,8 @@ impl PasskeyService {
     /// key): the same assertion as a second factor, finished through
     /// `POST /v1/auth/step-up {method: "webauthn", challenge_id, credential}`.
     pub async fn start_step_up(&self, caller: &Caller) -> ServiceResult<Challenge> {
-        self.start_second_factor(session_user(caller)?).await
+        self.start_second_factor(caller.session_user_for(MANAGED_WITH)?.0)
+            .await
     }
 
     /// Verifies a passkey assertion as `user_id`'s second factor, for a challenge

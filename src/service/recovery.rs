@@ -184,7 +184,8 @@ impl Users {
         let mut tx = self.db.begin().await?;
         let Some(t) = store::consume_token(&mut tx, &sha256(token), &purposes).await? else {
             drop(tx);
-            self.audit_alone_recovery(
+            super::audit::write_alone(
+                &self.db,
                 AuditEntry::new("user.email.verify_failed", Outcome::Failure)
                     .meta(meta)
                     .detail("reason", "invalid_token"),
@@ -488,18 +489,6 @@ impl Users {
         .await?;
         tx.commit().await?;
         Ok(())
-    }
-
-    async fn audit_alone_recovery(&self, entry: AuditEntry) {
-        let r = async {
-            let mut tx = self.db.begin().await?;
-            tx.audit(&entry).await?;
-            tx.commit().await
-        }
-        .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, action = %entry.action, "audit write failed");
-        }
     }
 }
 
