@@ -105,7 +105,8 @@ impl Lockout {
             .ip
             .map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
         let mut turn = self.turns.take(user_id).await;
-        let (account, pair) = login_failures::standing(&self.db, user_id, &ip, window).await?;
+        let (mut account, mut pair) =
+            login_failures::standing(&self.db, user_id, &ip, window).await?;
         let mut gate = lockout::gate(account, pair);
         if gate == Gate::Delayed {
             // The second check for an address that has not failed: a wait, out of
@@ -114,7 +115,7 @@ impl Lockout {
             metrics::counter!("logins_total", "result" => "delayed").increment(1);
             tokio::time::sleep(self.delay).await;
             turn = self.turns.take(user_id).await;
-            let (account, pair) = login_failures::standing(&self.db, user_id, &ip, window).await?;
+            (account, pair) = login_failures::standing(&self.db, user_id, &ip, window).await?;
             gate = lockout::gate(account, pair);
         }
         if gate == Gate::Locked {
@@ -123,14 +124,17 @@ impl Lockout {
             return Ok(Checked::Locked);
         }
         let right = check.await?;
-        let mut tx = self.db.begin().await?;
         if right {
-            if finishes_login {
+            // Nothing counted in the window: no transaction (a login's hot path
+            // is one argon2 hash plus the fewest round trips).
+            if finishes_login && (account.failures > 0 || pair.failures > 0) {
+                let mut tx = self.db.begin().await?;
                 login_failures::clear(&mut tx, user_id, &ip, window).await?;
                 tx.commit().await?;
             }
             return Ok(Checked::Right);
         }
+        let mut tx = self.db.begin().await?;
         let (max, lockout) = (self.max_attempts, self.lockout_secs);
         let mut locks = Vec::new();
         for (scope, key) in [("account", login_failures::ANY_IP), ("client_ip", &ip)] {

@@ -122,25 +122,54 @@ impl MfaService {
     }
 }
 
-/// A live challenge for `mfa_token`, or the same refusal as a wrong code.
-async fn live_challenge(
-    db: &store::Db,
-    mfa_token: &str,
-) -> ServiceResult<store::mfa::ChallengeRow> {
-    if mfa_token.is_empty() || mfa_token.len() > 128 {
-        return Err(ServiceError::SecondFactorRefused);
-    }
-    match store::mfa::challenge(db, &sha256(mfa_token)).await? {
-        Some(c) if c.live => Ok(c),
-        _ => Err(ServiceError::SecondFactorRefused),
+/// `mfa_token`s this replica has found dead (used, expired, unknown, or ended
+/// by the lockout), by hash, for as long as a token could live: a flood of
+/// second factors on one of them is refused without a round trip, so it
+/// cannot slow the hot path (issue 14). Bounded: made-up tokens only evict.
+/// Clones share one cache.
+#[derive(Clone)]
+pub(crate) struct DeadTokens(moka::sync::Cache<[u8; 32], ()>);
+
+impl DeadTokens {
+    pub(crate) fn new() -> Self {
+        Self(
+            moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(MFA_TOKEN_TTL_SECS))
+                .build(),
+        )
     }
 }
 
 impl MfaService {
+    /// The hash of `mfa_token`, unless it is malformed or this replica knows it
+    /// dead (then the caller refuses before any I/O).
+    fn hash_unless_dead(&self, mfa_token: &str) -> Option<[u8; 32]> {
+        if mfa_token.is_empty() || mfa_token.len() > 128 {
+            return None;
+        }
+        let hash = sha256(mfa_token);
+        (!self.dead_tokens.0.contains_key(&hash)).then_some(hash)
+    }
+
+    /// A live challenge for `mfa_token`, or the same refusal as a wrong code.
+    async fn live_challenge(&self, hash: &[u8; 32]) -> ServiceResult<store::mfa::ChallengeRow> {
+        match store::mfa::challenge(&self.db, hash).await? {
+            Some(c) if c.live => Ok(c),
+            _ => {
+                self.dead_tokens.0.insert(*hash, ());
+                Err(ServiceError::SecondFactorRefused)
+            }
+        }
+    }
+
     /// Who a live `mfa_token` belongs to, and the factors they hold (for a
     /// second factor that needs a challenge first, e.g. a passkey assertion).
     pub async fn pending_user(&self, mfa_token: &str) -> ServiceResult<(Uuid, Factors)> {
-        let c = live_challenge(&self.db, mfa_token).await?;
+        let hash = self
+            .hash_unless_dead(mfa_token)
+            .ok_or(ServiceError::SecondFactorRefused)?;
+        let c = self.live_challenge(&hash).await?;
         Ok((c.user_id, self.factors(c.user_id).await?))
     }
 
@@ -176,8 +205,11 @@ impl MfaService {
         F: FnOnce(Uuid, Method) -> Fut,
         Fut: Future<Output = ServiceResult<bool>>,
     {
+        let hash = self
+            .hash_unless_dead(mfa_token)
+            .ok_or(ServiceError::SecondFactorRefused)?;
         self.throttle_second_factor(meta).await?;
-        let challenge = live_challenge(&self.db, mfa_token).await?;
+        let challenge = self.live_challenge(&hash).await?;
         let uid = challenge.user_id;
         let factors = self.factors(uid).await?;
         let method = parse_method(method, &factors)?;
@@ -206,7 +238,15 @@ impl MfaService {
             }
             Checked::Locked => {
                 metrics::counter!("logins_total", "result" => "locked").increment(1);
-                self.audit_alone(failed("locked")).await;
+                // The lock ends this mfa_token (one audit row, not one per
+                // guess): a new one needs the password again, which the lock
+                // refuses too.
+                let mut tx = self.db.begin().await?;
+                if store::mfa::consume_challenge(&mut tx, challenge.id).await? {
+                    tx.audit(&failed("locked")).await?;
+                }
+                tx.commit().await?;
+                self.dead_tokens.0.insert(hash, ());
                 return Err(ServiceError::SecondFactorRefused);
             }
         }
@@ -217,6 +257,7 @@ impl MfaService {
         let consumed = store::mfa::consume_challenge(&mut tx, challenge.id).await?;
         tx.commit().await?;
         // Another request finished this login first, or the user went away.
+        self.dead_tokens.0.insert(hash, ());
         let (true, Some(record)) = (consumed, record) else {
             return Err(ServiceError::SecondFactorRefused);
         };
@@ -297,7 +338,7 @@ impl MfaService {
             Checked::Right => {}
             Checked::Wrong => return Err(ServiceError::SecondFactorRefused),
             Checked::Locked => {
-                self.audit_alone(failed("locked")).await;
+                super::audit::write_alone(&self.db, failed("locked")).await;
                 return Err(ServiceError::SecondFactorRefused);
             }
         }
@@ -327,17 +368,5 @@ impl MfaService {
         tx.commit().await?;
         self.sessions
             .tokens_for(record.into_user(), sid, refresh, &amr, now.timestamp())
-    }
-
-    async fn audit_alone(&self, entry: AuditEntry) {
-        let r = async {
-            let mut tx = self.db.begin().await?;
-            tx.audit(&entry).await?;
-            tx.commit().await
-        }
-        .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, action = %entry.action, "audit write failed");
-        }
     }
 }
