@@ -138,6 +138,10 @@ enum Mode {
         /// JSON body: the request becomes a POST.
         #[arg(long)]
         body: Option<String>,
+        /// File of JSON bodies, one per line: connection `i` posts line
+        /// `i % lines` (e.g. logins of many users, one in flight per user).
+        #[arg(long, conflicts_with = "body")]
+        bodies: Option<String>,
         /// The status that counts as an answer (a flood of refusals: 401);
         /// default any 2xx.
         #[arg(long)]
@@ -200,7 +204,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 users,
                 password,
                 cli.concurrency,
-                cli.warmup,
                 cli.duration,
                 cli.server_pid,
             )
@@ -313,9 +316,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             url,
             header,
             body,
+            bodies,
             expect_status,
         } => {
             let expect_status = *expect_status;
+            let bodies: Vec<Option<String>> = match bodies {
+                Some(file) => read_lines(file)?.into_iter().map(Some).collect(),
+                None => vec![body.clone()],
+            };
+            anyhow::ensure!(!bodies.is_empty(), "no bodies");
             let uri: hyper::Uri = url.parse()?;
             let host = uri.host().unwrap_or("127.0.0.1").to_string();
             let port = uri.port_u16().unwrap_or(80);
@@ -328,7 +337,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .filter_map(|h| h.split_once(':'))
                 .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
                 .collect();
-            for _ in 0..cli.concurrency {
+            for w in 0..cli.concurrency {
                 let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
                 stream.set_nodelay(true)?;
                 let (mut sender, conn) =
@@ -340,7 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     path.clone(),
                     host.clone(),
                     headers.clone(),
-                    body.clone().map(Bytes::from),
+                    bodies[w % bodies.len()].clone().map(Bytes::from),
                 );
                 workers.push(tokio::spawn(async move {
                     let mut t = Tally::new();
@@ -704,17 +713,26 @@ fn report(results: &str, rss_kib: u64, notes: &[String], service_cores: u32) -> 
             mark(flood <= 2 * idle)
         ));
     }
-    // Issue 14: the TOTP step costs no hash, and a flood of wrong codes leaves
-    // the hot path alone.
+    // Issue 14: a login with TOTP costs one argon2 hash plus what the second
+    // step costs, and that is no hash (service CPU, measured around the
+    // second steps alone).
+    let cpu_of = |name: &str| by(name).and_then(|r| r["server_cpu_us_per_req"].as_f64());
     if let (Some(step), Some(hash)) = (
-        by("k_login_totp_second_step").and_then(|r| r["p50_us"].as_u64()),
+        cpu_of("k_login_totp_second_step"),
         (!hash_ms.is_empty()).then(|| hash_ms.iter().sum::<f64>() / hash_ms.len() as f64),
     ) {
         md.push_str(&format!(
-            "| (k) TOTP step p50 < 0.25 × one argon2 hash ({hash:.1} ms) | {:.2} ms | {} |\n",
-            step as f64 / 1000.0,
-            mark((step as f64 / 1000.0) < 0.25 * hash)
+            "| (k) TOTP second step, service CPU < 0.1 × one argon2 hash ({hash:.1} ms) | {:.0} µs ({:.3} ×) | {} |\n",
+            step,
+            step / 1000.0 / hash,
+            mark(step / 1000.0 < 0.1 * hash)
         ));
+        if let (Some(totp), Some(pwd)) = (cpu_of("k_login_totp"), cpu_of("f_login")) {
+            md.push_str(&format!(
+                "| (k) login with TOTP ÷ (f) password login, service CPU | {totp:.0} µs ÷ {pwd:.0} µs = {:.2} | (for reference) |\n",
+                totp / pwd
+            ));
+        }
     }
     if let (Some(flood), Some(idle)) =
         (p99_of("l_verify_under_totp_flood"), p99_of("b_verify_warm"))

@@ -1,12 +1,10 @@
 //! Issue 14's scenarios for the load generator: enrolling the bench users in
 //! TOTP (`seed-mfa`), and logins in two steps (`mfa-login`): the password step
 //! costs one argon2 hash, the TOTP step only HMACs and a few queries. Each
-//! code is accepted once, so workers take turns over many users, each user
+//! code is accepted once, so logins go in rounds over many users, each user
 //! giving at most the three codes of the current ±1 time steps.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -96,50 +94,83 @@ pub async fn seed_mfa(base: &str, users: &str, out: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-struct Run {
-    measuring: AtomicBool,
-    stop: AtomicBool,
-    next: AtomicUsize,
-    /// Per user, the last time step used.
-    used: Mutex<HashMap<usize, u64>>,
+/// CPU time of every thread of `pid` so far, in seconds, to the nanosecond
+/// (`/proc/<pid>/task/*/schedstat`): the second steps of a round take tens of
+/// milliseconds in all, too short for /proc/<pid>/stat's 10 ms ticks.
+fn thread_cpu_seconds(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e9
 }
 
-impl Run {
-    /// A user with a code still unused, and that code's step.
-    fn take(&self, users: usize) -> Option<(usize, u64)> {
-        let now = now_step();
-        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        for _ in 0..users {
-            let u = self.next.fetch_add(1, Ordering::Relaxed) % users;
-            let step = match used.get(&u) {
-                Some(&l) if l > now => continue,
-                Some(&l) => (l + 1).max(now - 1),
-                None => now - 1,
-            };
-            used.insert(u, step);
-            return Some((u, step));
-        }
-        None
+/// Per user, the next step with a code not yet used (±1 step of skew), and
+/// marks it used; `None` when every code of the user is spent until the
+/// clock moves on.
+fn take_step(used: &mut HashMap<usize, u64>, u: usize) -> Option<u64> {
+    let now = now_step();
+    let step = match used.get(&u) {
+        Some(&l) if l > now => return None,
+        Some(&l) => (l + 1).max(now - 1),
+        None => now - 1,
+    };
+    used.insert(u, step);
+    Some(step)
+}
+
+/// Runs `job(i, connection)` for every `i` of `0..n` over the connections
+/// (one request in flight on each), in order per connection; answers the
+/// results in `i` order and gives the connections back.
+async fn over_connections<T, F, Fut>(
+    senders: Vec<Sender>,
+    n: usize,
+    job: F,
+) -> anyhow::Result<(Vec<T>, Vec<Sender>)>
+where
+    F: Fn(usize, Sender) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(T, Sender)>>,
+{
+    let width = senders.len();
+    let job = &job;
+    let tasks = senders
+        .into_iter()
+        .enumerate()
+        .map(|(w, mut sender)| async move {
+            let mut out = Vec::new();
+            for i in (w..n).step_by(width) {
+                let (t, s) = job(i, sender).await?;
+                sender = s;
+                out.push((i, t));
+            }
+            anyhow::Ok((out, sender))
+        });
+    let mut all = Vec::new();
+    let mut senders = Vec::new();
+    for (out, sender) in futures::future::try_join_all(tasks).await? {
+        all.extend(out);
+        senders.push(sender);
     }
+    all.sort_by_key(|(i, _)| *i);
+    Ok((all.into_iter().map(|(_, t)| t).collect(), senders))
 }
 
-struct Tallies {
-    both: Histogram<u64>,
-    second: Histogram<u64>,
-    errors: u64,
-}
-
-/// `mfa-login`: logins in two steps over `users` (`seed-mfa`'s lines)
-/// sharing `password`. Prints two result lines: `<name>` (both steps) and
+/// `mfa-login`: logins in two steps over `users` (`seed-mfa`'s lines) sharing
+/// `password`, in rounds: every user's password step (`concurrency` at a
+/// time), then every user's TOTP step, with the service's CPU taken around
+/// each phase alone. Each TOTP code is accepted once, so a round needs a fresh
+/// code per user; rounds go on while codes are left and `duration` lasts.
+/// Prints `<name>` (whole logins: both steps' latency and CPU) and
 /// `<name>_second_step` (POST /v1/auth/mfa alone).
-#[allow(clippy::too_many_arguments)]
 pub async fn mfa_login(
     name: &str,
     base: &str,
     users: &str,
     password: &str,
     concurrency: usize,
-    warmup: f64,
     duration: f64,
     server_pid: Option<u32>,
 ) -> anyhow::Result<()> {
@@ -152,43 +183,40 @@ pub async fn mfa_login(
         list.push((f[0].to_string(), f[1].to_string()));
     }
     anyhow::ensure!(!list.is_empty(), "no users");
-    let users = list;
-    let users = Arc::new(users);
     let uri: hyper::Uri = base.parse()?;
     let authority = uri
         .authority()
         .map_or("localhost", |a| a.as_str())
         .to_string();
-    let run = Arc::new(Run {
-        measuring: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-        next: AtomicUsize::new(0),
-        used: Mutex::new(used),
-    });
-    let mut workers = Vec::new();
+    let mut senders = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let mut sender = super::http1(&uri).await?;
-        let (run, users, authority, password) = (
-            run.clone(),
-            users.clone(),
-            authority.clone(),
-            password.to_string(),
-        );
-        workers.push(tokio::spawn(async move {
-            let mut t = Tallies {
-                both: Histogram::new_with_bounds(1, 60_000_000, 3)?,
-                second: Histogram::new_with_bounds(1, 60_000_000, 3)?,
-                errors: 0,
-            };
-            while !run.stop.load(Ordering::Relaxed) {
-                let Some((u, step)) = run.take(users.len()) else {
-                    // Every user's codes are spent until the clock moves on.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let (email, secret) = &users[u];
+        senders.push(super::http1(&uri).await?);
+    }
+    let cpu = || server_pid.map_or(0.0, thread_cpu_seconds);
+    let mut both = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut second = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut cpu_first, mut cpu_second, mut errors) = (0.0, 0.0, 0u64);
+    let (mut wall, own_before) = (0.0, super::cpu_seconds("self"));
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < duration {
+        let round: Vec<(usize, u64)> = (0..list.len())
+            .filter_map(|u| take_step(&mut used, u).map(|s| (u, s)))
+            .collect();
+        if round.is_empty() {
+            if both.is_empty() {
+                // Every code is spent: wait for the clock (only before any round).
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            break;
+        }
+        let t0 = Instant::now();
+        let c0 = cpu();
+        let (firsts, back) = over_connections(senders, round.len(), |i, mut sender| {
+            let (email, authority) = (list[round[i].0].0.clone(), authority.clone());
+            async move {
                 let start = Instant::now();
-                let (s, first) = post(
+                let (s, body) = post(
                     &mut sender,
                     &authority,
                     "/v1/auth/login",
@@ -196,86 +224,75 @@ pub async fn mfa_login(
                     serde_json::json!({ "email": email, "password": password }),
                 )
                 .await?;
-                let second_start = Instant::now();
-                let ok = if s == 200 && first["mfa_required"] == true {
-                    let (s, _) = post(
-                        &mut sender,
-                        &authority,
-                        "/v1/auth/mfa",
-                        None,
-                        serde_json::json!({
-                            "mfa_token": first["mfa_token"],
-                            "method": "totp",
-                            "code": code(secret, step)?,
-                        }),
-                    )
-                    .await?;
-                    s == 200
-                } else {
-                    false
-                };
-                if run.measuring.load(Ordering::Relaxed) {
-                    if ok {
-                        let _ = t.both.record(start.elapsed().as_micros().max(1) as u64);
-                        let _ = t
-                            .second
-                            .record(second_start.elapsed().as_micros().max(1) as u64);
-                    } else {
-                        t.errors += 1;
-                    }
-                }
+                let token = (s == 200 && body["mfa_required"] == true)
+                    .then(|| body["mfa_token"].as_str().map(str::to_string))
+                    .flatten();
+                Ok(((token, start.elapsed()), sender))
             }
-            anyhow::Ok(t)
-        }));
+        })
+        .await?;
+        let c1 = cpu();
+        let (seconds, back) = over_connections(back, round.len(), |i, mut sender| {
+            let (u, step) = round[i];
+            let token = firsts[i].0.clone();
+            let (secret, authority) = (list[u].1.clone(), authority.clone());
+            async move {
+                let Some(token) = token else {
+                    return Ok((None, sender));
+                };
+                let start = Instant::now();
+                let (s, _) = post(
+                    &mut sender,
+                    &authority,
+                    "/v1/auth/mfa",
+                    None,
+                    serde_json::json!({
+                        "mfa_token": token, "method": "totp", "code": code(&secret, step)?,
+                    }),
+                )
+                .await?;
+                Ok(((s == 200).then(|| start.elapsed()), sender))
+            }
+        })
+        .await?;
+        senders = back;
+        cpu_first += c1 - c0;
+        cpu_second += cpu() - c1;
+        wall += t0.elapsed().as_secs_f64();
+        for (f, s) in firsts.iter().zip(&seconds) {
+            match s {
+                Some(s) => {
+                    let us = |d: &Duration| d.as_micros().max(1) as u64;
+                    let _ = both.record(us(&f.1) + us(s));
+                    let _ = second.record(us(s));
+                }
+                None => errors += 1,
+            }
+        }
     }
-    tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
-    let cpu_before = (
-        super::cpu_seconds("self"),
-        server_pid.map(|p| super::cpu_seconds(&p.to_string())),
-    );
-    run.measuring.store(true, Ordering::Relaxed);
-    let measured = Instant::now();
-    tokio::time::sleep(Duration::from_secs_f64(duration)).await;
-    run.measuring.store(false, Ordering::Relaxed);
-    let elapsed = measured.elapsed().as_secs_f64();
-    let own_cpu = super::cpu_seconds("self") - cpu_before.0;
-    let server_cpu = server_pid
-        .zip(cpu_before.1)
-        .map(|(p, before)| super::cpu_seconds(&p.to_string()) - before);
-    run.stop.store(true, Ordering::Relaxed);
-    let mut both = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut second = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut errors = 0;
-    for w in workers {
-        let t = w.await??;
-        both.add(&t.both)?;
-        second.add(&t.second)?;
-        errors += t.errors;
-    }
-    for (label, h, whole) in [
-        (name.to_string(), &both, true),
-        (format!("{name}_second_step"), &second, false),
+    let own_cpu = super::cpu_seconds("self") - own_before;
+    let count = both.len();
+    for (label, h, server_cpu) in [
+        (name.to_string(), &both, cpu_first + cpu_second),
+        (format!("{name}_second_step"), &second, cpu_second),
     ] {
-        let count = h.len();
-        // The service's CPU covers both steps: shown once, on the whole login.
-        let server_cpu = server_cpu.filter(|_| whole);
         println!(
             "{}",
             serde_json::json!({
                 "name": label,
                 "concurrency": concurrency,
                 "connections": concurrency,
-                "seconds": elapsed,
+                "seconds": wall,
                 "requests": count,
                 "errors": errors,
-                "rps": count as f64 / elapsed,
+                "rps": count as f64 / wall.max(1e-9),
                 "p50_us": h.value_at_quantile(0.50),
                 "p99_us": h.value_at_quantile(0.99),
                 "p999_us": h.value_at_quantile(0.999),
                 "max_us": h.max(),
                 "loadgen_cpu_us_per_req": own_cpu * 1e6 / count.max(1) as f64,
-                "server_cpu_us_per_req": server_cpu.map(|c| c * 1e6 / count.max(1) as f64),
-                "server_cpu_share": server_cpu.map(|c| c / elapsed),
+                "server_cpu_us_per_req": server_pid.map(|_| server_cpu * 1e6 / count.max(1) as f64),
+                "server_cpu_share": server_pid.map(|_| server_cpu / wall.max(1e-9)),
             })
         );
     }
