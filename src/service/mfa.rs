@@ -470,10 +470,7 @@ impl MfaService {
             return Ok(false);
         };
         // Of two requests racing with the same code, one records the step.
-        let mut tx = self.db.begin().await?;
-        let accepted = store::mfa::accept_totp_step(&mut tx, user_id, step as i64).await?;
-        tx.commit().await?;
-        Ok(accepted)
+        Ok(store::mfa::accept_totp_step(&self.db, user_id, step as i64).await?)
     }
 
     /// Spends a recovery code of `user_id`; `false` when it is not an unused one.

@@ -94,8 +94,9 @@ pub async fn confirm_totp(tx: &mut Tx, user_id: Uuid, step: i64) -> StoreResult<
 }
 
 /// Records that a code of `step` was accepted, only if no code of this step or a
-/// later one was: of two requests racing with one code, exactly one wins.
-pub async fn accept_totp_step(tx: &mut Tx, user_id: Uuid, step: i64) -> StoreResult<bool> {
+/// later one was: of two requests racing with one code, exactly one wins (one
+/// statement, atomic on its own: no transaction needed).
+pub async fn accept_totp_step(db: &Db, user_id: Uuid, step: i64) -> StoreResult<bool> {
     let n = sqlx::query(
         "update user_totp set last_used_step = $2, updated_at = now()
           where user_id = $1 and confirmed_at is not null
@@ -103,7 +104,7 @@ pub async fn accept_totp_step(tx: &mut Tx, user_id: Uuid, step: i64) -> StoreRes
     )
     .bind(user_id)
     .bind(step)
-    .execute(&mut **tx)
+    .execute(&db.pool)
     .await?
     .rows_affected();
     Ok(n > 0)

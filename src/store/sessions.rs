@@ -57,22 +57,29 @@ pub struct RefreshRow {
     pub session_expires_at: DateTime<Utc>,
 }
 
-pub async fn create(
-    tx: &mut Tx,
-    id: Uuid,
-    user_id: Uuid,
-    expires_at: DateTime<Utc>,
-    ip: Option<String>,
-    user_agent: Option<&str>,
-) -> StoreResult<()> {
+pub struct NewSession<'a> {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub expires_at: DateTime<Utc>,
+    pub ip: Option<String>,
+    pub user_agent: Option<&'a str>,
+    pub amr: &'a [String],
+    pub auth_time: DateTime<Utc>,
+}
+
+/// A new session, with how and when its user authenticated (`amr`, `auth_time`).
+pub async fn create(tx: &mut Tx, new: &NewSession<'_>) -> StoreResult<()> {
     sqlx::query(
-        "insert into sessions (id, user_id, expires_at, ip, user_agent) values ($1, $2, $3, $4, $5)",
+        "insert into sessions (id, user_id, expires_at, ip, user_agent, amr, auth_time)
+         values ($1, $2, $3, $4, $5, $6, $7)",
     )
-    .bind(id)
-    .bind(user_id)
-    .bind(expires_at)
-    .bind(ip)
-    .bind(user_agent)
+    .bind(new.id)
+    .bind(new.user_id)
+    .bind(new.expires_at)
+    .bind(&new.ip)
+    .bind(new.user_agent)
+    .bind(new.amr)
+    .bind(new.auth_time)
     .execute(&mut **tx)
     .await?;
     Ok(())

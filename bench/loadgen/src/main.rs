@@ -424,7 +424,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         serde_json::json!({
             "name": cli.name,
             "concurrency": cli.concurrency,
-            "connections": cli.connections,
+            // HTTP/1.1 holds one connection per stream; gRPC shares --connections.
+            "connections": if matches!(cli.mode, Mode::Http { .. }) { cli.concurrency } else { cli.connections },
             "seconds": elapsed,
             "requests": count,
             "errors": total.errors,

@@ -291,14 +291,17 @@ impl Sessions {
         let mut tx = self.db.begin().await?;
         sessions::create(
             &mut tx,
-            session_id,
-            user.id,
-            expires_at,
-            meta.ip.map(|ip| ip.to_string()),
-            meta.user_agent.as_deref(),
+            &sessions::NewSession {
+                id: session_id,
+                user_id: user.id,
+                expires_at,
+                ip: meta.ip.map(|ip| ip.to_string()),
+                user_agent: meta.user_agent.as_deref(),
+                amr,
+                auth_time: now,
+            },
         )
         .await?;
-        crate::store::mfa::set_session_auth(&mut tx, session_id, amr, now).await?;
         sessions::insert_refresh_token(&mut tx, session_id, &sha256(&refresh), expires_at).await?;
         // Hook (issue 15): `new_sign_in` from an address unseen for 30 days.
         super::recovery::on_sign_in(&mut tx, user.id, &user.email, meta).await?;
