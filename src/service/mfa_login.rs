@@ -253,12 +253,13 @@ impl MfaService {
         let record = store::users::get(&self.db, uid)
             .await?
             .filter(|u| u.status == UserStatus::Active);
+        // The mfa_token is used up in the session's own transaction: no
+        // session without it, and no used-up token without a session.
         let mut tx = self.db.begin().await?;
         let consumed = store::mfa::consume_challenge(&mut tx, challenge.id).await?;
-        tx.commit().await?;
         // Another request finished this login first, or the user went away.
-        self.dead_tokens.0.insert(hash, ());
         let (true, Some(record)) = (consumed, record) else {
+            self.dead_tokens.0.insert(hash, ());
             return Err(ServiceError::SecondFactorRefused);
         };
         metrics::counter!("logins_total", "result" => "succeeded").increment(1);
@@ -266,7 +267,9 @@ impl MfaService {
         let user = record.into_user();
         let audit =
             AuditEntry::new("auth.login.succeeded", Outcome::Success).actor("user", user.id);
-        self.sessions.open(meta, user, &amr, audit).await
+        let tokens = self.sessions.open_in(tx, meta, user, &amr, audit).await?;
+        self.dead_tokens.0.insert(hash, ());
+        Ok(tokens)
     }
 
     /// `POST /v1/auth/step-up` with a code.

@@ -284,11 +284,24 @@ impl Sessions {
         amr: &[String],
         audit: AuditEntry,
     ) -> ServiceResult<LoginTokens> {
+        let tx = self.db.begin().await?;
+        self.open_in(tx, meta, user, amr, audit).await
+    }
+
+    /// `open` in a transaction the caller began and wrote in (e.g. the second
+    /// step using up its `mfa_token`): both commit together, or neither.
+    pub async fn open_in(
+        &self,
+        mut tx: crate::store::Tx,
+        meta: &RequestMeta,
+        user: User,
+        amr: &[String],
+        audit: AuditEntry,
+    ) -> ServiceResult<LoginTokens> {
         let session_id = Uuid::now_v7();
         let refresh = super::random_token();
         let now = Utc::now();
         let expires_at = now + chrono::Duration::seconds(self.refresh_ttl_secs as i64);
-        let mut tx = self.db.begin().await?;
         sessions::create(
             &mut tx,
             &sessions::NewSession {
