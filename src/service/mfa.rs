@@ -177,7 +177,7 @@ pub struct MfaService {
     pub(crate) throttle: Arc<super::throttle::Throttle>,
     /// LOGIN_IP_MAX_PER_MINUTE.
     pub(crate) ip_max_per_minute: u32,
-    pub(crate) dead_tokens: super::mfa_login::DeadTokens,
+    pub(crate) token_memo: super::mfa_login::TokenMemo,
 }
 
 impl MfaService {
@@ -197,7 +197,7 @@ impl MfaService {
             lockout,
             throttle,
             ip_max_per_minute: settings.login_ip_max_per_minute,
-            dead_tokens: super::mfa_login::DeadTokens::new(),
+            token_memo: super::mfa_login::TokenMemo::new(),
         }
     }
 

@@ -11,7 +11,7 @@
 //! the method and a verification of the user's answer.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde_json::json;
@@ -122,34 +122,56 @@ impl MfaService {
     }
 }
 
-/// `mfa_token`s this replica has found dead (used, expired, unknown, or ended
-/// by the lockout), by hash, for as long as a token could live: a flood of
-/// second factors on one of them is refused without a round trip, so it
-/// cannot slow the hot path (issue 14). Bounded: made-up tokens only evict.
-/// Clones share one cache.
+/// What this replica knows of `mfa_token`s, by hash, so that a flood of
+/// second factors on one costs no round trip and cannot slow the hot path
+/// (issue 14). Bounded (made-up tokens only evict); clones share the caches.
 #[derive(Clone)]
-pub(crate) struct DeadTokens(moka::sync::Cache<[u8; 32], ()>);
+pub(crate) struct TokenMemo {
+    /// Used, expired or unknown: refused for as long as a token could live.
+    dead: moka::sync::Cache<[u8; 32], ()>,
+    /// Found locked (with when): refused without I/O for `LOCKED_RECHECK`,
+    /// then the lockout is asked again; the lock's audit row is written once
+    /// per token. The token itself lives on (§8: it dies after one success or
+    /// 300 s), so it works again once the lock lapses.
+    locked: moka::sync::Cache<[u8; 32], Instant>,
+}
 
-impl DeadTokens {
+/// How long a locked `mfa_token` is refused from memory before the lockout is
+/// asked again (a lifted lock shows within this).
+const LOCKED_RECHECK: Duration = Duration::from_secs(1);
+
+impl TokenMemo {
     pub(crate) fn new() -> Self {
-        Self(
+        fn cache<V: Clone + Send + Sync + 'static>() -> moka::sync::Cache<[u8; 32], V> {
             moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(MFA_TOKEN_TTL_SECS))
-                .build(),
-        )
+                .build()
+        }
+        Self {
+            dead: cache(),
+            locked: cache(),
+        }
+    }
+
+    fn refuses(&self, hash: &[u8; 32]) -> bool {
+        self.dead.contains_key(hash)
+            || self
+                .locked
+                .get(hash)
+                .is_some_and(|at| at.elapsed() < LOCKED_RECHECK)
     }
 }
 
 impl MfaService {
     /// The hash of `mfa_token`, unless it is malformed or this replica knows it
-    /// dead (then the caller refuses before any I/O).
-    fn hash_unless_dead(&self, mfa_token: &str) -> Option<[u8; 32]> {
+    /// dead or locked (then the caller refuses before any I/O).
+    fn hash_unless_refused(&self, mfa_token: &str) -> Option<[u8; 32]> {
         if mfa_token.is_empty() || mfa_token.len() > 128 {
             return None;
         }
         let hash = sha256(mfa_token);
-        (!self.dead_tokens.0.contains_key(&hash)).then_some(hash)
+        (!self.token_memo.refuses(&hash)).then_some(hash)
     }
 
     /// A live challenge for `mfa_token`, or the same refusal as a wrong code.
@@ -157,7 +179,7 @@ impl MfaService {
         match store::mfa::challenge(&self.db, hash).await? {
             Some(c) if c.live => Ok(c),
             _ => {
-                self.dead_tokens.0.insert(*hash, ());
+                self.token_memo.dead.insert(*hash, ());
                 Err(ServiceError::SecondFactorRefused)
             }
         }
@@ -167,7 +189,7 @@ impl MfaService {
     /// second factor that needs a challenge first, e.g. a passkey assertion).
     pub async fn pending_user(&self, mfa_token: &str) -> ServiceResult<(Uuid, Factors)> {
         let hash = self
-            .hash_unless_dead(mfa_token)
+            .hash_unless_refused(mfa_token)
             .ok_or(ServiceError::SecondFactorRefused)?;
         let c = self.live_challenge(&hash).await?;
         Ok((c.user_id, self.factors(c.user_id).await?))
@@ -206,7 +228,7 @@ impl MfaService {
         Fut: Future<Output = ServiceResult<bool>>,
     {
         let hash = self
-            .hash_unless_dead(mfa_token)
+            .hash_unless_refused(mfa_token)
             .ok_or(ServiceError::SecondFactorRefused)?;
         self.throttle_second_factor(meta).await?;
         let challenge = self.live_challenge(&hash).await?;
@@ -231,24 +253,23 @@ impl MfaService {
             )
             .await?;
         match checked {
-            Checked::Right => {}
-            Checked::Wrong => {
-                metrics::counter!("logins_total", "result" => "mfa_failed").increment(1);
-                return Err(ServiceError::SecondFactorRefused);
+            Checked::Right | Checked::Wrong => {
+                self.token_memo.locked.invalidate(&hash);
             }
             Checked::Locked => {
                 metrics::counter!("logins_total", "result" => "locked").increment(1);
-                // The lock ends this mfa_token (one audit row, not one per
-                // guess): a new one needs the password again, which the lock
-                // refuses too.
-                let mut tx = self.db.begin().await?;
-                if store::mfa::consume_challenge(&mut tx, challenge.id).await? {
-                    tx.audit(&failed("locked")).await?;
+                // One audit row per token and replica, not one per guess.
+                let seen = self.token_memo.locked.contains_key(&hash);
+                self.token_memo.locked.insert(hash, Instant::now());
+                if !seen {
+                    super::audit::write_alone(&self.db, failed("locked")).await;
                 }
-                tx.commit().await?;
-                self.dead_tokens.0.insert(hash, ());
                 return Err(ServiceError::SecondFactorRefused);
             }
+        }
+        if checked == Checked::Wrong {
+            metrics::counter!("logins_total", "result" => "mfa_failed").increment(1);
+            return Err(ServiceError::SecondFactorRefused);
         }
         let record = store::users::get(&self.db, uid)
             .await?
@@ -257,9 +278,13 @@ impl MfaService {
         // session without it, and no used-up token without a session.
         let mut tx = self.db.begin().await?;
         let consumed = store::mfa::consume_challenge(&mut tx, challenge.id).await?;
-        // Another request finished this login first, or the user went away.
+        // Another request finished this login first, or the user went away
+        // (disabled meanwhile: the token is used up all the same).
         let (true, Some(record)) = (consumed, record) else {
-            self.dead_tokens.0.insert(hash, ());
+            if consumed {
+                tx.commit().await?;
+            }
+            self.token_memo.dead.insert(hash, ());
             return Err(ServiceError::SecondFactorRefused);
         };
         metrics::counter!("logins_total", "result" => "succeeded").increment(1);
@@ -268,7 +293,7 @@ impl MfaService {
         let audit =
             AuditEntry::new("auth.login.succeeded", Outcome::Success).actor("user", user.id);
         let tokens = self.sessions.open_in(tx, meta, user, &amr, audit).await?;
-        self.dead_tokens.0.insert(hash, ());
+        self.token_memo.dead.insert(hash, ());
         Ok(tokens)
     }
 

@@ -108,15 +108,16 @@ fn thread_cpu_seconds(pid: u32) -> f64 {
         / 1e9
 }
 
-/// Per user, the next step with a code not yet used (±1 step of skew), and
-/// marks it used; `None` when every code of the user is spent until the
-/// clock moves on.
+/// Per user, the next step with a code not yet used (the current one or the
+/// next: one step of skew; never the previous, which may lapse between the
+/// two phases of a round), and marks it used; `None` when every code of the
+/// user is spent until the clock moves on.
 fn take_step(used: &mut HashMap<usize, u64>, u: usize) -> Option<u64> {
     let now = now_step();
     let step = match used.get(&u) {
         Some(&l) if l > now => return None,
-        Some(&l) => (l + 1).max(now - 1),
-        None => now - 1,
+        Some(&l) => (l + 1).max(now),
+        None => now,
     };
     used.insert(u, step);
     Some(step)
