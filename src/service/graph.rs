@@ -179,12 +179,19 @@ impl Services {
         self.invalidation
             .start_pg(&self.db, shutdown.clone(), tasks)
             .await;
+        self.mfa.lockout.spawn_sweeper(shutdown.clone(), tasks);
         self.api_keys.usage_buffer().spawn_flusher(
             self.db.clone(),
             self.usage_flush_interval,
             shutdown.clone(),
             tasks,
         );
+    }
+
+    /// Deletes the lockout's expired rows now (the background sweeper does it
+    /// every `lockout::SWEEP_EVERY`); answers how many went.
+    pub async fn sweep_login_failures(&self) -> super::ServiceResult<u64> {
+        self.mfa.lockout.sweep().await
     }
 
     /// Closes the stores, giving each at most `timeout`.

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use secrecy::SecretString;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::audit::{AuditEntry, Outcome};
@@ -18,6 +19,7 @@ use super::{RequestMeta, ServiceError, ServiceResult};
 use crate::config::Settings;
 use crate::crypto::password::PasswordHasher;
 use crate::domain::lockout::{self, Gate};
+use crate::shutdown::Shutdown;
 use crate::store::{login_failures, Db};
 
 /// What a credential check under the lockout policy found.
@@ -159,6 +161,36 @@ impl Lockout {
             metrics::counter!("login_lockouts_total").increment(1);
         }
         Ok(Checked::Wrong)
+    }
+}
+
+/// How often a replica deletes the lockout's expired rows.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
+impl Lockout {
+    /// Deletes the failure counts and locks that no longer count; answers how
+    /// many went.
+    pub async fn sweep(&self) -> ServiceResult<u64> {
+        Ok(login_failures::delete_expired(&self.db, self.lockout_secs).await?)
+    }
+
+    /// `sweep` every `SWEEP_EVERY` (the first at once) until `shutdown`.
+    pub fn spawn_sweeper(self: &Arc<Self>, shutdown: Shutdown, tasks: &TaskTracker) {
+        let this = self.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = this.sweep().await {
+                            tracing::warn!(error = %e, "sweeping expired login failures failed; next time");
+                        }
+                    }
+                }
+            }
+        });
     }
 }
 

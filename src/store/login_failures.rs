@@ -97,3 +97,17 @@ pub async fn clear(tx: &mut Tx, user_id: Uuid, ip: &str, window_secs: u64) -> St
     .await?;
     Ok(())
 }
+
+/// Deletes every row that no longer counts (any user): a successful login only
+/// clears its own user's rows, and only when some still count, so rows left by
+/// failures nobody followed up would otherwise stay for ever. Answers how many.
+pub async fn delete_expired(db: &Db, window_secs: u64) -> StoreResult<u64> {
+    let expired = EXPIRED.replace("$3", "$1");
+    Ok(
+        sqlx::query(&format!("delete from login_failures f where {expired}"))
+            .bind(window_secs as f64)
+            .execute(&db.pool)
+            .await?
+            .rows_affected(),
+    )
+}

@@ -408,3 +408,48 @@ async fn an_api_key_edits_the_profile_only_with_profile_write() {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["full_name"], "Renamed By Key");
 }
+
+/// Rows that no longer count (a window or a lock that ran out) are swept for
+/// every user; counts still in their window and locks still running stay.
+#[tokio::test]
+async fn the_sweeper_deletes_only_rows_that_no_longer_count() {
+    let app = TestApp::spawn().await;
+    let user = app.register(&email(), STRONG_PASSWORD).await;
+    let uid: uuid::Uuid = user["id"].as_str().unwrap().parse().unwrap();
+    // Development: LOGIN_LOCKOUT_SECONDS is the window too (900 s by default).
+    for (ip, started, locked) in [
+        ("10.0.0.1", "now() - interval '2 hours'", "null"),
+        (
+            "10.0.0.2",
+            "now() - interval '2 hours'",
+            "now() - interval '1 minute'",
+        ),
+        ("10.0.0.3", "now() - interval '1 minute'", "null"),
+        (
+            "10.0.0.4",
+            "now() - interval '2 hours'",
+            "now() + interval '1 hour'",
+        ),
+    ] {
+        sqlx::query(&format!(
+            "insert into login_failures (user_id, client_ip, failures, window_started_at, locked_until)
+             values ($1, $2, 3, {started}, {locked})"
+        ))
+        .bind(uid)
+        .bind(ip)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    }
+    // Other tests' replicas share the database and sweep at start too: what
+    // this one deletes is not counted, only what is left of this user's rows.
+    app.services.sweep_login_failures().await.unwrap();
+    let left: Vec<String> = sqlx::query_scalar(
+        "select client_ip from login_failures where user_id = $1 order by client_ip",
+    )
+    .bind(uid)
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(left, ["10.0.0.3", "10.0.0.4"]);
+}
