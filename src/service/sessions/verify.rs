@@ -358,31 +358,47 @@ mod rss_probe {
     #[ignore = "a measurement, run by hand"]
     async fn rss_of_100k_cached_tokens() {
         let s = super::tests::offline_sessions();
-        let before = rss_kib();
-        for i in 0..100_000u32 {
-            let uid = Uuid::new_v4();
-            let sid = Uuid::new_v4();
+        let ids: Vec<(Uuid, Uuid)> = (0..100_000)
+            .map(|_| (Uuid::new_v4(), Uuid::new_v4()))
+            .collect();
+        let mut last = rss_kib();
+        let start = last;
+        let mut step = |what: &str| {
+            let now = rss_kib();
+            println!("{what}: {} KiB", now.saturating_sub(last));
+            last = now;
+        };
+        for (i, (uid, sid)) in ids.iter().enumerate() {
             let mut h = [0u8; 32];
-            h[..4].copy_from_slice(&i.to_le_bytes());
+            h[..4].copy_from_slice(&(i as u32).to_le_bytes());
             s.token_claims.insert(
                 h,
                 Arc::new(AccessClaims {
-                    user_id: uid,
-                    session_id: sid,
+                    user_id: *uid,
+                    session_id: *sid,
                     exp: now_secs() + 900,
                     amr: Arc::from(Vec::new()),
                     auth_time: now_secs(),
                 }),
             );
+        }
+        s.token_claims.run_pending_tasks();
+        step("claims (moka, by token hash)");
+        for (uid, sid) in &ids {
+            let uid = *uid;
             let _ = s
                 .states
-                .get_or_load(sid, || async move {
+                .get_or_load(*sid, || async move {
                     Ok(SessionState::Live {
                         user_id: uid,
                         roles: vec![Role::User],
                     })
                 })
                 .await;
+        }
+        step("session states (SwrCache)");
+        for (i, (uid, _)) in ids.iter().enumerate() {
+            let uid = *uid;
             let _ = s
                 .profiles
                 .get_or_load(uid, || async move {
@@ -397,17 +413,18 @@ mod rss_probe {
                     })))
                 })
                 .await;
+        }
+        step("users (SwrCache)");
+        for (uid, _) in &ids {
             let _ = s
                 .token_accounts
-                .get_or_load(uid, || async { Ok(Arc::from(Vec::new())) })
+                .get_or_load(*uid, || async { Ok(Arc::from(Vec::new())) })
                 .await;
         }
-        s.token_claims.run_pending_tasks();
+        step("accounts lists, empty (SwrCache)");
         println!(
-            "RSS {} KiB -> {} KiB: {} KiB for 100k tokens (claims, session, user, accounts)",
-            before,
-            rss_kib(),
-            rss_kib() - before
+            "RSS {start} KiB -> {last} KiB: {} KiB for 100k tokens (claims, session, user, accounts)",
+            last - start
         );
     }
 }
