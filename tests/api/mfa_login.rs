@@ -199,9 +199,16 @@ async fn a_flood_of_guesses_on_a_locked_mfa_token_writes_nothing() {
         .await;
     }
     // Three counted failures and one row for the lock: the flood behind it
-    // reached neither the lockout nor the audit log.
+    // reached neither the lockout nor the audit log, but it shows in metrics.
     assert_eq!(audit_count(&app, "auth.mfa.failed").await, 4);
     assert_eq!(audit_count(&app, "auth.lockout").await, 1);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let refused: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("logins_total{result=\"mfa_token_refused\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(refused >= 1.0, "no mfa_token_refused in {metrics}");
     // While locked even the right code is refused; the token itself lives on
     // (§8: it dies after one success or 300 s) and works once the lock lapses.
     let code = u.next_code().await;
