@@ -244,59 +244,6 @@ struct SecondStepBody {
     credential: Option<serde_json::Value>,
 }
 
-/// The `webauthn` method's two fields, both required.
-fn assertion(
-    challenge_id: Option<String>,
-    credential: Option<serde_json::Value>,
-) -> Result<(uuid::Uuid, serde_json::Value), ServiceError> {
-    let challenge = challenge_id
-        .as_deref()
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .ok_or_else(|| {
-            ServiceError::validation(
-                "challenge_id",
-                "required",
-                "challenge_id is required for webauthn",
-            )
-        })?
-        .parse()
-        .map_err(|_| {
-            ServiceError::validation("challenge_id", "invalid", "challenge_id must be a UUID")
-        })?;
-    let credential = credential.ok_or_else(|| {
-        ServiceError::validation(
-            "credential",
-            "required",
-            "credential is required for webauthn",
-        )
-    })?;
-    Ok((challenge, credential))
-}
-
-/// A passkey assertion as a second factor: right, wrong (counted toward the
-/// lockout like a wrong code), or an error that is neither.
-/// The fields are checked here, after the flow has checked the method, so a
-/// user without passkeys hears about the method first.
-async fn passkey_checks(
-    state: &AppState,
-    meta: &crate::service::RequestMeta,
-    user_id: uuid::Uuid,
-    challenge_id: Option<String>,
-    credential: Option<serde_json::Value>,
-) -> Result<bool, ServiceError> {
-    let (challenge, credential) = assertion(challenge_id, credential)?;
-    match state
-        .passkeys
-        .finish_second_factor(meta, user_id, challenge, credential)
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(ServiceError::InvalidCredentials) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 fn required_code(code: Option<String>) -> Result<String, ServiceError> {
     code.filter(|c| !c.trim().is_empty()).ok_or_else(|| {
         ServiceError::validation("code", "required", "code is required for this method")
@@ -327,7 +274,9 @@ async fn second_step(
         let tokens = state
             .mfa
             .finish_login_with(&meta, &body.mfa_token, "webauthn", |uid, _| {
-                passkey_checks(&state, &meta, uid, challenge_id, credential)
+                state
+                    .passkeys
+                    .check_second_factor(&meta, uid, challenge_id, credential)
             })
             .await?;
         return Ok(token_response(&state, tokens));
@@ -378,7 +327,9 @@ async fn step_up(
         let tokens = state
             .mfa
             .step_up_with(&caller, &meta, "webauthn", |uid, _| {
-                passkey_checks(&state, &meta, uid, challenge_id, credential)
+                state
+                    .passkeys
+                    .check_second_factor(&meta, uid, challenge_id, credential)
             })
             .await?;
         return Ok(token_response(&state, tokens));

@@ -61,6 +61,36 @@ pub struct PasskeyService {
     step_up: Option<super::mfa::StepUp>,
 }
 
+/// The `webauthn` method's two fields, both required.
+fn assertion(
+    challenge_id: Option<String>,
+    credential: Option<Value>,
+) -> ServiceResult<(Uuid, Value)> {
+    let challenge = challenge_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| {
+            ServiceError::validation(
+                "challenge_id",
+                "required",
+                "challenge_id is required for webauthn",
+            )
+        })?
+        .parse()
+        .map_err(|_| {
+            ServiceError::validation("challenge_id", "invalid", "challenge_id must be a UUID")
+        })?;
+    let credential = credential.ok_or_else(|| {
+        ServiceError::validation(
+            "credential",
+            "required",
+            "credential is required for webauthn",
+        )
+    })?;
+    Ok((challenge, credential))
+}
+
 /// The browser's credential JSON as webauthn-rs reads it; a shape it cannot
 /// read is the client's mistake (400), not a failed authentication.
 fn parse_credential<T: serde::de::DeserializeOwned>(credential: Value) -> ServiceResult<T> {
@@ -559,6 +589,29 @@ impl PasskeyService {
     pub async fn start_step_up(&self, caller: &Caller) -> ServiceResult<Challenge> {
         self.start_second_factor(caller.session_user_for(MANAGED_WITH)?.0)
             .await
+    }
+
+    /// A passkey assertion as a second factor: right, wrong (counted toward the
+    /// lockout like a wrong code), or an error that is neither.
+    /// The fields are checked here, after the flow has checked the method, so a
+    /// user without passkeys hears about the method first.
+    /// The `verify` of `MfaService::finish_login_with` / `step_up_with`.
+    pub async fn check_second_factor(
+        &self,
+        meta: &RequestMeta,
+        user_id: Uuid,
+        challenge_id: Option<String>,
+        credential: Option<Value>,
+    ) -> ServiceResult<bool> {
+        let (challenge, credential) = assertion(challenge_id, credential)?;
+        match self
+            .finish_second_factor(meta, user_id, challenge, credential)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(ServiceError::InvalidCredentials) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Verifies a passkey assertion as `user_id`'s second factor, for a challenge
