@@ -18,7 +18,7 @@ use crate::domain::policy::Decision;
 use crate::domain::user::User;
 use crate::proto;
 use crate::proto::VerifyReason;
-use crate::service::api_keys::{OwnerInfo, VerifiedKey, VerifyFailure, VerifyRequest};
+use crate::service::api_keys::{VerifiedKey, VerifyFailure, VerifyRequest};
 use crate::service::sessions::{TokenRefusal, TokenVerification};
 use crate::service::{Caller, RequestMeta};
 
@@ -159,21 +159,6 @@ impl From<&User> for proto::User {
             status: u.status.as_str().into(),
             created_at: Some(timestamp(u.created_at)),
             email_verified: u.email_verified,
-        }
-    }
-}
-
-/// A key's owner, as VerifyApiKey answers it: the same `User` message.
-impl From<&OwnerInfo> for proto::User {
-    fn from(u: &OwnerInfo) -> Self {
-        Self {
-            id: u.id.to_string(),
-            email: u.email.clone(),
-            full_name: u.full_name.clone(),
-            roles: u.roles.iter().map(|r| r.as_str().into()).collect(),
-            status: u.status.clone(),
-            email_verified: u.email_verified,
-            created_at: Some(timestamp(u.created_at)),
         }
     }
 }
@@ -322,7 +307,7 @@ pub fn key_verification(
         Ok(k) => proto::VerifyApiKeyResponse {
             valid: true,
             reason: VerifyReason::Unspecified as i32,
-            user: Some((&k.user).into()),
+            user: Some(k.user.as_ref().into()),
             key: Some(proto::ApiKey {
                 id: k.key.id.to_string(),
                 name: k.key.name.clone(),

@@ -134,6 +134,7 @@ impl Services {
             invalidation.clone(),
             policy.clone(),
             accounts.clone(),
+            sessions.user_copies(),
         ));
         let passkeys = Arc::new(
             PasskeyService::new(settings, db.clone(), sessions.clone(), throttle.clone())?

@@ -24,6 +24,7 @@ pub mod service_clients;
 pub mod sessions;
 pub mod swr;
 pub mod throttle;
+pub mod user_copies;
 pub mod users;
 
 use std::net::IpAddr;

@@ -2,7 +2,6 @@
 //! policies, a service client's scopes; deny wins, default deny, and every answer
 //! names the rule that decided.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +9,7 @@ use uuid::Uuid;
 
 use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
+use super::swr::SwrCache;
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::policy::{self, parse_action, Decision, Policy, Resource, Subject};
 use crate::store::{self, Db};
@@ -56,60 +56,69 @@ type UserPolicies = Option<Arc<Vec<Policy>>>;
 #[derive(Clone)]
 pub struct PolicyEngine {
     db: Db,
-    users: moka::future::Cache<Uuid, UserPolicies>,
-    /// Bumped by every invalidation; a load that overlaps one is not cached.
-    epoch: Arc<AtomicU64>,
+    /// By user; a load that overlaps an invalidation is not cached.
+    users: SwrCache<Uuid, UserPolicies>,
+    /// The distinct policy lists seen: policies come from roles, so users with
+    /// the same roles share one list instead of a copy each (~1 KB a user).
+    shared: Arc<std::sync::Mutex<Vec<Arc<Vec<Policy>>>>>,
     /// Every `authz.denied` row goes through here (a few per actor per minute).
     pub(crate) denials: super::audit::DenialAudit,
 }
 
 impl PolicyEngine {
     pub fn new(db: Db, invalidation: &Invalidation) -> Self {
-        let users: moka::future::Cache<Uuid, UserPolicies> = moka::future::Cache::builder()
-            .max_capacity(100_000)
-            .time_to_live(POLICY_CACHE_TTL)
-            .support_invalidation_closures()
-            .build();
-        let epoch = Arc::new(AtomicU64::new(0));
+        // No stale serving: a grant is fresh or read again.
+        let users: SwrCache<Uuid, UserPolicies> =
+            SwrCache::new("policies", 100_000, POLICY_CACHE_TTL, Duration::ZERO);
         {
-            let (users, epoch) = (users.clone(), epoch.clone());
-            invalidation.on_change(move |change| {
-                epoch.fetch_add(1, Ordering::SeqCst);
-                match change {
-                    Change::User(id) => {
-                        // Fails only without invalidation closures, enabled above.
-                        let _ = users.invalidate_entries_if(move |k, _| *k == id);
-                    }
-                    Change::Everything => users.invalidate_all(),
-                    Change::ApiKey(_)
-                    | Change::Account(_)
-                    | Change::Session(_)
-                    | Change::Profile(_) => {}
-                }
+            let users = users.clone();
+            invalidation.on_change(move |change| match change {
+                Change::User(id) => users.invalidate(&id),
+                Change::Everything => users.invalidate_all(),
+                Change::ApiKey(_)
+                | Change::Account(_)
+                | Change::Session(_)
+                | Change::Profile(_) => {}
             });
         }
         Self {
             db,
             users,
-            epoch,
+            shared: Default::default(),
             denials: Default::default(),
         }
     }
 
     async fn user_policies(&self, user_id: Uuid) -> ServiceResult<UserPolicies> {
-        if let Some(hit) = self.users.get(&user_id).await {
-            metrics::counter!("policy_cache_total", "result" => "hit").increment(1);
-            return Ok(hit);
-        }
-        metrics::counter!("policy_cache_total", "result" => "miss").increment(1);
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        let loaded = store::policies::for_user(&self.db, user_id)
-            .await?
-            .map(Arc::new);
-        if self.epoch.load(Ordering::SeqCst) == epoch {
-            self.users.insert(user_id, loaded.clone()).await;
-        }
+        let mut missed = false;
+        let loaded = self
+            .users
+            .get_or_load(user_id, || {
+                missed = true;
+                async move {
+                    Ok(store::policies::for_user(&self.db, user_id)
+                        .await?
+                        .map(|ps| self.share(ps)))
+                }
+            })
+            .await?;
+        let result = if missed { "miss" } else { "hit" };
+        metrics::counter!("policy_cache_total", "result" => result).increment(1);
         Ok(loaded)
+    }
+
+    /// The one shared copy of `policies` (bounded: past 256 distinct lists, a
+    /// list is just not shared).
+    fn share(&self, policies: Vec<Policy>) -> Arc<Vec<Policy>> {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = shared.iter().find(|p| ***p == policies) {
+            return p.clone();
+        }
+        let p = Arc::new(policies);
+        if shared.len() < 256 {
+            shared.push(p.clone());
+        }
+        p
     }
 
     /// The scopes a user's roles grant: allowed actions minus denied ones. Empty

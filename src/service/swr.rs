@@ -5,6 +5,13 @@
 //!
 //! A load that overlaps an invalidation is answered but not cached (the epoch),
 //! so a value read before a revocation committed cannot be stored after it.
+//!
+//! Storage is `quick_cache` rather than moka: these caches hold an entry per
+//! user, session and token (100,000 each by default), and moka's bookkeeping
+//! (access and write deques, timer wheel, frequency sketch) costs ~400 bytes per
+//! entry before the value, quick_cache's a few dozen. Entries carry their load
+//! time and are judged on read, so nothing needs a per-entry timer; an expired
+//! entry just waits for eviction (the cache is bounded).
 
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,10 +82,14 @@ struct Stamped<V> {
     loaded: Instant,
 }
 
+/// A bounded map with quick_cache's scan-resistant eviction (a flood of one-off
+/// lookups does not push out the entries in real use).
+pub type Lean<K, V> = quick_cache::sync::Cache<K, V>;
+
 /// Cheap to clone; clones share the entries.
 #[derive(Clone)]
 pub struct SwrCache<K, V> {
-    entries: moka::sync::Cache<K, Stamped<V>>,
+    entries: Arc<Lean<K, Stamped<V>>>,
     fresh: Duration,
     stale: Duration,
     epoch: Arc<AtomicU64>,
@@ -88,18 +99,14 @@ pub struct SwrCache<K, V> {
 
 impl<K, V> SwrCache<K, V>
 where
-    K: Hash + Eq + Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
     /// `name` labels the metrics; entries live `fresh`, then `stale` more for
     /// outages only.
     pub fn new(name: &'static str, capacity: u64, fresh: Duration, stale: Duration) -> Self {
         Self {
-            entries: moka::sync::Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(fresh + stale)
-                .support_invalidation_closures()
-                .build(),
+            entries: Arc::new(Lean::new(capacity.max(1) as usize)),
             fresh,
             stale,
             epoch: Arc::default(),
@@ -162,24 +169,18 @@ where
 
     pub fn invalidate(&self, key: &K) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        self.entries.invalidate(key);
+        self.entries.remove(key);
     }
 
-    /// Drops every entry `pred` holds for (all of them if the closure registry is
-    /// unavailable, which it is not: it is enabled in `new`).
-    pub fn invalidate_if(&self, pred: impl Fn(&K, &V) -> bool + Send + Sync + 'static) {
+    /// Drops every entry `pred` holds for: a pass over all entries, shard by
+    /// shard, so it is for rare changes (an account's membership), not per request.
+    pub fn invalidate_if(&self, pred: impl Fn(&K, &V) -> bool) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        if self
-            .entries
-            .invalidate_entries_if(move |k, s| pred(k, &s.value))
-            .is_err()
-        {
-            self.entries.invalidate_all();
-        }
+        self.entries.retain(|k, s| !pred(k, &s.value));
     }
 
     pub fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        self.entries.invalidate_all();
+        self.entries.clear();
     }
 }

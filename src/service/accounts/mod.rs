@@ -13,7 +13,6 @@ mod for_clients;
 mod manage;
 mod members;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +23,7 @@ pub use credentials::{reencrypt_credentials, ReencryptFailure, ReencryptSummary}
 
 use super::invalidation::{Change, Invalidation};
 use super::policy::PolicyEngine;
+use super::swr::SwrCache;
 use super::{Caller, ServiceResult};
 use crate::crypto::aead::KeyRing;
 use crate::domain::account::{Access, AccountAccess};
@@ -48,12 +48,11 @@ pub struct AccountsService {
     policy: PolicyEngine,
     invalidation: Invalidation,
     /// (user, account) → access, for CheckAccountAccess and API-key checks.
-    access_cache: moka::future::Cache<(Uuid, Uuid), Option<Access>>,
-    /// user → every account they own or share, for ListUserAccounts and API keys.
-    lists_cache: moka::future::Cache<Uuid, Arc<Vec<AccountAccess>>>,
-    /// Bumped by every invalidation; a load that overlaps one is not cached, so
+    /// A load that overlaps an invalidation is not cached (SwrCache's epoch), so
     /// a removal racing a cache fill cannot resurrect the old answer.
-    epoch: Arc<AtomicU64>,
+    access_cache: SwrCache<(Uuid, Uuid), Option<Access>>,
+    /// user → every account they own or share, for ListUserAccounts and API keys.
+    lists_cache: SwrCache<Uuid, Arc<Vec<AccountAccess>>>,
     /// REQUIRE_VERIFIED_EMAIL for the step-up operations (issue 15).
     email_gate: crate::service::recovery::EmailGate,
     /// The step-up rule (issue 14) for credentials and memberships; invitations
@@ -69,41 +68,27 @@ impl AccountsService {
         invalidation: Invalidation,
         step_up: super::mfa::StepUp,
     ) -> Self {
-        let access_cache: moka::future::Cache<(Uuid, Uuid), Option<Access>> =
-            moka::future::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(CACHE_TTL)
-                .support_invalidation_closures()
-                .build();
-        let lists_cache: moka::future::Cache<Uuid, Arc<Vec<AccountAccess>>> =
-            moka::future::Cache::builder()
-                .max_capacity(20_000)
-                .time_to_live(CACHE_TTL)
-                .support_invalidation_closures()
-                .build();
-        let epoch = Arc::new(AtomicU64::new(0));
+        // No stale serving: an authorisation answer is fresh or read again.
+        let access_cache: SwrCache<(Uuid, Uuid), Option<Access>> =
+            SwrCache::new("account_access", 100_000, CACHE_TTL, Duration::ZERO);
+        let lists_cache: SwrCache<Uuid, Arc<Vec<AccountAccess>>> =
+            SwrCache::new("account_lists", 20_000, CACHE_TTL, Duration::ZERO);
         {
-            let (access, lists, epoch) = (access_cache.clone(), lists_cache.clone(), epoch.clone());
-            invalidation.on_change(move |change| {
-                epoch.fetch_add(1, Ordering::SeqCst);
-                // invalidate_entries_if fails only without invalidation closures,
-                // which both caches enable.
-                match change {
-                    Change::User(u) => {
-                        let _ = access.invalidate_entries_if(move |k, _| k.0 == u);
-                        let _ = lists.invalidate_entries_if(move |k, _| *k == u);
-                    }
-                    Change::Account(a) => {
-                        let _ = access.invalidate_entries_if(move |k, _| k.1 == a);
-                        let _ = lists
-                            .invalidate_entries_if(move |_, v| v.iter().any(|x| x.account.id == a));
-                    }
-                    Change::Everything => {
-                        access.invalidate_all();
-                        lists.invalidate_all();
-                    }
-                    Change::ApiKey(_) | Change::Session(_) | Change::Profile(_) => {}
+            let (access, lists) = (access_cache.clone(), lists_cache.clone());
+            invalidation.on_change(move |change| match change {
+                Change::User(u) => {
+                    access.invalidate_if(|k, _| k.0 == u);
+                    lists.invalidate(&u);
                 }
+                Change::Account(a) => {
+                    access.invalidate_if(|k, _| k.1 == a);
+                    lists.invalidate_if(|_, v| v.iter().any(|x| x.account.id == a));
+                }
+                Change::Everything => {
+                    access.invalidate_all();
+                    lists.invalidate_all();
+                }
+                Change::ApiKey(_) | Change::Session(_) | Change::Profile(_) => {}
             });
         }
         Self {
@@ -113,7 +98,6 @@ impl AccountsService {
             invalidation,
             access_cache,
             lists_cache,
-            epoch,
             email_gate: crate::service::recovery::EmailGate::off(),
             step_up,
         }
@@ -140,19 +124,21 @@ impl AccountsService {
     /// access (owner or member role) and the permissions it carries.
     /// Cached; account and membership changes invalidate it on every replica.
     pub async fn accounts_of(&self, user_id: Uuid) -> ServiceResult<Vec<AccountAccess>> {
-        if let Some(hit) = self.lists_cache.get(&user_id).await {
-            metrics::counter!("account_list_cache_total", "result" => "hit").increment(1);
-            return Ok(hit.as_ref().clone());
-        }
-        metrics::counter!("account_list_cache_total", "result" => "miss").increment(1);
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        let list = store::list_for_user(&self.db, user_id, None, None, MAX_ACCOUNTS).await?;
-        if self.epoch.load(Ordering::SeqCst) == epoch {
-            self.lists_cache
-                .insert(user_id, Arc::new(list.clone()))
-                .await;
-        }
-        Ok(list)
+        let mut missed = false;
+        let list = self
+            .lists_cache
+            .get_or_load(user_id, || {
+                missed = true;
+                async move {
+                    let list =
+                        store::list_for_user(&self.db, user_id, None, None, MAX_ACCOUNTS).await?;
+                    Ok(Arc::new(list))
+                }
+            })
+            .await?;
+        let result = if missed { "miss" } else { "hit" };
+        metrics::counter!("account_list_cache_total", "result" => result).increment(1);
+        Ok(list.as_ref().clone())
     }
 
     /// The user's access on one live account; `None` when they have none (or the
@@ -163,18 +149,16 @@ impl AccountsService {
         user_id: Uuid,
         account_id: Uuid,
     ) -> ServiceResult<Option<Access>> {
-        if let Some(hit) = self.access_cache.get(&(user_id, account_id)).await {
-            metrics::counter!("account_access_cache_total", "result" => "hit").increment(1);
-            return Ok(hit);
-        }
-        metrics::counter!("account_access_cache_total", "result" => "miss").increment(1);
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        let access = store::access_of(&self.db, user_id, account_id).await?;
-        if self.epoch.load(Ordering::SeqCst) == epoch {
-            self.access_cache
-                .insert((user_id, account_id), access)
-                .await;
-        }
+        let mut missed = false;
+        let access = self
+            .access_cache
+            .get_or_load((user_id, account_id), || {
+                missed = true;
+                async move { Ok(store::access_of(&self.db, user_id, account_id).await?) }
+            })
+            .await?;
+        let result = if missed { "miss" } else { "hit" };
+        metrics::counter!("account_access_cache_total", "result" => result).increment(1);
         Ok(access)
     }
 

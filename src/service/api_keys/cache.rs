@@ -4,57 +4,45 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::verify::{KeyInfo, OwnerInfo, VerifiedKey};
+use super::verify::{KeyInfo, VerifiedKey};
 use super::ApiKeyService;
 use crate::crypto::api_key_hash::ApiKeyHasher;
 use crate::domain::api_key::parse_allowed_ip;
+use crate::domain::user::{Role, User, UserStatus};
 use crate::service::invalidation::Change;
+use crate::service::swr::Lean;
 use crate::service::{ServiceError, ServiceResult};
 use crate::store::api_keys as store;
 
 #[derive(Clone)]
 pub(super) enum CacheEntry {
-    Missing,
+    /// No such key, as of this instant (kept API_KEY_NEGATIVE_CACHE_TTL_SECONDS).
+    Missing(Instant),
     Key(Arc<VerifiedKey>),
 }
 
-/// Hits are fresh API_KEY_CACHE_TTL_SECONDS and kept CACHE_STALE_SECONDS more
-/// for PostgreSQL outages; misses live API_KEY_NEGATIVE_CACHE_TTL_SECONDS.
-pub(super) struct EntryExpiry {
-    pub(super) hit: Duration,
-    pub(super) miss: Duration,
-}
-
-impl moka::Expiry<[u8; 32], CacheEntry> for EntryExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &[u8; 32],
-        value: &CacheEntry,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(match value {
-            CacheEntry::Missing => self.miss,
-            CacheEntry::Key(_) => self.hit,
-        })
-    }
-}
-
-enum LoadError {
-    /// Loaded while an invalidation ran: answer with it, but do not cache it.
-    Stale(CacheEntry),
-    Failed(ServiceError),
-}
+/// The verification cache. Hits are fresh API_KEY_CACHE_TTL_SECONDS and kept
+/// CACHE_STALE_SECONDS more for PostgreSQL outages; misses live
+/// API_KEY_NEGATIVE_CACHE_TTL_SECONDS. Entries are judged by their load time on
+/// read (see `service::swr` for why quick_cache and not moka).
+pub(super) type KeyCache = Lean<[u8; 32], CacheEntry>;
 
 impl ApiKeyService {
     pub(super) async fn lookup(&self, hash: [u8; 32]) -> ServiceResult<CacheEntry> {
-        // The common case first: a plain get is cheaper than try_get_with's
-        // coalescing machinery, and tells a hit from a miss for the metrics.
-        if let Some(entry) = self.verified.get(&hash).await {
+        // The common case first: a plain get is cheaper than the placeholder
+        // machinery, and tells a hit from a miss for the metrics.
+        if let Some(entry) = self.verified.get(&hash) {
             match &entry {
                 CacheEntry::Key(k) if k.loaded_at.elapsed() > self.fresh => {
                     return self.revalidate(hash, entry).await;
+                }
+                CacheEntry::Missing(at) if at.elapsed() > self.miss_ttl => {
+                    // Lapsed: read again below (unless someone already has).
+                    let at = *at;
+                    self.verified
+                        .remove_if(&hash, |e| matches!(e, CacheEntry::Missing(t) if *t == at));
                 }
                 _ => {
                     self.counters.cache_hits.increment(1);
@@ -63,32 +51,24 @@ impl ApiKeyService {
             }
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let loaded = self
-            .verified
-            .try_get_with(hash, async {
-                self.counters.cache_misses.increment(1);
-                let _permit = self
-                    .miss_permits
-                    .acquire()
-                    .await
-                    .map_err(|e| LoadError::Failed(ServiceError::internal(e)))?;
-                let entry = self.load(&hash).await.map_err(LoadError::Failed)?;
-                if self.epoch.load(Ordering::SeqCst) != epoch {
-                    return Err(LoadError::Stale(entry));
-                }
-                Ok(entry)
-            })
-            .await;
-        match loaded {
-            Ok(e) => Ok(e),
-            Err(err) => match &*err {
-                LoadError::Stale(e) => Ok(e.clone()),
-                LoadError::Failed(ServiceError::Unavailable(m)) => {
-                    Err(ServiceError::Unavailable(m.clone()))
-                }
-                LoadError::Failed(e) => Err(ServiceError::Internal(anyhow::anyhow!("{e:#}"))),
-            },
+        // Concurrent misses of one key wait for the first one's read.
+        let guard = match self.verified.get_value_or_guard_async(&hash).await {
+            Ok(entry) => return Ok(entry),
+            Err(guard) => guard,
+        };
+        self.counters.cache_misses.increment(1);
+        let _permit = self
+            .miss_permits
+            .acquire()
+            .await
+            .map_err(ServiceError::internal)?;
+        // On an error the guard is dropped unfilled and a waiter tries itself.
+        let entry = self.load(&hash).await?;
+        // Loaded while an invalidation ran: answer with it, but do not cache it.
+        if self.epoch.load(Ordering::SeqCst) == epoch {
+            let _ = guard.insert(entry.clone());
         }
+        Ok(entry)
     }
 
     /// A hit past its fresh time: read again, or, while PostgreSQL is
@@ -115,7 +95,7 @@ impl ApiKeyService {
         match loaded {
             Ok(entry) => {
                 if self.epoch.load(Ordering::SeqCst) == epoch {
-                    self.verified.insert(hash, entry.clone()).await;
+                    self.verified.insert(hash, entry.clone());
                 }
                 Ok(entry)
             }
@@ -133,14 +113,16 @@ impl ApiKeyService {
     async fn load(&self, hash: &[u8; 32]) -> ServiceResult<CacheEntry> {
         self.db_lookups.fetch_add(1, Ordering::Relaxed);
         let Some(row) = store::find_by_hash(&self.db, hash).await? else {
-            return Ok(CacheEntry::Missing);
+            return Ok(CacheEntry::Missing(Instant::now()));
         };
         // The index found it; confirm without a timing side channel anyway.
         if !ApiKeyHasher::matches(&row.key.key_hash, hash) {
-            return Ok(CacheEntry::Missing);
+            return Ok(CacheEntry::Missing(Instant::now()));
         }
         let key = row.key;
-        let usable = key.revoked_at.is_none() && row.user_status == "active";
+        // The column's check constraint allows only these two.
+        let status = UserStatus::parse(&row.user_status).unwrap_or(UserStatus::Disabled);
+        let usable = key.revoked_at.is_none() && status == UserStatus::Active;
         let (user_scopes, accounts) = if usable {
             (
                 self.policy.user_scopes(key.user_id).await?,
@@ -178,41 +160,38 @@ impl ApiKeyService {
                 rate_limit_per_minute: key.rate_limit_per_minute,
                 revoked: key.revoked_at.is_some(),
             },
-            user: OwnerInfo {
+            user: self.user_copies.share(User {
                 id: key.user_id,
                 email: row.user_email,
                 full_name: row.user_full_name,
-                roles: crate::domain::user::Role::from_names(&row.user_roles),
-                status: row.user_status,
+                roles: Role::from_names(&row.user_roles),
+                status,
                 email_verified: row.user_email_verified,
                 created_at: row.user_created_at,
-            },
+            }),
             accounts,
             loaded_at: Instant::now(),
         })))
     }
 }
 
-pub(super) fn drop_matching(cache: &moka::future::Cache<[u8; 32], CacheEntry>, change: Change) {
-    let dropped = match change {
-        Change::Everything => {
-            cache.invalidate_all();
-            return;
-        }
+/// A pass over every entry for a key, user or account change: these are rare
+/// next to verifications (a revoked key, a role change), and an invalidation
+/// must never leave a matching entry behind.
+pub(super) fn drop_matching(cache: &KeyCache, change: Change) {
+    match change {
+        Change::Everything => cache.clear(),
         // Nothing a key grants: its cached owner name may lag by the cache TTL.
-        Change::Session(_) | Change::Profile(_) => return,
-        Change::ApiKey(id) => cache.invalidate_entries_if(
-            move |_, e| matches!(e, CacheEntry::Key(k) if k.key.id == id),
-        ),
-        Change::User(id) => cache.invalidate_entries_if(
-            move |_, e| matches!(e, CacheEntry::Key(k) if k.user.id == id),
-        ),
-        Change::Account(id) => cache.invalidate_entries_if(move |_, e| {
-            matches!(e, CacheEntry::Key(k)
+        Change::Session(_) | Change::Profile(_) => {}
+        Change::ApiKey(id) => {
+            cache.retain(|_, e| !matches!(e, CacheEntry::Key(k) if k.key.id == id))
+        }
+        Change::User(id) => {
+            cache.retain(|_, e| !matches!(e, CacheEntry::Key(k) if k.user.id == id))
+        }
+        Change::Account(id) => cache.retain(|_, e| {
+            !matches!(e, CacheEntry::Key(k)
                 if k.key.trading_account_ids.contains(&id) || k.accounts.iter().any(|a| a.account.id == id))
         }),
-    };
-    if dropped.is_err() {
-        cache.invalidate_all();
     }
 }

@@ -17,15 +17,16 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use cache::{drop_matching, CacheEntry, EntryExpiry};
+use cache::{drop_matching, KeyCache};
 pub use manage::{IssuedKey, KeyView, UsageItem};
 use verify::VerifyCounters;
-pub use verify::{KeyInfo, OwnerInfo, VerifiedKey, VerifyFailure, VerifyRequest};
+pub use verify::{KeyInfo, VerifiedKey, VerifyFailure, VerifyRequest};
 
 use super::accounts::AccountsService;
 use super::api_key_usage::UsageBuffer;
 use super::invalidation::Invalidation;
 use super::policy::PolicyEngine;
+use super::user_copies::UserCopies;
 use crate::config::{Environment, Settings};
 use crate::crypto::api_key_hash::ApiKeyHasher;
 use crate::store::{Cache, Db};
@@ -38,7 +39,9 @@ pub struct ApiKeyService {
     env: Environment,
     hasher: ApiKeyHasher,
     invalidation: Invalidation,
-    verified: moka::future::Cache<[u8; 32], CacheEntry>,
+    verified: Arc<KeyCache>,
+    /// Owners' records, one copy shared with the session caches.
+    user_copies: Arc<UserCopies>,
     /// Bumped by every invalidation; a load that overlaps one is not cached.
     epoch: Arc<AtomicU64>,
     usage: Arc<UsageBuffer>,
@@ -53,6 +56,8 @@ pub struct ApiKeyService {
     /// still answered until `fresh + stale` (revocations received still apply).
     fresh: Duration,
     stale: Duration,
+    /// How long "no such key" is believed.
+    miss_ttl: Duration,
     /// One stale reload at a time, none for a second after a failure.
     probe: super::swr::Probe,
 }
@@ -65,19 +70,15 @@ impl ApiKeyService {
         invalidation: Invalidation,
         policy: PolicyEngine,
         accounts: AccountsService,
+        user_copies: Arc<UserCopies>,
     ) -> Self {
         let fresh = Duration::from_secs(settings.api_key_cache_ttl_seconds);
         let stale = Duration::from_secs(settings.cache_stale_seconds);
-        // TinyLFU admission keeps a flood of one-off misses from evicting the
-        // keys in real use.
-        let verified = moka::future::Cache::builder()
-            .max_capacity(settings.api_key_cache_capacity)
-            .expire_after(EntryExpiry {
-                hit: fresh + stale,
-                miss: Duration::from_secs(settings.api_key_negative_cache_ttl_seconds),
-            })
-            .support_invalidation_closures()
-            .build();
+        // quick_cache's scan-resistant eviction keeps a flood of one-off misses
+        // from evicting the keys in real use.
+        let verified = Arc::new(KeyCache::new(
+            settings.api_key_cache_capacity.max(1) as usize
+        ));
         let epoch = Arc::new(AtomicU64::new(0));
         {
             let (verified, epoch) = (verified.clone(), epoch.clone());
@@ -95,6 +96,7 @@ impl ApiKeyService {
             hasher: ApiKeyHasher::new(settings.api_key_hash_secret.as_ref()),
             invalidation,
             verified,
+            user_copies,
             epoch,
             usage: UsageBuffer::new(settings.usage_log_buffer_capacity),
             miss_permits: Semaphore::new((settings.database_max_connections as usize / 2).max(1)),
@@ -106,6 +108,7 @@ impl ApiKeyService {
             counters: VerifyCounters::new(),
             fresh,
             stale,
+            miss_ttl: Duration::from_secs(settings.api_key_negative_cache_ttl_seconds),
             probe: Default::default(),
         }
     }

@@ -115,22 +115,12 @@ pub struct KeyInfo {
     pub revoked: bool,
 }
 
-#[derive(Debug, Clone)]
-pub struct OwnerInfo {
-    pub id: Uuid,
-    pub email: String,
-    pub full_name: String,
-    pub roles: Vec<crate::domain::user::Role>,
-    pub status: String,
-    pub email_verified: bool,
-    pub created_at: DateTime<Utc>,
-}
-
 /// A key as verification sees it, with its owner and accounts.
 #[derive(Debug)]
 pub struct VerifiedKey {
     pub key: KeyInfo,
-    pub user: OwnerInfo,
+    /// The owner as of the load (one copy shared with the session caches).
+    pub user: Arc<crate::domain::user::User>,
     /// The trading accounts the key may act on, with its owner's access.
     pub accounts: Vec<AccountAccess>,
     /// When it was read from PostgreSQL (stale-while-revalidate).
@@ -215,7 +205,7 @@ impl ApiKeyService {
         };
         let hash = self.hasher.hash(&secret);
         let found = match self.lookup(hash).await? {
-            CacheEntry::Missing => return Ok(Err(VerifyFailure::NotFound)),
+            CacheEntry::Missing(_) => return Ok(Err(VerifyFailure::NotFound)),
             CacheEntry::Key(k) => k,
         };
         let outcome = self.judge(&found, req).await;
@@ -240,7 +230,7 @@ impl ApiKeyService {
         if k.key.expires_at.is_some_and(|t| t <= Utc::now()) {
             return Err(VerifyFailure::Expired);
         }
-        if k.user.status != "active" {
+        if !k.user.is_active() {
             return Err(VerifyFailure::UserDisabled);
         }
         if !k.key.allowed_ips.is_empty() {

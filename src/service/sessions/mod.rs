@@ -12,16 +12,16 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
-use moka::sync::Cache as MokaCache;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use self::verify::{AccessClaims, CookieSession, UntilAccessExp};
+use self::verify::{AccessClaims, CookieSession};
 pub use self::verify::{AccessGrant, TokenRefusal, TokenVerification};
 use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
 use super::paging::Page;
-use super::swr::SwrCache;
+use super::swr::{Lean, SwrCache};
+use super::user_copies::UserCopies;
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::config::Settings;
 use crate::crypto::jwt::{JwtKeys, TokenType};
@@ -74,9 +74,12 @@ pub struct Sessions {
     /// Users by id (GET /v1/users/me, bearer roles, VerifyToken): dropped on
     /// every replica when the user changes (the invalidation channels).
     profiles: SwrCache<Uuid, Option<Arc<User>>>,
+    /// The one copy of each cached user record, shared with the API-key cache.
+    user_copies: Arc<UserCopies>,
     /// Verified access-token claims by HMAC(token_key, token): a repeat token
-    /// costs a keyed hash instead of an Ed25519 verification.
-    token_claims: MokaCache<[u8; 32], Arc<AccessClaims>>,
+    /// costs a keyed hash instead of an Ed25519 verification. An entry is
+    /// refused (and dropped) on read once past `exp` plus the leeway.
+    token_claims: Lean<[u8; 32], AccessClaims>,
     /// Per-process random key for `token_claims` and `cookies`: the tokens
     /// themselves are never cache keys.
     token_key: Hmac<Sha256>,
@@ -153,10 +156,8 @@ impl Sessions {
             idle_timeout_secs: settings.session_idle_timeout_seconds,
             states,
             profiles,
-            token_claims: MokaCache::builder()
-                .max_capacity(capacity)
-                .expire_after(UntilAccessExp)
-                .build(),
+            user_copies: Arc::new(UserCopies::new(capacity)),
+            token_claims: Lean::new(capacity.max(1) as usize),
             token_key: Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC takes any key"),
             cookies,
             token_accounts,
@@ -169,6 +170,11 @@ impl Sessions {
             ]
             .map(|r| metrics::counter!("token_verifications_total", "kind" => "access", "result" => r)),
         }
+    }
+
+    /// Where cached user records are shared (the API-key cache uses it too).
+    pub fn user_copies(&self) -> Arc<UserCopies> {
+        self.user_copies.clone()
     }
 
     /// The public signing keys (JWKS), for callers that verify tokens locally.
@@ -267,7 +273,7 @@ impl Sessions {
             .get_or_load(id, || async move {
                 Ok(users::get(&self.db, id)
                     .await?
-                    .map(|u| Arc::new(u.into_user())))
+                    .map(|u| self.user_copies.share(u.into_user())))
             })
             .await
     }

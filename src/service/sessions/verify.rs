@@ -2,10 +2,8 @@
 //! caller's bearer token turned into a verdict, from this process's caches for a
 //! repeat token.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use hmac::Mac;
+use std::sync::Arc;
 use uuid::Uuid;
 
 use super::{sha256, Sessions};
@@ -73,7 +71,8 @@ pub enum TokenVerification {
 
 /// What an access token's signature established, cached by a keyed hash of the
 /// token: nothing here can be revoked (the session and user are checked apart).
-#[derive(Debug)]
+/// Held inline in the cache (64 bytes), not behind an Arc of its own.
+#[derive(Debug, Clone)]
 pub(super) struct AccessClaims {
     user_id: Uuid,
     session_id: Uuid,
@@ -91,22 +90,21 @@ pub(super) struct CookieSession {
     usable: bool,
 }
 
-/// Verified access tokens live until the signature check would refuse them:
-/// `exp` plus the verifier's leeway, to the second.
-pub(super) struct UntilAccessExp;
-
-impl moka::Expiry<[u8; 32], Arc<AccessClaims>> for UntilAccessExp {
-    fn expire_after_create(
-        &self,
-        _key: &[u8; 32],
-        value: &Arc<AccessClaims>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        let last_valid = value.exp + crate::crypto::jwt::LEEWAY_SECS as i64;
-        Some(Duration::from_secs(
-            (last_valid + 1).saturating_sub(now_secs()).max(0) as u64,
-        ))
+/// The `amr` lists tokens carry are a handful of combinations of our own
+/// values (only signed tokens get here): cached tokens share one copy of each
+/// instead of a list per token.
+fn intern_amr(amr: Vec<String>) -> Arc<[String]> {
+    static SEEN: std::sync::Mutex<Vec<Arc<[String]>>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(a) = seen.iter().find(|a| a[..] == amr[..]) {
+        return a.clone();
     }
+    let a: Arc<[String]> = amr.into();
+    // Bounded all the same; past it a list is just not shared.
+    if seen.len() < 64 {
+        seen.push(a.clone());
+    }
+    a
 }
 
 impl Sessions {
@@ -119,10 +117,11 @@ impl Sessions {
     /// The signature facts of an access token: from the cache for a repeat
     /// (refused once past `exp` plus the leeway, exactly as the verifier would),
     /// otherwise by an Ed25519 verification.
-    fn access_claims(&self, token: &str) -> Result<Arc<AccessClaims>, TokenRefusal> {
+    fn access_claims(&self, token: &str) -> Result<AccessClaims, TokenRefusal> {
         let key = self.token_hash(token);
         if let Some(c) = self.token_claims.get(&key) {
             if now_secs() > c.exp + crate::crypto::jwt::LEEWAY_SECS as i64 {
+                self.token_claims.remove(&key);
                 return Err(TokenRefusal::Expired);
             }
             return Ok(c);
@@ -138,14 +137,14 @@ impl Sessions {
         ) else {
             return Err(TokenRefusal::Invalid);
         };
-        let c = Arc::new(AccessClaims {
+        let c = AccessClaims {
             user_id,
             session_id,
             exp: claims.exp,
             // Tokens signed before amr existed were password logins.
-            amr: claims.amr.unwrap_or_default().into(),
+            amr: intern_amr(claims.amr.unwrap_or_default()),
             auth_time: claims.auth_time.unwrap_or(claims.iat),
-        });
+        };
         self.token_claims.insert(key, c.clone());
         Ok(c)
     }
@@ -288,6 +287,7 @@ mod tests {
     use crate::config::Settings;
     use crate::service::invalidation::Invalidation;
     use crate::store::{Cache, Db};
+    use std::time::Duration;
 
     pub(super) fn offline_sessions() -> Sessions {
         let vars = [
@@ -361,29 +361,28 @@ mod rss_probe {
         let ids: Vec<(Uuid, Uuid)> = (0..100_000)
             .map(|_| (Uuid::new_v4(), Uuid::new_v4()))
             .collect();
-        let mut last = rss_kib();
-        let start = last;
-        let mut step = |what: &str| {
+        let last = std::cell::Cell::new(rss_kib());
+        let start = last.get();
+        let step = |what: &str| {
             let now = rss_kib();
-            println!("{what}: {} KiB", now.saturating_sub(last));
-            last = now;
+            println!("{what}: {} KiB", now.saturating_sub(last.get()));
+            last.set(now);
         };
         for (i, (uid, sid)) in ids.iter().enumerate() {
             let mut h = [0u8; 32];
             h[..4].copy_from_slice(&(i as u32).to_le_bytes());
             s.token_claims.insert(
                 h,
-                Arc::new(AccessClaims {
+                AccessClaims {
                     user_id: *uid,
                     session_id: *sid,
                     exp: now_secs() + 900,
-                    amr: Arc::from(Vec::new()),
+                    amr: intern_amr(vec!["pwd".to_string()]),
                     auth_time: now_secs(),
-                }),
+                },
             );
         }
-        s.token_claims.run_pending_tasks();
-        step("claims (moka, by token hash)");
+        step("claims (by token hash)");
         for (uid, sid) in &ids {
             let uid = *uid;
             let _ = s
@@ -423,8 +422,32 @@ mod rss_probe {
         }
         step("accounts lists, empty (SwrCache)");
         println!(
-            "RSS {start} KiB -> {last} KiB: {} KiB for 100k tokens (claims, session, user, accounts)",
-            last - start
+            "RSS {start} KiB -> {} KiB: {} KiB for 100k tokens (claims, session, user, accounts)",
+            last.get(),
+            last.get() - start
         );
+        // Session cookies: a session change drops its cookies with a pass over
+        // all of them (SwrCache::invalidate_if); what one pass costs when full.
+        for (i, (uid, sid)) in ids.iter().enumerate() {
+            let (uid, sid) = (*uid, *sid);
+            let mut h = [0u8; 32];
+            h[..4].copy_from_slice(&(i as u32).to_le_bytes());
+            let _ = s
+                .cookies
+                .get_or_load(h, || async move {
+                    Ok(CookieSession {
+                        session_id: sid,
+                        user_id: uid,
+                        usable: true,
+                    })
+                })
+                .await;
+        }
+        step("session cookies (SwrCache)");
+        let gone = ids[0].1;
+        let t = std::time::Instant::now();
+        s.cookies
+            .invalidate_if(move |_, c: &CookieSession| c.session_id == gone);
+        println!("one session change over 100k cookies: {:?}", t.elapsed());
     }
 }
