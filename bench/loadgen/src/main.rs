@@ -19,6 +19,8 @@ use user_service::proto::{VerifyApiKeyRequest, VerifyTokenRequest};
 
 // Issue 14: TOTP enrolment of the bench users and two-step logins.
 mod mfa_load;
+// Issue 13: keys and tokens enough to fill the caches.
+mod fill;
 
 #[derive(Parser)]
 #[command(about = "user-service load generator")]
@@ -111,6 +113,33 @@ enum Mode {
         #[arg(long)]
         password: String,
     },
+    /// Mints an access token per session and an API key per session's user, as
+    /// the service would (its settings from this environment). Not a measurement.
+    Mint {
+        /// Lines `user_id<TAB>session_id`.
+        #[arg(long)]
+        sessions: String,
+        #[arg(long)]
+        tokens_out: String,
+        #[arg(long)]
+        secrets_out: String,
+        /// CSV for `\copy api_keys (id, user_id, name, prefix, key_hash)`.
+        #[arg(long)]
+        keys_csv: String,
+    },
+    /// Verifies every key, then every token, once (VerifyApiKey, VerifyToken):
+    /// fills the service's caches.
+    VerifyEach {
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        keys: String,
+        #[arg(long)]
+        tokens: String,
+        /// Service-client access token (scope auth:verify).
+        #[arg(long)]
+        token: String,
+    },
     /// Renders the JSON lines of earlier runs as the markdown results table.
     Report {
         /// File of JSON lines printed by earlier runs.
@@ -193,6 +222,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             service_cores,
         } => return report(results, *rss_kib, note, *service_cores),
         Mode::SeedMfa { url, users, out } => return mfa_load::seed_mfa(url, users, out).await,
+        Mode::Mint {
+            sessions,
+            tokens_out,
+            secrets_out,
+            keys_csv,
+        } => return fill::mint(sessions, tokens_out, secrets_out, keys_csv),
+        Mode::VerifyEach {
+            addr,
+            keys,
+            tokens,
+            token,
+        } => {
+            return fill::verify_each(
+                &cli.name,
+                addr,
+                keys,
+                tokens,
+                token,
+                cli.concurrency,
+                cli.connections,
+            )
+            .await
+        }
         Mode::MfaLogin {
             url,
             users,
@@ -391,7 +443,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Mode::SeedKeys { .. }
         | Mode::Report { .. }
         | Mode::SeedMfa { .. }
-        | Mode::MfaLogin { .. } => unreachable!("handled above"),
+        | Mode::MfaLogin { .. }
+        | Mode::Mint { .. }
+        | Mode::VerifyEach { .. } => unreachable!("handled above"),
     }
 
     tokio::time::sleep(Duration::from_secs_f64(cli.warmup)).await;
