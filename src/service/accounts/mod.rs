@@ -77,12 +77,12 @@ impl AccountsService {
             let (access, lists) = (access_cache.clone(), lists_cache.clone());
             invalidation.on_change(move |change| match change {
                 Change::User(u) => {
-                    access.invalidate_if(|k, _| k.0 == u);
+                    access.invalidate_if(move |k, _| k.0 == u);
                     lists.invalidate(&u);
                 }
                 Change::Account(a) => {
-                    access.invalidate_if(|k, _| k.1 == a);
-                    lists.invalidate_if(|_, v| v.iter().any(|x| x.account.id == a));
+                    access.invalidate_if(move |k, _| k.1 == a);
+                    lists.invalidate_if(move |_, v| v.iter().any(|x| x.account.id == a));
                 }
                 Change::Everything => {
                     access.invalidate_all();

@@ -111,7 +111,8 @@ impl Sessions {
         let fresh = Duration::from_secs(settings.token_cache_ttl_seconds.clamp(1, 30));
         let profiles = SwrCache::new("users", capacity, fresh, stale);
         let states = SwrCache::new("sessions", capacity, fresh, stale);
-        let cookies = SwrCache::new("session_cookies", capacity, fresh, stale);
+        // Every refresh drops its session's cookies by predicate.
+        let cookies = SwrCache::for_frequent_predicates("session_cookies", capacity, fresh, stale);
         let token_accounts = SwrCache::new("token_accounts", capacity, fresh, stale);
         {
             let (profiles, states, cookies, token_accounts) = (
