@@ -65,16 +65,6 @@ fn dummy_hash() -> &'static str {
     })
 }
 
-/// Each hash allocates and frees argon2's 19 MiB; mimalloc (the service's
-/// allocator) would keep the freed pages resident on this thread's heap, so
-/// the service's RSS would carry a dead hash buffer for good. Returning them
-/// costs a few system calls next to a ~15 ms hash. (Without mimalloc as the
-/// global allocator, as in the tests, there is nothing to collect.)
-fn release_freed_memory() {
-    // SAFETY: mi_collect only walks this thread's own mimalloc heap.
-    unsafe { libmimalloc_sys::mi_collect(true) };
-}
-
 type Job = Box<dyn FnOnce() + Send>;
 
 /// `n` threads taking jobs from one queue; they end when the last sender is
@@ -106,7 +96,6 @@ fn start_pool(n: usize) -> (mpsc::Sender<Job>, bool) {
                             {
                                 tracing::error!("a password-hashing job panicked");
                             }
-                            release_freed_memory();
                         }
                         Err(()) => break,
                     }
@@ -199,7 +188,6 @@ impl PasswordHasher {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
         // Computed now (on the building thread) rather than inside the first login.
         let _ = dummy_hash();
-        release_freed_memory();
         let (jobs, low_priority) = start_pool(n);
         Self {
             permits: Arc::new(Semaphore::new(n)),

@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 
 use uuid::Uuid;
 
-use super::swr::Lean;
+use super::swr::{lean, Lean};
 use crate::domain::user::User;
 
 pub struct UserCopies {
@@ -18,7 +18,7 @@ pub struct UserCopies {
 impl UserCopies {
     pub fn new(capacity: u64) -> Self {
         Self {
-            copies: Lean::new(capacity.max(1) as usize),
+            copies: lean(capacity),
         }
     }
 

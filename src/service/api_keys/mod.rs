@@ -76,9 +76,7 @@ impl ApiKeyService {
         let stale = Duration::from_secs(settings.cache_stale_seconds);
         // quick_cache's scan-resistant eviction keeps a flood of one-off misses
         // from evicting the keys in real use.
-        let verified = Arc::new(KeyCache::new(
-            settings.api_key_cache_capacity.max(1) as usize
-        ));
+        let verified: Arc<KeyCache> = Arc::new(super::swr::lean(settings.api_key_cache_capacity));
         let epoch = Arc::new(AtomicU64::new(0));
         {
             let (verified, epoch) = (verified.clone(), epoch.clone());

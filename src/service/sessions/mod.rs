@@ -20,7 +20,7 @@ pub use self::verify::{AccessGrant, TokenRefusal, TokenVerification};
 use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
 use super::paging::Page;
-use super::swr::{Lean, SwrCache};
+use super::swr::{lean, Lean, SwrCache};
 use super::user_copies::UserCopies;
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::config::Settings;
@@ -158,7 +158,7 @@ impl Sessions {
             states,
             profiles,
             user_copies: Arc::new(UserCopies::new(capacity)),
-            token_claims: Lean::new(capacity.max(1) as usize),
+            token_claims: lean(capacity),
             token_key: Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC takes any key"),
             cookies,
             token_accounts,
