@@ -58,6 +58,9 @@ pub struct PolicyEngine {
     db: Db,
     /// By user; a load that overlaps an invalidation is not cached.
     users: SwrCache<Uuid, UserPolicies>,
+    /// By role names, sorted (an API key's owner: the roles come with the key's
+    /// row, so no entry per user and no query per user).
+    by_roles: SwrCache<Vec<String>, Arc<Vec<Policy>>>,
     /// The distinct policy lists seen: policies come from roles, so users with
     /// the same roles share one list instead of a copy each (~1 KB a user).
     shared: Arc<std::sync::Mutex<Vec<Arc<Vec<Policy>>>>>,
@@ -70,11 +73,16 @@ impl PolicyEngine {
         // No stale serving: a grant is fresh or read again.
         let users: SwrCache<Uuid, UserPolicies> =
             SwrCache::new("policies", 100_000, POLICY_CACHE_TTL, Duration::ZERO);
+        let by_roles: SwrCache<Vec<String>, Arc<Vec<Policy>>> =
+            SwrCache::new("role_policies", 1024, POLICY_CACHE_TTL, Duration::ZERO);
         {
-            let users = users.clone();
+            let (users, by_roles) = (users.clone(), by_roles.clone());
             invalidation.on_change(move |change| match change {
                 Change::User(id) => users.invalidate(&id),
-                Change::Everything => users.invalidate_all(),
+                Change::Everything => {
+                    users.invalidate_all();
+                    by_roles.invalidate_all();
+                }
                 Change::ApiKey(_)
                 | Change::Account(_)
                 | Change::Session(_)
@@ -84,6 +92,7 @@ impl PolicyEngine {
         Self {
             db,
             users,
+            by_roles,
             shared: Default::default(),
             denials: Default::default(),
         }
@@ -129,6 +138,18 @@ impl PolicyEngine {
             .await?
             .map(|ps| policy::granted_scopes(&ps))
             .unwrap_or_default())
+    }
+
+    /// The scopes the roles named `roles` (sorted, as a user's row lists them)
+    /// grant: `user_scopes` for an active user holding exactly those roles.
+    pub async fn scopes_for_roles(&self, roles: &[String]) -> ServiceResult<Vec<String>> {
+        let policies = self
+            .by_roles
+            .get_or_load(roles.to_vec(), || async move {
+                Ok(self.share(store::policies::for_roles(&self.db, roles).await?))
+            })
+            .await?;
+        Ok(policy::granted_scopes(&policies))
     }
 
     /// CheckPermission on wire strings: `subject` `user:<uuid>` | `client:<id>`,

@@ -61,6 +61,23 @@ pub async fn for_user(db: &Db, user_id: Uuid) -> StoreResult<Option<Vec<Policy>>
         .map(Some)
 }
 
+/// The policies of the roles named `roles`: what `for_user` finds for an active
+/// user holding exactly them.
+pub async fn for_roles(db: &Db, roles: &[String]) -> StoreResult<Vec<Policy>> {
+    let rows: Vec<PolicyRow> = sqlx::query_as(
+        "select distinct p.name, p.effect, p.actions, p.resources
+           from roles r
+           join role_policies rp on rp.role_id = r.id
+           join policies p on p.id = rp.policy_id
+          where r.name = any($1)
+          order by p.name",
+    )
+    .bind(roles)
+    .fetch_all(&db.pool)
+    .await?;
+    rows.into_iter().map(Policy::try_from).collect()
+}
+
 /// An active service client's scopes; `None` when unknown or disabled.
 pub async fn client_scopes(db: &Db, client_id: &str) -> StoreResult<Option<Vec<String>>> {
     Ok(sqlx::query_scalar(

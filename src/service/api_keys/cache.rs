@@ -125,7 +125,9 @@ impl ApiKeyService {
         let usable = key.revoked_at.is_none() && status == UserStatus::Active;
         let (user_scopes, accounts) = if usable {
             (
-                self.policy.user_scopes(key.user_id).await?,
+                // The owner's roles came with the row: their grant without a
+                // query or a cache entry per user.
+                self.policy.scopes_for_roles(&row.user_roles).await?,
                 self.accounts.accounts_of(key.user_id).await?,
             )
         } else {
