@@ -202,8 +202,18 @@ where
                         loaded: Instant::now(),
                     };
                     match &self.entries {
-                        Entries::Lean(c) => c.insert(key, entry),
-                        Entries::Moka(c) => c.insert(key, entry),
+                        Entries::Lean(c) => c.insert(key.clone(), entry),
+                        Entries::Moka(c) => c.insert(key.clone(), entry),
+                    }
+                    // An invalidation that ran between the check and the insert
+                    // (its pass may have missed the new entry): drop it again.
+                    if self.epoch.load(Ordering::SeqCst) != epoch {
+                        match &self.entries {
+                            Entries::Lean(c) => {
+                                c.remove(&key);
+                            }
+                            Entries::Moka(c) => c.invalidate(&key),
+                        }
                     }
                 }
                 Ok(v)

@@ -67,6 +67,7 @@ impl ApiKeyService {
         // Loaded while an invalidation ran: answer with it, but do not cache it.
         if self.epoch.load(Ordering::SeqCst) == epoch {
             let _ = guard.insert(entry.clone());
+            self.drop_if_invalidated_since(epoch, &hash);
         }
         Ok(entry)
     }
@@ -96,6 +97,7 @@ impl ApiKeyService {
             Ok(entry) => {
                 if self.epoch.load(Ordering::SeqCst) == epoch {
                     self.verified.insert(hash, entry.clone());
+                    self.drop_if_invalidated_since(epoch, &hash);
                 }
                 Ok(entry)
             }
@@ -107,6 +109,14 @@ impl ApiKeyService {
                 }
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// An invalidation that ran between the epoch check and the insert may have
+    /// passed over the new entry (its pass skips a filling placeholder): drop it.
+    fn drop_if_invalidated_since(&self, epoch: u64, hash: &[u8; 32]) {
+        if self.epoch.load(Ordering::SeqCst) != epoch {
+            self.verified.remove(hash);
         }
     }
 
