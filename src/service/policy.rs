@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::audit::{AuditEntry, Outcome};
 use super::invalidation::{Change, Invalidation};
-use super::swr::SwrCache;
+use super::swr::{Interned, SwrCache};
 use super::{Caller, RequestMeta, ServiceError, ServiceResult};
 use crate::domain::policy::{self, parse_action, Decision, Policy, Resource, Subject};
 use crate::store::{self, Db};
@@ -63,7 +63,7 @@ pub struct PolicyEngine {
     by_roles: SwrCache<Vec<String>, Arc<Vec<Policy>>>,
     /// The distinct policy lists seen: policies come from roles, so users with
     /// the same roles share one list instead of a copy each (~1 KB a user).
-    shared: Arc<std::sync::Mutex<Vec<Arc<Vec<Policy>>>>>,
+    shared: Arc<Interned<Vec<Policy>>>,
     /// Every `authz.denied` row goes through here (a few per actor per minute).
     pub(crate) denials: super::audit::DenialAudit,
 }
@@ -72,7 +72,8 @@ impl PolicyEngine {
     pub fn new(db: Db, invalidation: &Invalidation) -> Self {
         // No stale serving: a grant is fresh or read again.
         let users: SwrCache<Uuid, UserPolicies> =
-            SwrCache::new("policies", 100_000, POLICY_CACHE_TTL, Duration::ZERO);
+            SwrCache::new("policies", 100_000, POLICY_CACHE_TTL, Duration::ZERO)
+                .counting("policy_cache_total");
         let by_roles: SwrCache<Vec<String>, Arc<Vec<Policy>>> =
             SwrCache::new("role_policies", 1024, POLICY_CACHE_TTL, Duration::ZERO);
         {
@@ -93,41 +94,19 @@ impl PolicyEngine {
             db,
             users,
             by_roles,
-            shared: Default::default(),
+            shared: Arc::new(Interned::new(256)),
             denials: Default::default(),
         }
     }
 
     async fn user_policies(&self, user_id: Uuid) -> ServiceResult<UserPolicies> {
-        let mut missed = false;
-        let loaded = self
-            .users
-            .get_or_load(user_id, || {
-                missed = true;
-                async move {
-                    Ok(store::policies::for_user(&self.db, user_id)
-                        .await?
-                        .map(|ps| self.share(ps)))
-                }
+        self.users
+            .get_or_load(user_id, || async move {
+                Ok(store::policies::for_user(&self.db, user_id)
+                    .await?
+                    .map(|ps| self.shared.share(ps)))
             })
-            .await?;
-        let result = if missed { "miss" } else { "hit" };
-        metrics::counter!("policy_cache_total", "result" => result).increment(1);
-        Ok(loaded)
-    }
-
-    /// The one shared copy of `policies` (bounded: past 256 distinct lists, a
-    /// list is just not shared).
-    fn share(&self, policies: Vec<Policy>) -> Arc<Vec<Policy>> {
-        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = shared.iter().find(|p| ***p == policies) {
-            return p.clone();
-        }
-        let p = Arc::new(policies);
-        if shared.len() < 256 {
-            shared.push(p.clone());
-        }
-        p
+            .await
     }
 
     /// The scopes a user's roles grant: allowed actions minus denied ones. Empty
@@ -146,7 +125,9 @@ impl PolicyEngine {
         let policies = self
             .by_roles
             .get_or_load(roles.to_vec(), || async move {
-                Ok(self.share(store::policies::for_roles(&self.db, roles).await?))
+                Ok(self
+                    .shared
+                    .share(store::policies::for_roles(&self.db, roles).await?))
             })
             .await?;
         Ok(policy::granted_scopes(&policies))

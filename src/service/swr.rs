@@ -95,6 +95,36 @@ pub fn lean<K: Eq + Hash, V: Clone>(capacity: u64) -> Lean<K, V> {
     Lean::new((capacity + capacity / 20).max(1) as usize)
 }
 
+/// One shared copy of each distinct value of a handful (policy lists by role
+/// set, tokens' `amr` lists): cached entries point to it instead of holding a
+/// copy each. Bounded: past `bound` distinct values, a value is just not shared.
+pub struct Interned<T: ?Sized> {
+    seen: std::sync::Mutex<Vec<Arc<T>>>,
+    bound: usize,
+}
+
+impl<T: ?Sized + PartialEq> Interned<T> {
+    pub const fn new(bound: usize) -> Self {
+        Self {
+            seen: std::sync::Mutex::new(Vec::new()),
+            bound,
+        }
+    }
+
+    pub fn share<V: std::borrow::Borrow<T> + Into<Arc<T>>>(&self, value: V) -> Arc<T> {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let wanted: &T = value.borrow();
+        if let Some(a) = seen.iter().find(|a| &***a == wanted) {
+            return a.clone();
+        }
+        let a: Arc<T> = value.into();
+        if seen.len() < self.bound {
+            seen.push(a.clone());
+        }
+        a
+    }
+}
+
 /// Where a `SwrCache` keeps its entries.
 #[derive(Clone)]
 enum Entries<K, V> {
@@ -116,6 +146,8 @@ pub struct SwrCache<K, V> {
     epoch: Arc<AtomicU64>,
     probe: Arc<Probe>,
     stale_served: metrics::Counter,
+    /// `<metric>{result="hit"|"miss"}`, registered once (see `counting`).
+    lookups: Option<Arc<[metrics::Counter; 2]>>,
 }
 
 impl<K, V> SwrCache<K, V>
@@ -160,6 +192,22 @@ where
             epoch: Arc::default(),
             probe: Arc::default(),
             stale_served: metrics::counter!("cache_stale_served_total", "cache" => name),
+            lookups: None,
+        }
+    }
+
+    /// Counts every lookup in `metric` by result: "hit" (answered from the
+    /// cache) or "miss" (`load` ran).
+    pub fn counting(mut self, metric: &'static str) -> Self {
+        self.lookups = Some(Arc::new(
+            ["hit", "miss"].map(|r| metrics::counter!(metric, "result" => r)),
+        ));
+        self
+    }
+
+    fn count(&self, missed: bool) {
+        if let Some(c) = &self.lookups {
+            c[usize::from(missed)].increment(1);
         }
     }
 
@@ -175,17 +223,22 @@ where
             Entries::Moka(c) => c.get(&key),
         };
         let stale = match cached {
-            Some(s) if s.loaded.elapsed() <= self.fresh => return Ok(s.value),
+            Some(s) if s.loaded.elapsed() <= self.fresh => {
+                self.count(false);
+                return Ok(s.value);
+            }
             Some(s) if s.loaded.elapsed() <= self.fresh + self.stale => Some(s.value),
             _ => None,
         };
         // A stale copy is refreshed by one caller at a time; the rest answer it.
         if let Some(v) = &stale {
             if !self.probe.claim() {
+                self.count(false);
                 self.stale_served.increment(1);
                 return Ok(v.clone());
             }
         }
+        self.count(true);
         let epoch = self.epoch.load(Ordering::SeqCst);
         let loaded = load().await;
         if stale.is_some() {
@@ -208,12 +261,7 @@ where
                     // An invalidation that ran between the check and the insert
                     // (its pass may have missed the new entry): drop it again.
                     if self.epoch.load(Ordering::SeqCst) != epoch {
-                        match &self.entries {
-                            Entries::Lean(c) => {
-                                c.remove(&key);
-                            }
-                            Entries::Moka(c) => c.invalidate(&key),
-                        }
+                        self.remove(&key);
                     }
                 }
                 Ok(v)
@@ -231,6 +279,10 @@ where
 
     pub fn invalidate(&self, key: &K) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.remove(key);
+    }
+
+    fn remove(&self, key: &K) {
         match &self.entries {
             Entries::Lean(c) => {
                 c.remove(key);

@@ -70,9 +70,11 @@ impl AccountsService {
     ) -> Self {
         // No stale serving: an authorisation answer is fresh or read again.
         let access_cache: SwrCache<(Uuid, Uuid), Option<Access>> =
-            SwrCache::new("account_access", 100_000, CACHE_TTL, Duration::ZERO);
+            SwrCache::new("account_access", 100_000, CACHE_TTL, Duration::ZERO)
+                .counting("account_access_cache_total");
         let lists_cache: SwrCache<Uuid, Arc<Vec<AccountAccess>>> =
-            SwrCache::new("account_lists", 20_000, CACHE_TTL, Duration::ZERO);
+            SwrCache::new("account_lists", 20_000, CACHE_TTL, Duration::ZERO)
+                .counting("account_list_cache_total");
         {
             let (access, lists) = (access_cache.clone(), lists_cache.clone());
             invalidation.on_change(move |change| match change {
@@ -124,20 +126,14 @@ impl AccountsService {
     /// access (owner or member role) and the permissions it carries.
     /// Cached; account and membership changes invalidate it on every replica.
     pub async fn accounts_of(&self, user_id: Uuid) -> ServiceResult<Vec<AccountAccess>> {
-        let mut missed = false;
         let list = self
             .lists_cache
-            .get_or_load(user_id, || {
-                missed = true;
-                async move {
-                    let list =
-                        store::list_for_user(&self.db, user_id, None, None, MAX_ACCOUNTS).await?;
-                    Ok(Arc::new(list))
-                }
+            .get_or_load(user_id, || async move {
+                let list =
+                    store::list_for_user(&self.db, user_id, None, None, MAX_ACCOUNTS).await?;
+                Ok(Arc::new(list))
             })
             .await?;
-        let result = if missed { "miss" } else { "hit" };
-        metrics::counter!("account_list_cache_total", "result" => result).increment(1);
         Ok(list.as_ref().clone())
     }
 
@@ -149,17 +145,11 @@ impl AccountsService {
         user_id: Uuid,
         account_id: Uuid,
     ) -> ServiceResult<Option<Access>> {
-        let mut missed = false;
-        let access = self
-            .access_cache
-            .get_or_load((user_id, account_id), || {
-                missed = true;
-                async move { Ok(store::access_of(&self.db, user_id, account_id).await?) }
+        self.access_cache
+            .get_or_load((user_id, account_id), || async move {
+                Ok(store::access_of(&self.db, user_id, account_id).await?)
             })
-            .await?;
-        let result = if missed { "miss" } else { "hit" };
-        metrics::counter!("account_access_cache_total", "result" => result).increment(1);
-        Ok(access)
+            .await
     }
 
     pub(in crate::service) async fn membership_changed(&self, account: Uuid, user: Uuid) {

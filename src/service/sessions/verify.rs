@@ -11,6 +11,7 @@ use crate::crypto::jwt::{Claims, JwtError, TokenType};
 use crate::domain::account::AccountAccess;
 use crate::domain::session::{RevocationReason, SessionState};
 use crate::domain::user::{Role, User};
+use crate::service::swr::Interned;
 use crate::service::{now_secs, Caller, ServiceError, ServiceResult};
 use crate::store::sessions;
 
@@ -94,17 +95,8 @@ pub(super) struct CookieSession {
 /// values (only signed tokens get here): cached tokens share one copy of each
 /// instead of a list per token.
 fn intern_amr(amr: Vec<String>) -> Arc<[String]> {
-    static SEEN: std::sync::Mutex<Vec<Arc<[String]>>> = std::sync::Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(a) = seen.iter().find(|a| a[..] == amr[..]) {
-        return a.clone();
-    }
-    let a: Arc<[String]> = amr.into();
-    // Bounded all the same; past it a list is just not shared.
-    if seen.len() < 64 {
-        seen.push(a.clone());
-    }
-    a
+    static SEEN: Interned<[String]> = Interned::new(64);
+    SEEN.share(amr)
 }
 
 impl Sessions {
