@@ -13,6 +13,20 @@ use user_service::{shutdown, store, telemetry};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Transparent huge pages off for this process. mimalloc asks for them on its
+/// arenas (madvise), and a 2 MiB page is resident whole however little of it is
+/// in use: with 100,000 cached keys and tokens the service held 151 MiB with
+/// them and 124 MiB without (27 MiB of half-used huge pages, scripts/bench's
+/// fill), for no measurable difference in an argon2 hash or a verification.
+/// The flag also overrides a system-wide `always`, and children inherit it.
+fn no_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_THP_DISABLE only sets a flag on this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "user-service", version, about = "StocksBlitz identity service")]
 struct Cli {
@@ -34,6 +48,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    no_transparent_huge_pages();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
     if let Command::CheckConfig = command {
