@@ -5,11 +5,11 @@ use std::fmt;
 
 use uuid::Uuid;
 
-use super::user::Role;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// No roles here: a request takes them from the user as cached now (a role
+/// change drops that copy), and up to 100,000 of these are cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionState {
-    Live { user_id: Uuid, roles: Vec<Role> },
+    Live { user_id: Uuid },
     Revoked { reason: RevocationReason },
 }
 

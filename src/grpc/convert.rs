@@ -310,8 +310,8 @@ pub fn key_verification(
             user: Some(k.user.as_ref().into()),
             key: Some(proto::ApiKey {
                 id: k.key.id.to_string(),
-                name: k.key.name.clone(),
-                prefix: k.key.prefix.clone(),
+                name: k.key.name.to_string(),
+                prefix: k.key.prefix.to_string(),
                 scopes: k.scopes_for(account),
                 expires_at: k.key.expires_at.map(timestamp),
             }),

@@ -16,8 +16,16 @@ use crate::domain::user::Role;
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "s", rename_all = "lowercase")]
 enum Stored {
-    Live { uid: Uuid, roles: Vec<String> },
-    Revoked { reason: String },
+    /// `roles`: the user's when the session opened, for replicas that read them
+    /// (this one takes roles from the user record).
+    Live {
+        uid: Uuid,
+        #[serde(default)]
+        roles: Vec<String>,
+    },
+    Revoked {
+        reason: String,
+    },
 }
 
 /// Cheap to clone (the Redis clients are shared).
@@ -42,19 +50,23 @@ impl SessionCache {
             return Ok(None);
         };
         Ok(serde_json::from_str::<Stored>(&text).ok().map(|s| match s {
-            Stored::Live { uid, roles } => SessionState::Live {
-                user_id: uid,
-                roles: Role::from_names(&roles),
-            },
+            Stored::Live { uid, .. } => SessionState::Live { user_id: uid },
             Stored::Revoked { reason } => SessionState::Revoked {
                 reason: RevocationReason::from_stored(&reason),
             },
         }))
     }
 
-    pub async fn put(&self, sid: Uuid, state: &SessionState, ttl: Duration) -> StoreResult<()> {
+    /// `roles` go with a live mark (see `Stored::Live`).
+    pub async fn put(
+        &self,
+        sid: Uuid,
+        state: &SessionState,
+        roles: &[Role],
+        ttl: Duration,
+    ) -> StoreResult<()> {
         let stored = match state {
-            SessionState::Live { user_id, roles } => Stored::Live {
+            SessionState::Live { user_id } => Stored::Live {
                 uid: *user_id,
                 roles: roles.iter().map(|r| r.as_str().to_string()).collect(),
             },

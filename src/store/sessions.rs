@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{Db, StoreResult, Tx};
 use crate::domain::session::RevocationReason;
-use crate::domain::user::{Role, UserStatus};
+use crate::domain::user::UserStatus;
 
 /// What a request needs to know about its session, read in one query.
 #[derive(Debug, Clone)]
@@ -17,7 +17,6 @@ pub struct SessionAuth {
     pub revoked: bool,
     pub expired: bool,
     pub user_status: UserStatus,
-    pub roles: Vec<Role>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -27,7 +26,6 @@ struct SessionAuthRow {
     revoked: bool,
     expired: bool,
     user_status: String,
-    roles: Vec<String>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -188,9 +186,7 @@ pub async fn auth_state(db: &Db, id: Uuid, idle_secs: u64) -> StoreResult<Option
                 (s.revoked_at is not null
                  or (s.expires_at > now()
                      and s.last_seen_at <= now() - make_interval(secs => $2))) as revoked,
-                s.expires_at <= now() as expired, u.status as user_status,
-                coalesce(array(select r.name from user_roles ur join roles r on r.id = ur.role_id
-                                where ur.user_id = u.id order by r.name), '{}') as roles
+                s.expires_at <= now() as expired, u.status as user_status
            from sessions s join users u on u.id = s.user_id
           where s.id = $1",
     )
@@ -208,7 +204,6 @@ pub async fn auth_state(db: &Db, id: Uuid, idle_secs: u64) -> StoreResult<Option
             revoked: r.revoked,
             expired: r.expired,
             user_status: super::users::user_status(&r.user_status)?,
-            roles: Role::from_names(&r.roles),
         })
     })
     .transpose()

@@ -4,7 +4,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use super::verify::{KeyInfo, VerifiedKey};
 use super::ApiKeyService;
@@ -12,28 +11,38 @@ use crate::crypto::api_key_hash::ApiKeyHasher;
 use crate::domain::api_key::parse_allowed_ip;
 use crate::domain::user::{Role, User, UserStatus};
 use crate::service::invalidation::Change;
-use crate::service::swr::Lean;
+use crate::service::swr::{Lean, Stamp};
 use crate::service::{ServiceError, ServiceResult};
 use crate::store::api_keys as store;
 
 #[derive(Clone)]
 pub(super) enum CacheEntry {
     /// No such key, as of this instant (kept API_KEY_NEGATIVE_CACHE_TTL_SECONDS).
-    Missing(Instant),
+    Missing(Stamp),
     Key(Arc<VerifiedKey>),
 }
 
 /// The verification cache. Hits are fresh API_KEY_CACHE_TTL_SECONDS and kept
 /// CACHE_STALE_SECONDS more for PostgreSQL outages; misses live
 /// API_KEY_NEGATIVE_CACHE_TTL_SECONDS. Entries are judged by their load time on
-/// read (see `service::swr` for why quick_cache and not moka).
-pub(super) type KeyCache = Lean<[u8; 32], CacheEntry>;
+/// read (see `service::swr` for why quick_cache and not moka). Keyed by the
+/// first half of the key's HMAC (`slot`): a collision of 128 bits of a keyed
+/// hash is out of reach, and the load compares the whole hash anyway.
+pub(super) type KeyCache = Lean<[u8; 16], CacheEntry>;
+
+/// A key hash's place in the cache.
+fn slot(hash: &[u8; 32]) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    s.copy_from_slice(&hash[..16]);
+    s
+}
 
 impl ApiKeyService {
     pub(super) async fn lookup(&self, hash: [u8; 32]) -> ServiceResult<CacheEntry> {
         // The common case first: a plain get is cheaper than the placeholder
         // machinery, and tells a hit from a miss for the metrics.
-        if let Some(entry) = self.verified.get(&hash) {
+        let slot = slot(&hash);
+        if let Some(entry) = self.verified.get(&slot) {
             match &entry {
                 CacheEntry::Key(k) if k.loaded_at.elapsed() > self.fresh => {
                     return self.revalidate(hash, entry).await;
@@ -42,7 +51,7 @@ impl ApiKeyService {
                     // Lapsed: read again below (unless someone already has).
                     let at = *at;
                     self.verified
-                        .remove_if(&hash, |e| matches!(e, CacheEntry::Missing(t) if *t == at));
+                        .remove_if(&slot, |e| matches!(e, CacheEntry::Missing(t) if *t == at));
                 }
                 _ => {
                     self.counters.cache_hits.increment(1);
@@ -52,7 +61,7 @@ impl ApiKeyService {
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
         // Concurrent misses of one key wait for the first one's read.
-        let guard = match self.verified.get_value_or_guard_async(&hash).await {
+        let guard = match self.verified.get_value_or_guard_async(&slot).await {
             Ok(entry) => return Ok(entry),
             Err(guard) => guard,
         };
@@ -67,7 +76,7 @@ impl ApiKeyService {
         // Loaded while an invalidation ran: answer with it, but do not cache it.
         if self.epoch.load(Ordering::SeqCst) == epoch {
             let _ = guard.insert(entry.clone());
-            self.drop_if_invalidated_since(epoch, &hash);
+            self.drop_if_invalidated_since(epoch, &slot);
         }
         Ok(entry)
     }
@@ -96,8 +105,8 @@ impl ApiKeyService {
         match loaded {
             Ok(entry) => {
                 if self.epoch.load(Ordering::SeqCst) == epoch {
-                    self.verified.insert(hash, entry.clone());
-                    self.drop_if_invalidated_since(epoch, &hash);
+                    self.verified.insert(slot(&hash), entry.clone());
+                    self.drop_if_invalidated_since(epoch, &slot(&hash));
                 }
                 Ok(entry)
             }
@@ -114,20 +123,20 @@ impl ApiKeyService {
 
     /// An invalidation that ran between the epoch check and the insert may have
     /// passed over the new entry (its pass skips a filling placeholder): drop it.
-    fn drop_if_invalidated_since(&self, epoch: u64, hash: &[u8; 32]) {
+    fn drop_if_invalidated_since(&self, epoch: u64, slot: &[u8; 16]) {
         if self.epoch.load(Ordering::SeqCst) != epoch {
-            self.verified.remove(hash);
+            self.verified.remove(slot);
         }
     }
 
     async fn load(&self, hash: &[u8; 32]) -> ServiceResult<CacheEntry> {
         self.db_lookups.fetch_add(1, Ordering::Relaxed);
         let Some(row) = store::find_by_hash(&self.db, hash).await? else {
-            return Ok(CacheEntry::Missing(Instant::now()));
+            return Ok(CacheEntry::Missing(Stamp::now()));
         };
         // The index found it; confirm without a timing side channel anyway.
         if !ApiKeyHasher::matches(&row.key.key_hash, hash) {
-            return Ok(CacheEntry::Missing(Instant::now()));
+            return Ok(CacheEntry::Missing(Stamp::now()));
         }
         let key = row.key;
         // The column's check constraint allows only these two.
@@ -159,8 +168,8 @@ impl ApiKeyService {
         Ok(CacheEntry::Key(Arc::new(VerifiedKey {
             key: KeyInfo {
                 id: key.id,
-                name: key.name,
-                prefix: key.prefix,
+                name: key.name.into(),
+                prefix: key.prefix.into(),
                 scopes,
                 expires_at: key.expires_at,
                 allowed_ips: key
@@ -168,7 +177,7 @@ impl ApiKeyService {
                     .iter()
                     .filter_map(|s| parse_allowed_ip(s))
                     .collect(),
-                trading_account_ids: key.trading_account_ids,
+                trading_account_ids: key.trading_account_ids.into(),
                 rate_limit_per_minute: key.rate_limit_per_minute,
                 revoked: key.revoked_at.is_some(),
             },
@@ -182,7 +191,7 @@ impl ApiKeyService {
                 created_at: row.user_created_at,
             }),
             accounts,
-            loaded_at: Instant::now(),
+            loaded_at: Stamp::now(),
         })))
     }
 }

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
@@ -17,6 +17,7 @@ use crate::domain::account::{Access, AccountAccess};
 use crate::domain::api_key::{ip_allowed, ApiKeySecret, KeyFormatError};
 use crate::domain::scope;
 use crate::service::api_key_usage::KeyUse;
+use crate::service::swr::Stamp;
 use crate::service::{Caller, KeyGrant, RequestMeta, ServiceError, ServiceResult};
 
 /// Why a key was refused; each maps to one wire reason.
@@ -100,17 +101,20 @@ pub struct VerifyRequest {
     pub trading_account_id: Option<Uuid>,
 }
 
+/// Boxed slices and strings rather than `Vec`/`String` (8 bytes less each): up
+/// to API_KEY_CACHE_CAPACITY of these are cached, and a `VerifiedKey` of 232
+/// bytes fell in a 256-byte allocation class, one of 192 in the 192 class.
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
     pub id: Uuid,
-    pub name: String,
-    pub prefix: String,
+    pub name: Box<str>,
+    pub prefix: Box<str>,
     /// The key's scopes that its owner still holds.
-    pub scopes: Vec<String>,
+    pub scopes: Box<[String]>,
     pub expires_at: Option<DateTime<Utc>>,
-    pub allowed_ips: Vec<IpNet>,
+    pub allowed_ips: Box<[IpNet]>,
     /// As granted; empty means every account the owner can access.
-    pub trading_account_ids: Vec<Uuid>,
+    pub trading_account_ids: Box<[Uuid]>,
     pub rate_limit_per_minute: Option<i32>,
     pub revoked: bool,
 }
@@ -122,9 +126,9 @@ pub struct VerifiedKey {
     /// The owner as of the load (one copy shared with the session caches).
     pub user: Arc<crate::domain::user::User>,
     /// The trading accounts the key may act on, with its owner's access.
-    pub accounts: Vec<AccountAccess>,
+    pub accounts: Box<[AccountAccess]>,
     /// When it was read from PostgreSQL (stale-while-revalidate).
-    pub loaded_at: Instant,
+    pub loaded_at: Stamp,
 }
 
 impl VerifiedKey {
@@ -306,8 +310,8 @@ impl ApiKeyService {
                 session_id: None,
                 key: Some(KeyGrant {
                     key_id: k.key.id,
-                    scopes: k.key.scopes.clone(),
-                    trading_account_ids: k.key.trading_account_ids.clone(),
+                    scopes: k.key.scopes.to_vec(),
+                    trading_account_ids: k.key.trading_account_ids.to_vec(),
                 }),
             }),
             Err(VerifyFailure::RateLimited { retry_after_secs }) => {

@@ -27,7 +27,7 @@ use crate::config::Settings;
 use crate::crypto::jwt::{JwtKeys, TokenType};
 use crate::domain::account::AccountAccess;
 use crate::domain::session::{RevocationReason, SessionState};
-use crate::domain::user::{User, UserStatus};
+use crate::domain::user::{Role, User, UserStatus};
 use crate::store::{sessions, users, Cache, Db, SessionCache, Tx};
 
 /// How long Redis keeps a "live" session state.
@@ -79,12 +79,12 @@ pub struct Sessions {
     /// Verified access-token claims by HMAC(token_key, token): a repeat token
     /// costs a keyed hash instead of an Ed25519 verification. An entry is
     /// refused (and dropped) on read once past `exp` plus the leeway.
-    token_claims: Lean<[u8; 32], AccessClaims>,
+    token_claims: Lean<[u8; 16], AccessClaims>,
     /// Per-process random key for `token_claims` and `cookies`: the tokens
     /// themselves are never cache keys.
     token_key: Hmac<Sha256>,
     /// Session cookies by HMAC(token_key, cookie).
-    cookies: SwrCache<[u8; 32], CookieSession>,
+    cookies: SwrCache<[u8; 16], CookieSession>,
     /// VerifyToken's account lists by user.
     token_accounts: SwrCache<Uuid, Arc<[AccountAccess]>>,
     /// token_verifications_total{kind="access"} by result (valid, invalid,
@@ -193,12 +193,12 @@ impl Sessions {
     /// Records a session state in Redis (best effort: PostgreSQL stays the truth)
     /// and, when the session ended, drops it from every replica's cache (the
     /// PostgreSQL trigger on `sessions` says the same without Redis).
-    async fn record(&self, sid: Uuid, state: &SessionState) {
+    async fn record(&self, sid: Uuid, state: &SessionState, roles: &[Role]) {
         let ttl = match state {
             SessionState::Live { .. } => LIVE_SESSION_CACHE,
             SessionState::Revoked { .. } => self.tombstone_ttl(),
         };
-        if let Err(e) = self.redis.put(sid, state, ttl).await {
+        if let Err(e) = self.redis.put(sid, state, roles, ttl).await {
             tracing::warn!(error = %e, "session cache write failed");
         }
         if matches!(state, SessionState::Revoked { .. }) {
@@ -210,7 +210,8 @@ impl Sessions {
     /// tombstones, and every replica drops them.
     pub async fn ended(&self, sids: &[Uuid], reason: RevocationReason) {
         for sid in sids {
-            self.record(*sid, &SessionState::Revoked { reason }).await;
+            self.record(*sid, &SessionState::Revoked { reason }, &[])
+                .await;
         }
     }
 
@@ -255,14 +256,11 @@ impl Sessions {
             Some(s) if s.revoked || s.expired => SessionState::Revoked {
                 reason: s.revoked_reason.unwrap_or(RevocationReason::Expired),
             },
-            Some(s) => SessionState::Live {
-                user_id: s.user_id,
-                roles: s.roles,
-            },
+            Some(s) => SessionState::Live { user_id: s.user_id },
         };
         if let SessionState::Revoked { .. } = state {
             // A tombstone for the other replicas; no invalidation (nothing changed).
-            let _ = self.redis.put(sid, &state, self.tombstone_ttl()).await;
+            let _ = self.redis.put(sid, &state, &[], self.tombstone_ttl()).await;
         }
         Ok(state)
     }
@@ -333,11 +331,8 @@ impl Sessions {
         )
         .await?;
         tx.commit().await?;
-        let live = SessionState::Live {
-            user_id: user.id,
-            roles: user.roles.clone(),
-        };
-        self.record(session_id, &live).await;
+        let live = SessionState::Live { user_id: user.id };
+        self.record(session_id, &live, &user.roles).await;
         self.tokens_for(user, session_id, refresh, amr, now.timestamp())
     }
 
