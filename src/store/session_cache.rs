@@ -1,8 +1,8 @@
 //! The Redis copy of session states: tombstones that let every replica refuse an
-//! ended session without asking PostgreSQL, and short-lived "live" marks. Only a
-//! cache: `sessions` holds the truth. Keys are `session:{id}` (prefixed like every
-//! key); values JSON, `{"s":"live","uid":…,"roles":[…]}` or
-//! `{"s":"revoked","reason":…}`, which replicas of every version read.
+//! ended session without asking PostgreSQL. Only a cache: `sessions` holds the
+//! truth. Keys are `session:{id}` (prefixed like every key); values JSON,
+//! `{"s":"revoked","reason":…}`, or `{"s":"live","uid":…,"roles":[…]}` as
+//! earlier builds also wrote (read as "no tombstone").
 
 use std::time::Duration;
 
@@ -11,17 +11,13 @@ use uuid::Uuid;
 
 use super::{Cache, StoreResult};
 use crate::domain::session::{RevocationReason, SessionState};
-use crate::domain::user::Role;
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "s", rename_all = "lowercase")]
 enum Stored {
-    /// `roles`: the user's when the session opened, for replicas that read them
-    /// (this one takes roles from the user record).
+    /// Written by earlier builds (with the user's roles, ignored here).
     Live {
         uid: Uuid,
-        #[serde(default)]
-        roles: Vec<String>,
     },
     Revoked {
         reason: String,
@@ -57,22 +53,15 @@ impl SessionCache {
         }))
     }
 
-    /// `roles` go with a live mark (see `Stored::Live`).
-    pub async fn put(
+    /// A tombstone: the session ended for `reason`.
+    pub async fn put_revoked(
         &self,
         sid: Uuid,
-        state: &SessionState,
-        roles: &[Role],
+        reason: RevocationReason,
         ttl: Duration,
     ) -> StoreResult<()> {
-        let stored = match state {
-            SessionState::Live { user_id } => Stored::Live {
-                uid: *user_id,
-                roles: roles.iter().map(|r| r.as_str().to_string()).collect(),
-            },
-            SessionState::Revoked { reason } => Stored::Revoked {
-                reason: reason.as_str().to_string(),
-            },
+        let stored = Stored::Revoked {
+            reason: reason.as_str().to_string(),
         };
         let text = serde_json::to_string(&stored)
             .map_err(|e| super::StoreError::Other(anyhow::Error::new(e)))?;

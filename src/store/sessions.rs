@@ -63,13 +63,22 @@ pub struct NewSession<'a> {
     pub user_agent: Option<&'a str>,
     pub amr: &'a [String],
     pub auth_time: DateTime<Utc>,
+    /// SHA-256 of the session's first refresh token.
+    pub refresh_token_hash: &'a [u8],
 }
 
-/// A new session, with how and when its user authenticated (`amr`, `auth_time`).
+/// A new session, with how and when its user authenticated (`amr`, `auth_time`),
+/// and its first refresh token: one statement (a login's round trips count, the
+/// database shares the service's core in a single-host deployment).
 pub async fn create(tx: &mut Tx, new: &NewSession<'_>) -> StoreResult<()> {
     sqlx::query(
-        "insert into sessions (id, user_id, expires_at, ip, user_agent, amr, auth_time)
-         values ($1, $2, $3, $4, $5, $6, $7)",
+        "with s as (
+             insert into sessions (id, user_id, expires_at, ip, user_agent, amr, auth_time)
+             values ($1, $2, $3, $4, $5, $6, $7)
+             returning id, expires_at
+         )
+         insert into refresh_tokens (id, session_id, token_hash, expires_at)
+         select $8, s.id, $9, s.expires_at from s",
     )
     .bind(new.id)
     .bind(new.user_id)
@@ -78,6 +87,8 @@ pub async fn create(tx: &mut Tx, new: &NewSession<'_>) -> StoreResult<()> {
     .bind(new.user_agent)
     .bind(new.amr)
     .bind(new.auth_time)
+    .bind(Uuid::now_v7())
+    .bind(new.refresh_token_hash)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -27,11 +27,8 @@ use crate::config::Settings;
 use crate::crypto::jwt::{JwtKeys, TokenType};
 use crate::domain::account::AccountAccess;
 use crate::domain::session::{RevocationReason, SessionState};
-use crate::domain::user::{Role, User, UserStatus};
+use crate::domain::user::{User, UserStatus};
 use crate::store::{sessions, users, Cache, Db, SessionCache, Tx};
-
-/// How long Redis keeps a "live" session state.
-const LIVE_SESSION_CACHE: Duration = Duration::from_secs(30);
 
 /// What a login or refresh hands out. Not Debug: it carries tokens.
 pub struct LoginTokens {
@@ -190,28 +187,20 @@ impl Sessions {
         Duration::from_secs(self.access_ttl_secs + crate::crypto::jwt::LEEWAY_SECS + 60)
     }
 
-    /// Records a session state in Redis (best effort: PostgreSQL stays the truth)
-    /// and, when the session ended, drops it from every replica's cache (the
-    /// PostgreSQL trigger on `sessions` says the same without Redis).
-    async fn record(&self, sid: Uuid, state: &SessionState, roles: &[Role]) {
-        let ttl = match state {
-            SessionState::Live { .. } => LIVE_SESSION_CACHE,
-            SessionState::Revoked { .. } => self.tombstone_ttl(),
-        };
-        if let Err(e) = self.redis.put(sid, state, roles, ttl).await {
-            tracing::warn!(error = %e, "session cache write failed");
-        }
-        if matches!(state, SessionState::Revoked { .. }) {
-            self.invalidation.session_changed(sid).await;
-        }
-    }
-
-    /// After a transaction that ended `sids` for `reason` has committed: the
-    /// tombstones, and every replica drops them.
+    /// After a transaction that ended `sids` for `reason` has committed: a Redis
+    /// tombstone for each (best effort: PostgreSQL stays the truth), and every
+    /// replica drops them from its cache (the PostgreSQL trigger on `sessions`
+    /// says the same without Redis).
     pub async fn ended(&self, sids: &[Uuid], reason: RevocationReason) {
         for sid in sids {
-            self.record(*sid, &SessionState::Revoked { reason }, &[])
-                .await;
+            if let Err(e) = self
+                .redis
+                .put_revoked(*sid, reason, self.tombstone_ttl())
+                .await
+            {
+                tracing::warn!(error = %e, "session cache write failed");
+            }
+            self.invalidation.session_changed(*sid).await;
         }
     }
 
@@ -258,9 +247,12 @@ impl Sessions {
             },
             Some(s) => SessionState::Live { user_id: s.user_id },
         };
-        if let SessionState::Revoked { .. } = state {
+        if let SessionState::Revoked { reason } = state {
             // A tombstone for the other replicas; no invalidation (nothing changed).
-            let _ = self.redis.put(sid, &state, &[], self.tombstone_ttl()).await;
+            let _ = self
+                .redis
+                .put_revoked(sid, reason, self.tombstone_ttl())
+                .await;
         }
         Ok(state)
     }
@@ -317,10 +309,10 @@ impl Sessions {
                 user_agent: meta.user_agent.as_deref(),
                 amr,
                 auth_time: now,
+                refresh_token_hash: &sha256(&refresh),
             },
         )
         .await?;
-        sessions::insert_refresh_token(&mut tx, session_id, &sha256(&refresh), expires_at).await?;
         // Hook (issue 15): `new_sign_in` from an address unseen for 30 days.
         super::recovery::on_sign_in(&mut tx, user.id, &user.email, meta).await?;
         tx.audit(
@@ -331,8 +323,8 @@ impl Sessions {
         )
         .await?;
         tx.commit().await?;
-        let live = SessionState::Live { user_id: user.id };
-        self.record(session_id, &live, &user.roles).await;
+        // No Redis write: a new session needs no tombstone, and the "live" marks
+        // this build wrote once were never read (a round trip per login).
         self.tokens_for(user, session_id, refresh, amr, now.timestamp())
     }
 
