@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{Db, StoreError, StoreResult, Tx};
+use crate::domain::mfa::Factors;
 use crate::domain::user::{Role, User, UserStatus};
 
 /// A user row with the password hash, which never leaves the service layer.
@@ -125,6 +126,43 @@ pub async fn by_email(db: &Db, email: &str) -> StoreResult<Option<UserRecord>> {
             .fetch_optional(&db.pool)
             .await?,
     )
+}
+
+/// A login's first read, in one round trip: the user by email and their second
+/// factors (as `mfa::factors` counts them).
+pub async fn by_email_with_factors(
+    db: &Db,
+    email: &str,
+) -> StoreResult<Option<(UserRecord, Factors)>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        user: UserRow,
+        totp: bool,
+        passkeys: i64,
+        recovery_codes_left: i64,
+    }
+    let row = sqlx::query_as::<_, Row>(&format!(
+        "select u.*,
+                exists(select 1 from user_totp t where t.user_id = u.id and t.confirmed_at is not null)
+                    as totp,
+                (select count(*) from webauthn_credentials w where w.user_id = u.id) as passkeys,
+                (select count(*) from user_recovery_codes c where c.user_id = u.id and c.used_at is null)
+                    as recovery_codes_left
+           from ({SELECT} where lower(u.email) = lower($1)) u"
+    ))
+    .bind(email)
+    .fetch_optional(&db.pool)
+    .await?;
+    row.map(|r| {
+        let factors = Factors {
+            totp: r.totp,
+            passkeys: r.passkeys,
+            recovery_codes_left: r.recovery_codes_left,
+        };
+        Ok((UserRecord::try_from(r.user)?, factors))
+    })
+    .transpose()
 }
 
 pub async fn by_id(tx: &mut Tx, id: Uuid) -> StoreResult<Option<UserRecord>> {
