@@ -155,6 +155,10 @@ enum Mode {
         /// hashes at a time.
         #[arg(long, default_value_t = 1)]
         service_cores: u32,
+        /// Logins must reach this share of the argon2 bound: 0.9 split, 0.85
+        /// with the stores on the service's core (issue 13 point 5).
+        #[arg(long, default_value_t = 0.9)]
+        login_target: f64,
     },
     /// HTTP GET (or, with `body`, a JSON POST) over keep-alive HTTP/1.1
     /// connections, one per concurrent request.
@@ -220,7 +224,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rss_kib,
             note,
             service_cores,
-        } => return report(results, *rss_kib, note, *service_cores),
+            login_target,
+        } => return report(results, *rss_kib, note, *service_cores, *login_target),
         Mode::SeedMfa { url, users, out } => return mfa_load::seed_mfa(url, users, out).await,
         Mode::Mint {
             sessions,
@@ -627,7 +632,13 @@ async fn seed_keys(
     Ok(())
 }
 
-fn report(results: &str, rss_kib: u64, notes: &[String], service_cores: u32) -> anyhow::Result<()> {
+fn report(
+    results: &str,
+    rss_kib: u64,
+    notes: &[String],
+    service_cores: u32,
+    login_target: f64,
+) -> anyhow::Result<()> {
     let runs: Vec<serde_json::Value> = std::fs::read_to_string(results)?
         .lines()
         .filter(|l| l.trim_start().starts_with('{'))
@@ -750,9 +761,9 @@ fn report(results: &str, rss_kib: u64, notes: &[String], service_cores: u32) -> 
         let bound = f64::from(service_cores) * 1000.0 / ms;
         let logins = rps("f_login");
         md.push_str(&format!(
-            "| logins/s ≥ 0.9 × ({service_cores} core ÷ {ms:.1} ms argon2 = {bound:.1}/s) | {logins:.1} ({:.2} ×) | {} |\n",
+            "| logins/s ≥ {login_target} × ({service_cores} core ÷ {ms:.1} ms argon2 = {bound:.1}/s) | {logins:.1} ({:.2} ×) | {} |\n",
             logins / bound,
-            mark(logins >= 0.9 * bound)
+            mark(logins >= login_target * bound)
         ));
     }
     let p99_of = |name: &str| by(name).and_then(|r| r["p99_us"].as_u64());
