@@ -645,7 +645,21 @@ fn report(
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
     let by = |name: &str| runs.iter().find(|r| r["name"] == name);
-    let rps = |name: &str| by(name).and_then(|r| r["rps"].as_f64()).unwrap_or(0.0);
+    // A scenario measured twice (scripts/bench runs the ratio scenarios again in
+    // reverse order) counts with the mean of its runs: a drift of the machine's
+    // speed over the run then weighs on both sides of a ratio alike.
+    let rps = |name: &str| {
+        let all: Vec<f64> = runs
+            .iter()
+            .filter(|r| r["name"] == name)
+            .filter_map(|r| r["rps"].as_f64())
+            .collect();
+        if all.is_empty() {
+            0.0
+        } else {
+            all.iter().sum::<f64>() / all.len() as f64
+        }
+    };
     let ratio = |a: &str, b: &str| {
         let d = rps(b);
         if d > 0.0 {
