@@ -8,17 +8,26 @@ use uuid::Uuid;
 use super::{Db, StoreResult, Tx};
 use crate::domain::mfa::Factors;
 
-/// What a user holds, in one query.
-///
-pub async fn factors(db: &Db, user_id: Uuid) -> StoreResult<Factors> {
-    let (totp, passkeys, left): (bool, i64, i64) = sqlx::query_as(
-        "select exists(select 1 from user_totp where user_id = $1 and confirmed_at is not null),
-                (select count(*) from webauthn_credentials where user_id = $1),
-                (select count(*) from user_recovery_codes where user_id = $1 and used_at is null)",
+/// The select-list of a user's `Factors` (columns `totp`, `passkeys`,
+/// `recovery_codes_left`) for the user whose id is the SQL expression `user_id`:
+/// one definition for `factors` and for the login's read of user and factors.
+pub(super) fn factor_columns(user_id: &str) -> String {
+    format!(
+        "exists(select 1 from user_totp t where t.user_id = {user_id} and t.confirmed_at is not null)
+             as totp,
+         (select count(*) from webauthn_credentials w where w.user_id = {user_id}) as passkeys,
+         (select count(*) from user_recovery_codes c where c.user_id = {user_id} and c.used_at is null)
+             as recovery_codes_left"
     )
-    .bind(user_id)
-    .fetch_one(&db.pool)
-    .await?;
+}
+
+/// What a user holds, in one query.
+pub async fn factors(db: &Db, user_id: Uuid) -> StoreResult<Factors> {
+    let (totp, passkeys, left): (bool, i64, i64) =
+        sqlx::query_as(&format!("select {}", factor_columns("$1")))
+            .bind(user_id)
+            .fetch_one(&db.pool)
+            .await?;
     Ok(Factors {
         totp,
         passkeys,

@@ -46,7 +46,7 @@ impl SessionCache {
             return Ok(None);
         };
         Ok(serde_json::from_str::<Stored>(&text).ok().map(|s| match s {
-            Stored::Live { uid, .. } => SessionState::Live { user_id: uid },
+            Stored::Live { uid } => SessionState::Live { user_id: uid },
             Stored::Revoked { reason } => SessionState::Revoked {
                 reason: RevocationReason::from_stored(&reason),
             },

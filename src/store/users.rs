@@ -143,13 +143,8 @@ pub async fn by_email_with_factors(
         recovery_codes_left: i64,
     }
     let row = sqlx::query_as::<_, Row>(&format!(
-        "select u.*,
-                exists(select 1 from user_totp t where t.user_id = u.id and t.confirmed_at is not null)
-                    as totp,
-                (select count(*) from webauthn_credentials w where w.user_id = u.id) as passkeys,
-                (select count(*) from user_recovery_codes c where c.user_id = u.id and c.used_at is null)
-                    as recovery_codes_left
-           from ({SELECT} where lower(u.email) = lower($1)) u"
+        "select u.*, {} from ({SELECT} where lower(u.email) = lower($1)) u",
+        super::mfa::factor_columns("u.id")
     ))
     .bind(email)
     .fetch_optional(&db.pool)

@@ -105,8 +105,9 @@ impl ApiKeyService {
         match loaded {
             Ok(entry) => {
                 if self.epoch.load(Ordering::SeqCst) == epoch {
-                    self.verified.insert(slot(&hash), entry.clone());
-                    self.drop_if_invalidated_since(epoch, &slot(&hash));
+                    let slot = slot(&hash);
+                    self.verified.insert(slot, entry.clone());
+                    self.drop_if_invalidated_since(epoch, &slot);
                 }
                 Ok(entry)
             }
