@@ -532,8 +532,8 @@ impl Users {
             .ended(&ended, RevocationReason::UserDisabled)
             .await;
         if !details.is_empty() {
-            // Cached session roles and other replicas' API-key caches.
-            self.sessions.forget_user_sessions(id).await?;
+            // Roles live in the cached user record (sessions' states carry none)
+            // and in API-key caches: one user change reaches both on every replica.
             self.invalidation.user_changed(id).await;
         }
         Ok(user)

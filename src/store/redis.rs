@@ -151,13 +151,6 @@ impl Cache {
             .map_err(store_err)
     }
 
-    pub async fn del(&self, key: &str) -> StoreResult<()> {
-        self.client
-            .del::<(), _>(self.key(key))
-            .await
-            .map_err(store_err)
-    }
-
     /// Time to live of a key in milliseconds (negative when absent or persistent).
     pub async fn pttl(&self, key: &str) -> StoreResult<i64> {
         self.client.pttl(self.key(key)).await.map_err(store_err)

@@ -67,8 +67,4 @@ impl SessionCache {
             .map_err(|e| super::StoreError::Other(anyhow::Error::new(e)))?;
         self.cache.set_string(&key(sid), &text, ttl).await
     }
-
-    pub async fn forget(&self, sid: Uuid) -> StoreResult<()> {
-        self.cache.del(&key(sid)).await
-    }
 }

@@ -262,16 +262,6 @@ pub async fn revoke_all_for_user(
     .await?)
 }
 
-/// Every live session id of a user (to drop their cache entries after a role change).
-pub async fn live_ids_for_user(db: &Db, user_id: Uuid) -> StoreResult<Vec<Uuid>> {
-    Ok(sqlx::query_scalar::<_, Uuid>(
-        "select id from sessions where user_id = $1 and revoked_at is null and expires_at > now()",
-    )
-    .bind(user_id)
-    .fetch_all(&db.pool)
-    .await?)
-}
-
 /// A user's live sessions, newest first.
 pub async fn list_live(db: &Db, user_id: Uuid) -> StoreResult<Vec<SessionRow>> {
     Ok(sqlx::query_as::<_, SessionRow>(

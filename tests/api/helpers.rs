@@ -340,12 +340,8 @@ impl TestApp {
         .execute(&self.db)
         .await
         .unwrap();
-        self.services
-            .sessions
-            .forget_user_sessions(user_id)
-            .await
-            .unwrap();
-        // As a real role change does: cached policies drop on every replica.
+        // As a real role change does: the cached user record (roles) and policies
+        // drop on every replica.
         self.services.invalidation.user_changed(user_id).await;
     }
 

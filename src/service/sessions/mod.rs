@@ -204,22 +204,6 @@ impl Sessions {
         }
     }
 
-    /// Drops cached "live" entries (after a role change) so the next request reads
-    /// PostgreSQL.
-    async fn forget_session(&self, sid: Uuid) {
-        let _ = self.redis.forget(sid).await;
-        self.invalidation.session_changed(sid).await;
-    }
-
-    /// Drops the cached state of every live session of a user, so a change of
-    /// roles is seen on the next request.
-    pub async fn forget_user_sessions(&self, user_id: Uuid) -> ServiceResult<()> {
-        for sid in sessions::live_ids_for_user(&self.db, user_id).await? {
-            self.forget_session(sid).await;
-        }
-        Ok(())
-    }
-
     /// Is the session live? From this process's cache while fresh (30 s, which
     /// is also how often activity is recorded); then a Redis tombstone, else
     /// PostgreSQL (which records the activity). An ended session is dropped from

@@ -134,11 +134,7 @@ async fn a_session_idle_past_the_timeout_ends_on_its_next_use() {
         let (app, access) = (&app, access.to_string());
         async move {
             seen_ago(sid, secs).await;
-            app.services
-                .sessions
-                .forget_user_sessions(user_id)
-                .await
-                .unwrap();
+            app.services.invalidation.session_changed(sid).await;
             get_bearer(app, "/v1/users/me", &access).await.status()
         }
     };
