@@ -21,6 +21,8 @@ use user_service::proto::{VerifyApiKeyRequest, VerifyTokenRequest};
 mod mfa_load;
 // Issue 13: keys and tokens enough to fill the caches.
 mod fill;
+// Issues 4 and 13: the ratio scenarios interleaved in short windows.
+mod mix;
 
 #[derive(Parser)]
 #[command(about = "user-service load generator")]
@@ -140,6 +142,33 @@ enum Mode {
         #[arg(long)]
         token: String,
     },
+    /// The ratio scenarios (a) gRPC health, (j) VerifyApiKey over many keys,
+    /// (b) one key, (h) VerifyToken, (i) GET /v1/users/me with a bearer token,
+    /// (e) with an API key, (d) GET /health/live, interleaved in windows of
+    /// `phase_ms` for `rounds` rounds (mix.rs); one JSON line per scenario.
+    Mix {
+        #[arg(long)]
+        addr: String,
+        /// API keys; the first is (b)'s and (e)'s.
+        #[arg(long)]
+        keys: String,
+        /// (j)'s keys.
+        #[arg(long)]
+        user_keys: String,
+        /// (h)'s users' access tokens.
+        #[arg(long)]
+        tokens: String,
+        /// Service-client access token (scope auth:verify).
+        #[arg(long)]
+        token: String,
+        /// (i)'s user access token.
+        #[arg(long)]
+        bearer: String,
+        #[arg(long, default_value_t = 400)]
+        phase_ms: u64,
+        #[arg(long, default_value_t = 25)]
+        rounds: usize,
+    },
     /// Renders the JSON lines of earlier runs as the markdown results table.
     Report {
         /// File of JSON lines printed by earlier runs.
@@ -227,6 +256,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             login_target,
         } => return report(results, *rss_kib, note, *service_cores, *login_target),
         Mode::SeedMfa { url, users, out } => return mfa_load::seed_mfa(url, users, out).await,
+        Mode::Mix {
+            addr,
+            keys,
+            user_keys,
+            tokens,
+            token,
+            bearer,
+            phase_ms,
+            rounds,
+        } => {
+            return mix::mix(mix::MixArgs {
+                addr: addr.clone(),
+                keys: keys.clone(),
+                user_keys: user_keys.clone(),
+                tokens: tokens.clone(),
+                service_token: token.clone(),
+                bearer: bearer.clone(),
+                phase_ms: *phase_ms,
+                rounds: *rounds,
+                concurrency: cli.concurrency,
+                connections: cli.connections,
+                server_pid: cli.server_pid,
+            })
+            .await
+        }
         Mode::Mint {
             sessions,
             tokens_out,
@@ -450,6 +504,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         | Mode::SeedMfa { .. }
         | Mode::MfaLogin { .. }
         | Mode::Mint { .. }
+        | Mode::Mix { .. }
         | Mode::VerifyEach { .. } => unreachable!("handled above"),
     }
 
@@ -645,65 +700,117 @@ fn report(
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
     let by = |name: &str| runs.iter().find(|r| r["name"] == name);
-    // A scenario measured twice (scripts/bench runs the ratio scenarios again in
-    // reverse order) counts with the mean of its runs: a drift of the machine's
-    // speed over the run then weighs on both sides of a ratio alike.
-    let rps = |name: &str| {
-        let all: Vec<f64> = runs
-            .iter()
-            .filter(|r| r["name"] == name)
-            .filter_map(|r| r["rps"].as_f64())
-            .collect();
-        if all.is_empty() {
-            0.0
-        } else {
-            all.iter().sum::<f64>() / all.len() as f64
+    let all_of = |name: &str| -> Vec<&serde_json::Value> {
+        runs.iter().filter(|r| r["name"] == name).collect()
+    };
+    let field = |name: &str, f: &str| -> Vec<f64> {
+        all_of(name).iter().filter_map(|r| r[f].as_f64()).collect()
+    };
+    let rps = |name: &str| mean(&field(name, "rps"));
+    // Per-round throughput: a `mix` run's rounds, else one value per run.
+    let round_rps = |name: &str| -> Vec<f64> {
+        let runs = all_of(name);
+        match runs.as_slice() {
+            [one] if one["rounds_rps"].is_array() => one["rounds_rps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_f64())
+                .collect(),
+            _ => field(name, "rps"),
         }
     };
-    let ratio = |a: &str, b: &str| {
-        let d = rps(b);
-        if d > 0.0 {
-            rps(a) / d
+    // The ratio scenarios run in rounds of short slices (scripts/bench), the
+    // order reversed every other round. A ratio is the median over the rounds
+    // of the two scenarios' throughput in the same round: the machine's speed
+    // drifts by tens of per cent within a minute, and a slice's neighbour ran
+    // seconds away, not a minute.
+    let ratios = |a: &str, b: &str| -> Vec<f64> {
+        round_rps(a)
+            .iter()
+            .zip(round_rps(b))
+            .filter(|(_, d)| *d > 0.0)
+            .map(|(n, d)| n / d)
+            .collect()
+    };
+    let ratio = |a: &str, b: &str| median(&ratios(a, b));
+    let spread = |a: &str, b: &str| {
+        let r = ratios(a, b);
+        if r.len() < 2 {
+            String::new()
         } else {
-            0.0
+            let (lo, hi) = min_max(&r);
+            format!(" (rounds: {lo:.2}–{hi:.2}, n = {})", r.len())
         }
     };
     let mut md = String::new();
     for n in notes {
         md.push_str(&format!("{n}\n"));
     }
+    md.push_str("\nScenarios measured in rounds (interleaved windows, or several runs): req/s over all of them (the rounds' range); a ratio below is the median over the rounds of its two sides' throughput in the same round.\n");
     md.push_str("\n| scenario | streams / conns | requests | errors | req/s | p50 µs | p99 µs | p99.9 µs | max µs | service CPU µs/req | service core busy | load generator CPU µs/req |\n");
     md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut seen: Vec<&str> = Vec::new();
     for r in runs.iter().filter(|r| r["requests"].is_u64()) {
+        let name = r["name"].as_str().unwrap_or("?");
+        if seen.contains(&name) {
+            continue;
+        }
+        seen.push(name);
+        let slices = all_of(name);
+        let sum = |f: &str| slices.iter().filter_map(|r| r[f].as_u64()).sum::<u64>();
+        let worst = |f: &str| {
+            slices
+                .iter()
+                .filter_map(|r| r[f].as_u64())
+                .max()
+                .unwrap_or(0)
+        };
+        let med = |f: &str| median(&field(name, f));
+        let opt = |f: &str, scale: f64, unit: &str| {
+            let v = field(name, f);
+            if v.is_empty() {
+                "?".to_string()
+            } else {
+                format!("{:.1}{unit}", mean(&v) * scale)
+            }
+        };
+        let rounds = round_rps(name);
+        let rps_cell = if rounds.len() > 1 {
+            let (lo, hi) = min_max(&rounds);
+            format!(
+                "{:.0} ({lo:.0}–{hi:.0}, {} rounds)",
+                rps(name),
+                rounds.len()
+            )
+        } else {
+            format!("{:.0}", rps(name))
+        };
         md.push_str(&format!(
-            "| {} | {} / {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.1} |\n",
-            r["name"].as_str().unwrap_or("?"),
+            "| {name} | {} / {} | {} | {} | {rps_cell} | {:.0} | {:.0} | {} | {} | {} | {} | {} |\n",
             r["concurrency"],
             r["connections"],
-            r["requests"],
-            r["errors"],
-            r["rps"].as_f64().unwrap_or(0.0),
-            r["p50_us"],
-            r["p99_us"],
-            r["p999_us"],
-            r["max_us"],
-            r["server_cpu_us_per_req"]
-                .as_f64()
-                .map_or("?".to_string(), |v| format!("{v:.1}")),
-            r["server_cpu_share"]
-                .as_f64()
-                .map_or("?".to_string(), |v| format!("{:.0} %", v * 100.0)),
-            r["loadgen_cpu_us_per_req"].as_f64().unwrap_or(0.0),
+            sum("requests"),
+            sum("errors"),
+            med("p50_us"),
+            med("p99_us"),
+            worst("p999_us"),
+            worst("max_us"),
+            opt("server_cpu_us_per_req", 1.0, ""),
+            opt("server_cpu_share", 100.0, " %"),
+            opt("loadgen_cpu_us_per_req", 1.0, ""),
         ));
     }
     let b_over_a = ratio("b_verify_warm", "a_grpc_health");
     let e_over_d = ratio("e_users_me_api_key", "d_health_live");
     let b = by("b_verify_warm");
-    let p99_b = b.and_then(|r| r["p99_us"].as_u64()).unwrap_or(u64::MAX);
+    let p99_b = b
+        .map(|_| median(&field("b_verify_warm", "p99_us")) as u64)
+        .unwrap_or(u64::MAX);
     // A closed loop keeps every stream busy, so its latency is mostly queueing:
     // the mean is streams / throughput (Little's law), shown beside the p99.
     let little_ms = b
-        .and_then(|r| Some(r["concurrency"].as_f64()? / r["rps"].as_f64()? * 1000.0))
+        .and_then(|r| Some(r["concurrency"].as_f64()? / rps("b_verify_warm") * 1000.0))
         .unwrap_or(0.0);
     let rss_mib = rss_kib as f64 / 1024.0;
     let mark = |ok: bool| if ok { "met" } else { "MISSED" };
@@ -738,18 +845,21 @@ fn report(
         if by(a).is_some() && by(b).is_some() {
             let r = ratio(a, b);
             ratio_rows.push_str(&format!(
-                "| {label} ≥ {bound} | {r:.2} | {} |\n",
+                "| {label} ≥ {bound} | {r:.2}{} | {} |\n",
+                spread(a, b),
                 mark(r >= bound)
             ));
         }
     }
     md.push_str("\n| target | measured | |\n|---|---:|---|\n");
     md.push_str(&format!(
-        "| (b)/(a) ≥ 0.8 | {b_over_a:.2} | {} |\n",
+        "| (b)/(a) ≥ 0.8 | {b_over_a:.2}{} | {} |\n",
+        spread("b_verify_warm", "a_grpc_health"),
         mark(b_over_a >= 0.8)
     ));
     md.push_str(&format!(
-        "| (e)/(d) ≥ 0.7 | {e_over_d:.2} | {} |\n",
+        "| (e)/(d) ≥ 0.7 | {e_over_d:.2}{} | {} |\n",
+        spread("e_users_me_api_key", "d_health_live"),
         mark(e_over_d >= 0.7)
     ));
     md.push_str(&format!(
@@ -780,7 +890,7 @@ fn report(
             mark(logins >= login_target * bound)
         ));
     }
-    let p99_of = |name: &str| by(name).and_then(|r| r["p99_us"].as_u64());
+    let p99_of = |name: &str| by(name).map(|_| median(&field(name, "p99_us")) as u64);
     if let (Some(flood), Some(idle)) = (
         p99_of("g_verify_under_login_flood"),
         p99_of("b_verify_warm"),
@@ -831,4 +941,34 @@ fn report(
     }
     print!("{md}");
     Ok(())
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
 }
