@@ -165,19 +165,22 @@ pub async fn mix(a: MixArgs) -> anyhow::Result<()> {
     }
     let base: hyper::Uri = a.addr.parse()?;
     let host = base.host().unwrap_or("127.0.0.1").to_string();
-    // (i), (e), (d): the path and the credential header of each.
-    let requests: Arc<Vec<(usize, String, Option<(String, String)>)>> = Arc::new(vec![
-        (
-            4,
-            "/v1/users/me".into(),
-            Some(("authorization".into(), format!("Bearer {}", a.bearer))),
-        ),
-        (
-            5,
-            "/v1/users/me".into(),
-            Some(("x-api-key".into(), one_key.clone())),
-        ),
-        (6, "/health/live".into(), None),
+    let requests = Arc::new([
+        HttpCall {
+            scenario: 4,
+            path: "/v1/users/me",
+            header: Some(("authorization", format!("Bearer {}", a.bearer))),
+        },
+        HttpCall {
+            scenario: 5,
+            path: "/v1/users/me",
+            header: Some(("x-api-key", one_key.clone())),
+        },
+        HttpCall {
+            scenario: 6,
+            path: "/health/live",
+            header: None,
+        },
     ]);
     for _ in 0..n {
         let mut sender = http1(&base).await?;
@@ -189,15 +192,15 @@ pub async fn mix(a: MixArgs) -> anyhow::Result<()> {
                 let Some(w) = next_window(&mut rx, Kind::Http).await else {
                     break;
                 };
-                let (_, path, header) = requests
+                let call = requests
                     .iter()
-                    .find(|r| r.0 == w.0)
+                    .find(|r| r.scenario == w.0)
                     .expect("an HTTP scenario");
                 let mut b = hyper::Request::builder()
-                    .uri(path.as_str())
+                    .uri(call.path)
                     .header("host", host.as_str());
-                if let Some((k, v)) = header {
-                    b = b.header(k.as_str(), v.as_str());
+                if let Some((k, v)) = &call.header {
+                    b = b.header(*k, v.as_str());
                 }
                 let req = b.body(Full::new(Bytes::new())).expect("request");
                 shared.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -269,6 +272,13 @@ pub async fn mix(a: MixArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// (i), (e), (d): the path and the credential header of each.
+struct HttpCall {
+    scenario: usize,
+    path: &'static str,
+    header: Option<(&'static str, String)>,
 }
 
 /// One window's figures.
