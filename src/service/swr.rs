@@ -338,3 +338,153 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The rules every cached key, token and session state relies on: fresh
+    //! entries answer without a load, nothing answers past fresh + stale, a stale
+    //! copy only while the database is unavailable, and an invalidation is never
+    //! undone by a load that overlapped it. Both storages, as both are in use.
+
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use super::{Probe, Stamp, SwrCache};
+    use crate::service::{ServiceError, ServiceResult};
+
+    const FRESH: Duration = Duration::from_millis(400);
+    const STALE: Duration = Duration::from_millis(600);
+
+    fn caches() -> [SwrCache<u32, u32>; 2] {
+        [
+            SwrCache::new("test", 100, FRESH, STALE),
+            SwrCache::for_frequent_predicates("test", 100, FRESH, STALE),
+        ]
+    }
+
+    /// `get_or_load` with a load answering `answer`, counting its calls.
+    async fn get(
+        c: &SwrCache<u32, u32>,
+        loads: &AtomicU32,
+        answer: ServiceResult<u32>,
+    ) -> ServiceResult<u32> {
+        c.get_or_load(1, || async {
+            loads.fetch_add(1, Ordering::SeqCst);
+            answer
+        })
+        .await
+    }
+
+    fn down() -> ServiceResult<u32> {
+        Err(ServiceError::Unavailable("database down".into()))
+    }
+
+    #[tokio::test]
+    async fn fresh_entries_answer_without_a_load_and_expire_on_time() {
+        for c in caches() {
+            let loads = AtomicU32::new(0);
+            assert_eq!(get(&c, &loads, Ok(7)).await.unwrap(), 7);
+            assert_eq!(get(&c, &loads, Ok(8)).await.unwrap(), 7);
+            assert_eq!(loads.load(Ordering::SeqCst), 1);
+            tokio::time::sleep(FRESH + Duration::from_millis(30)).await;
+            assert_eq!(get(&c, &loads, Ok(8)).await.unwrap(), 8, "loaded again");
+            assert_eq!(loads.load(Ordering::SeqCst), 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn stale_copies_only_while_the_database_is_down_and_only_within_the_bound() {
+        for c in caches() {
+            let loads = AtomicU32::new(0);
+            get(&c, &loads, Ok(7)).await.unwrap();
+            tokio::time::sleep(FRESH + Duration::from_millis(30)).await;
+            // Past fresh: a refusal (not an outage) is answered as it is.
+            assert!(matches!(
+                get(&c, &loads, Err(ServiceError::InvalidToken)).await,
+                Err(ServiceError::InvalidToken)
+            ));
+            // An outage: the stale copy.
+            assert_eq!(get(&c, &loads, down()).await.unwrap(), 7);
+            tokio::time::sleep(STALE).await;
+            // Past fresh + stale: the outage is the answer.
+            assert!(matches!(
+                get(&c, &loads, down()).await,
+                Err(ServiceError::Unavailable(_))
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_invalidated_entry_is_never_served_stale() {
+        for c in caches() {
+            let loads = AtomicU32::new(0);
+            get(&c, &loads, Ok(7)).await.unwrap();
+            c.invalidate(&1);
+            assert!(matches!(
+                get(&c, &loads, down()).await,
+                Err(ServiceError::Unavailable(_))
+            ));
+            get(&c, &loads, Ok(7)).await.unwrap();
+            c.invalidate_if(|k, _| *k == 1);
+            assert!(get(&c, &loads, down()).await.is_err());
+            get(&c, &loads, Ok(7)).await.unwrap();
+            c.invalidate_all();
+            assert!(get(&c, &loads, down()).await.is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_load_that_overlaps_an_invalidation_is_answered_not_cached() {
+        for c in caches() {
+            let answer = c
+                .get_or_load(1, || async {
+                    // The revocation commits while the old value is in flight.
+                    c.invalidate(&1);
+                    Ok(7)
+                })
+                .await
+                .unwrap();
+            assert_eq!(answer, 7);
+            let loads = AtomicU32::new(0);
+            assert_eq!(get(&c, &loads, Ok(8)).await.unwrap(), 8);
+            assert_eq!(
+                loads.load(Ordering::SeqCst),
+                1,
+                "the overlapped value was not kept"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn during_an_outage_one_caller_a_second_tries_the_database() {
+        let c: SwrCache<u32, u32> = SwrCache::new("test", 100, FRESH, Duration::from_secs(30));
+        let loads = AtomicU32::new(0);
+        get(&c, &loads, Ok(7)).await.unwrap();
+        tokio::time::sleep(FRESH + Duration::from_millis(30)).await;
+        assert_eq!(get(&c, &loads, down()).await.unwrap(), 7);
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+        // Within a second of the failure: the stale copy, no attempt.
+        for _ in 0..5 {
+            assert_eq!(get(&c, &loads, down()).await.unwrap(), 7);
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+        tokio::time::sleep(Probe::AFTER_FAILURE + Duration::from_millis(50)).await;
+        assert_eq!(
+            get(&c, &loads, Ok(9)).await.unwrap(),
+            9,
+            "tried again, recovered"
+        );
+        assert_eq!(loads.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn stamps_measure_elapsed_time() {
+        let s = Stamp::now();
+        std::thread::sleep(Duration::from_millis(20));
+        let e = s.elapsed();
+        assert!(
+            e >= Duration::from_millis(20) && e < Duration::from_secs(5),
+            "{e:?}"
+        );
+    }
+}
