@@ -20,7 +20,7 @@ use crate::proto;
 use crate::proto::VerifyReason;
 use crate::service::api_keys::{VerifiedKey, VerifyFailure, VerifyRequest};
 use crate::service::sessions::{TokenRefusal, TokenVerification};
-use crate::service::{Caller, RequestMeta};
+use crate::service::{bounded, Caller, RequestMeta};
 
 // ---- inbound ---------------------------------------------------------------------
 
@@ -109,7 +109,7 @@ impl<T> From<&Request<T>> for RequestMeta {
             req.metadata()
                 .get(name)
                 .and_then(|v| v.to_str().ok())
-                .map(|s| s.chars().take(512).collect::<String>())
+                .map(|s| bounded(s, 512))
         };
         RequestMeta {
             ip: req.remote_addr().map(|a| a.ip()).or_else(|| {

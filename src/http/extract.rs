@@ -277,7 +277,7 @@ pub fn request_meta(parts: &Parts, trusted_proxies: &IpNetworks) -> RequestMeta 
             .headers
             .get(axum::http::header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(512).collect()),
+            .map(|s| crate::service::bounded(s, 512)),
         request_id: parts
             .headers
             .get("x-request-id")

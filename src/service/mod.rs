@@ -144,6 +144,16 @@ pub struct RequestMeta {
     pub request_id: Option<String>,
 }
 
+/// The first `max` characters of a request header kept for the audit log (user
+/// agent, request id), copied once rather than pushed character by character:
+/// both adapters build a `RequestMeta` on every call.
+pub fn bounded(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((end, _)) => s[..end].to_owned(),
+        None => s.to_owned(),
+    }
+}
+
 /// An API key's grant when a user acts through a key rather than a session.
 #[derive(Debug, Clone)]
 pub struct KeyGrant {
@@ -254,6 +264,16 @@ pub(crate) fn random_token() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounded_keeps_at_most_max_characters_whole() {
+        assert_eq!(bounded("tonic/0.14", 512), "tonic/0.14");
+        assert_eq!(bounded("abcdef", 3), "abc");
+        assert_eq!(bounded("abc", 3), "abc");
+        // Characters, not bytes: a multi-byte one is never cut in half.
+        assert_eq!(bounded("ééé", 2), "éé");
+        assert_eq!(bounded(&"x".repeat(600), 512).len(), 512);
+    }
 
     #[test]
     fn service_scopes_are_for_service_clients_holding_them() {

@@ -157,6 +157,29 @@ async fn grpc_requires_a_service_token_with_the_method_scope() {
 }
 
 #[tokio::test]
+async fn a_cached_service_token_is_refused_once_it_expires() {
+    // Verified service tokens are cached without a timer of their own: a hit
+    // must still honour `exp`, or a cached token would outlive it.
+    let app = TestApp::spawn_with(|v| {
+        v.insert("SERVICE_TOKEN_TTL_SECONDS".into(), "1".into());
+    })
+    .await;
+    let (user_id, _, _) = app.user_with_token().await;
+    let token = app.service_token(&["users:read"]).await;
+    let mut client = UserServiceClient::new(app.grpc_with_token(&token).await);
+    let req = || GetUserRequest {
+        user_id: user_id.to_string(),
+    };
+    client.get_user(req()).await.unwrap();
+    client.get_user(req()).await.unwrap();
+    // Past `exp` and the verifier's clock leeway.
+    let leeway = user_service::crypto::jwt::LEEWAY_SECS;
+    tokio::time::sleep(Duration::from_secs(1 + leeway + 1)).await;
+    let err = client.get_user(req()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
 async fn token_is_refused_right_after_logout_on_rest_and_verify_token() {
     let app = TestApp::spawn().await;
     let (user_id, _, access) = app.user_with_token().await;
