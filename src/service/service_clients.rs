@@ -9,6 +9,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::audit::{AuditEntry, Outcome};
+use super::swr::{lean, Lean};
 use super::{now_secs, Caller, ServiceError, ServiceResult};
 use crate::config::Settings;
 use crate::crypto::client_secret;
@@ -17,7 +18,7 @@ use crate::crypto::password::PasswordHasher;
 use crate::store::{service_clients, Db};
 
 /// Verified service tokens kept in process.
-const SERVICE_TOKEN_CACHE_CAPACITY: usize = 10_000;
+const SERVICE_TOKEN_CACHE_CAPACITY: u64 = 10_000;
 
 /// Scopes only service clients hold (DESIGN.md section 2); with the API-key
 /// catalog they are what a service client may be given.
@@ -51,23 +52,17 @@ struct ServiceGrant {
 
 /// Verified service tokens, keyed by the whole token string: a hit needs
 /// byte-equal text, so no forged token reaches one, and a fast seeded hash
-/// (foldhash) replaces the SHA-256 of the ~450-byte token that was measurable on
+/// (quick_cache's ahash) replaces the SHA-256 of the ~450-byte token that was measurable on
 /// every call. The key comparison is not constant-time; it can only tell how long
 /// a prefix a probe shares with whichever cached tokens sit on its probe path
 /// (per-process random seed), in nanoseconds far below network jitter, and a
-/// token's secret part, its signature, is at the end. The tokens stay in memory
-/// until they expire, as they did in the request buffers.
+/// token's secret part, its signature, is at the end.
 ///
 /// quick_cache rather than moka: a moka read records the access in a buffer of
 /// its own, ~1 µs on every gRPC call (a dwarf profile of VerifyApiKey). There is
 /// no per-entry timer: `verify_token` checks `exp` on every hit, and an expired
-/// token waits for eviction within the bound.
-type ServiceTokenCache = quick_cache::sync::Cache<
-    Box<str>,
-    Arc<ServiceGrant>,
-    quick_cache::UnitWeighter,
-    foldhash::fast::RandomState,
->;
+/// token waits for eviction within the bound (`swr::lean`, as the other caches).
+type ServiceTokenCache = Lean<Box<str>, Arc<ServiceGrant>>;
 
 pub struct ServiceClients {
     db: Db,
@@ -116,13 +111,7 @@ impl ServiceClients {
             hasher,
             jwt,
             token_ttl_secs: settings.service_token_ttl_seconds,
-            tokens: quick_cache::sync::Cache::with(
-                SERVICE_TOKEN_CACHE_CAPACITY,
-                SERVICE_TOKEN_CACHE_CAPACITY as u64,
-                quick_cache::UnitWeighter,
-                foldhash::fast::RandomState::default(),
-                quick_cache::sync::DefaultLifecycle::default(),
-            ),
+            tokens: lean(SERVICE_TOKEN_CACHE_CAPACITY),
             token_hits: metrics::counter!("service_token_cache_total", "result" => "hit"),
             token_misses: metrics::counter!("service_token_cache_total", "result" => "miss"),
         }
