@@ -196,7 +196,9 @@ impl PolicyEngine {
         if let Some(id) = target {
             entry = entry.target(ACCOUNT, id);
         }
-        self.record_denial(entry).await?;
+        // Boxed: the audit write's future would otherwise sit in every allowed
+        // call's future too (VerifyApiKey's among them).
+        Box::pin(self.record_denial(entry)).await?;
         Err(ServiceError::Forbidden(format!(
             "requires the {scope} scope"
         )))

@@ -62,6 +62,12 @@ fn store_err(e: Error) -> StoreError {
     StoreError::Unavailable(format!("redis: {}", e.kind().to_str()))
 }
 
+// Every fred command future is boxed (`Box::pin`): fred's are ~6.6 KB, and an
+// async fn that awaits one inline is at least that large, whether or not the call
+// runs — so were VerifyApiKey, VerifyToken and every gateway handler that may touch
+// Redis on a rare branch (a rate-limited key, a session-cache miss), each call
+// allocating and copying ~8 KB of future state. A Redis round trip pays one small
+// allocation instead.
 impl Cache {
     /// Builds the clients and starts connecting in the background: the service
     /// starts and keeps answering while Redis is down.
@@ -110,7 +116,7 @@ impl Cache {
 
     pub async fn ping(&self) -> bool {
         matches!(
-            tokio::time::timeout(COMMAND_TIMEOUT, self.client.ping::<String>(None)).await,
+            tokio::time::timeout(COMMAND_TIMEOUT, Box::pin(self.client.ping::<String>(None))).await,
             Ok(Ok(_))
         )
     }
@@ -118,47 +124,49 @@ impl Cache {
     /// Increments `key` (prefixed here) in a window of `window`; returns the count
     /// and the milliseconds left in the window.
     pub async fn incr_window(&self, key: &str, window: Duration) -> StoreResult<(i64, i64)> {
-        let (n, ttl): (i64, i64) = self
-            .client
-            .eval(
-                INCR_WINDOW_LUA,
-                vec![self.key(key)],
-                vec![window.as_millis() as i64],
-            )
-            .await
-            .map_err(store_err)?;
+        let (n, ttl): (i64, i64) = Box::pin(self.client.eval(
+            INCR_WINDOW_LUA,
+            vec![self.key(key)],
+            vec![window.as_millis() as i64],
+        ))
+        .await
+        .map_err(store_err)?;
         Ok((n, ttl))
     }
 
     pub async fn get_i64(&self, key: &str) -> StoreResult<Option<i64>> {
-        self.client.get(self.key(key)).await.map_err(store_err)
-    }
-
-    pub async fn get_string(&self, key: &str) -> StoreResult<Option<String>> {
-        self.client.get(self.key(key)).await.map_err(store_err)
-    }
-
-    pub async fn set_string(&self, key: &str, value: &str, ttl: Duration) -> StoreResult<()> {
-        self.client
-            .set::<(), _, _>(
-                self.key(key),
-                value,
-                Some(Expiration::PX(ttl.as_millis().max(1) as i64)),
-                None,
-                false,
-            )
+        Box::pin(self.client.get(self.key(key)))
             .await
             .map_err(store_err)
     }
 
+    pub async fn get_string(&self, key: &str) -> StoreResult<Option<String>> {
+        Box::pin(self.client.get(self.key(key)))
+            .await
+            .map_err(store_err)
+    }
+
+    pub async fn set_string(&self, key: &str, value: &str, ttl: Duration) -> StoreResult<()> {
+        Box::pin(self.client.set::<(), _, _>(
+            self.key(key),
+            value,
+            Some(Expiration::PX(ttl.as_millis().max(1) as i64)),
+            None,
+            false,
+        ))
+        .await
+        .map_err(store_err)
+    }
+
     /// Time to live of a key in milliseconds (negative when absent or persistent).
     pub async fn pttl(&self, key: &str) -> StoreResult<i64> {
-        self.client.pttl(self.key(key)).await.map_err(store_err)
+        Box::pin(self.client.pttl(self.key(key)))
+            .await
+            .map_err(store_err)
     }
 
     pub async fn publish(&self, channel: &str, message: &str) -> StoreResult<()> {
-        self.client
-            .publish::<(), _, _>(self.key(channel), message)
+        Box::pin(self.client.publish::<(), _, _>(self.key(channel), message))
             .await
             .map_err(store_err)
     }

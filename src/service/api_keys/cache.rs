@@ -45,7 +45,7 @@ impl ApiKeyService {
         if let Some(entry) = self.verified.get(&slot) {
             match &entry {
                 CacheEntry::Key(k) if k.loaded_at.elapsed() > self.fresh => {
-                    return self.revalidate(hash, entry).await;
+                    return Box::pin(self.revalidate(hash, entry)).await;
                 }
                 CacheEntry::Missing(at) if at.elapsed() > self.miss_ttl => {
                     // Lapsed: read again below (unless someone already has).
@@ -72,7 +72,9 @@ impl ApiKeyService {
             .await
             .map_err(ServiceError::internal)?;
         // On an error the guard is dropped unfilled and a waiter tries itself.
-        let entry = self.load(&hash).await?;
+        // Boxed, as is the revalidation above: the database read's future is
+        // most of this one's size, and every hit would carry it.
+        let entry = Box::pin(self.load(&hash)).await?;
         // Loaded while an invalidation ran: answer with it, but do not cache it.
         if self.epoch.load(Ordering::SeqCst) == epoch {
             let _ = guard.insert(entry.clone());
