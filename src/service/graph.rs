@@ -166,7 +166,7 @@ impl Services {
 
     /// Starts the background work on `tasks`, until `shutdown`: the invalidation
     /// listeners (Redis and PostgreSQL), the notification dispatcher (the
-    /// outbox, issue 15) and the API-key usage flusher.
+    /// outbox, issue 15), the API-key cache's refresher and usage flusher.
     pub async fn start(&self, shutdown: &Shutdown, tasks: &TaskTracker) {
         let dispatcher = self
             .dispatcher
@@ -181,6 +181,7 @@ impl Services {
             .start_pg(&self.db, shutdown.clone(), tasks)
             .await;
         self.mfa.lockout.spawn_sweeper(shutdown.clone(), tasks);
+        self.api_keys.spawn_refresher(shutdown.clone(), tasks);
         self.api_keys.usage_buffer().spawn_flusher(
             self.db.clone(),
             self.usage_flush_interval,

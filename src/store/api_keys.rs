@@ -78,23 +78,33 @@ pub async fn insert(tx: &mut Tx, k: &NewApiKey<'_>) -> StoreResult<ApiKeyRow> {
     Ok(row)
 }
 
+/// A key with its owner, as verification caches it.
+const KEY_WITH_OWNER: &str = "select k.id, k.user_id, k.name, k.prefix, k.key_hash, k.scopes, k.allowed_ips,
+        k.trading_account_ids, k.rate_limit_per_minute, k.expires_at, k.last_used_at,
+        k.revoked_at, k.created_at,
+        u.email as user_email, u.full_name as user_full_name, u.status as user_status, u.email_verified as user_email_verified,
+        u.created_at as user_created_at,
+        array(select r.name from user_roles ur join roles r on r.id = ur.role_id
+              where ur.user_id = u.id order by r.name) as user_roles
+ from api_keys k join users u on u.id = k.user_id";
+
 /// The hot path's only query on a cache miss (unique index on key_hash).
 pub async fn find_by_hash(db: &Db, hash: &[u8]) -> StoreResult<Option<KeyWithOwner>> {
-    let row = sqlx::query_as::<_, KeyWithOwner>(
-        "select k.id, k.user_id, k.name, k.prefix, k.key_hash, k.scopes, k.allowed_ips,
-                k.trading_account_ids, k.rate_limit_per_minute, k.expires_at, k.last_used_at,
-                k.revoked_at, k.created_at,
-                u.email as user_email, u.full_name as user_full_name, u.status as user_status, u.email_verified as user_email_verified,
-                u.created_at as user_created_at,
-                array(select r.name from user_roles ur join roles r on r.id = ur.role_id
-                      where ur.user_id = u.id order by r.name) as user_roles
-         from api_keys k join users u on u.id = k.user_id
-         where k.key_hash = $1",
-    )
-    .bind(hash)
-    .fetch_optional(&db.pool)
-    .await?;
+    let row = sqlx::query_as::<_, KeyWithOwner>(&format!("{KEY_WITH_OWNER} where k.key_hash = $1"))
+        .bind(hash)
+        .fetch_optional(&db.pool)
+        .await?;
     Ok(row)
+}
+
+/// The same for many keys in one query (the cache's refresh ahead of staleness);
+/// keys no longer in the table are simply absent.
+pub async fn find_by_ids(db: &Db, ids: &[Uuid]) -> StoreResult<Vec<KeyWithOwner>> {
+    let rows = sqlx::query_as::<_, KeyWithOwner>(&format!("{KEY_WITH_OWNER} where k.id = any($1)"))
+        .bind(ids)
+        .fetch_all(&db.pool)
+        .await?;
+    Ok(rows)
 }
 
 pub async fn get_for_user(db: &Db, user_id: Uuid, id: Uuid) -> StoreResult<Option<ApiKeyRow>> {

@@ -56,6 +56,10 @@ pub struct ApiKeyService {
     /// still answered until `fresh + stale` (revocations received still apply).
     fresh: Duration,
     stale: Duration,
+    /// A hit older than this queues its key for the refresh ahead of staleness
+    /// (three quarters of `fresh`), which `refresh_ahead` reloads in batches.
+    refresh_after: Duration,
+    refresh_queue: std::sync::Mutex<Vec<(Uuid, [u8; 16])>>,
     /// How long "no such key" is believed.
     miss_ttl: Duration,
     /// One stale reload at a time, none for a second after a failure.
@@ -106,6 +110,8 @@ impl ApiKeyService {
             counters: VerifyCounters::new(),
             fresh,
             stale,
+            refresh_after: fresh * 3 / 4,
+            refresh_queue: Default::default(),
             miss_ttl: Duration::from_secs(settings.api_key_negative_cache_ttl_seconds),
             probe: Default::default(),
         }

@@ -3,7 +3,7 @@
 //! `VerifyFailure`), not an error.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -129,6 +129,8 @@ pub struct VerifiedKey {
     pub accounts: Box<[AccountAccess]>,
     /// When it was read from PostgreSQL (stale-while-revalidate).
     pub loaded_at: Stamp,
+    /// Set once a hit has queued it for the refresh ahead of staleness.
+    pub refresh_queued: AtomicBool,
 }
 
 impl VerifiedKey {

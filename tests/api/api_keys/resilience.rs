@@ -260,3 +260,58 @@ async fn a_redis_reconnect_drops_the_whole_cache() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Keys in use are reloaded in batches before they go stale, so no request waits
+/// for a revalidation: a change PostgreSQL never announced (triggers off, so no
+/// invalidation) arrives within the fresh time, and verification never reads
+/// PostgreSQL itself after the first miss. Without the refresh, the first hit past
+/// the fresh time reads the key again on the request's path.
+#[tokio::test]
+async fn keys_in_use_are_reloaded_ahead_of_staleness_off_the_request_path() {
+    // 8 s fresh: hits after 6 s queue the key, the refresher runs every second.
+    let app = TestApp::spawn_with(|v| {
+        v.insert("API_KEY_CACHE_TTL_SECONDS".into(), "8".into());
+    })
+    .await;
+    let (_, _, token) = app.user_with_token().await;
+    let k = create_key(
+        &app,
+        &token,
+        json!({"name": "before", "scopes": ["orders:read"]}),
+    )
+    .await;
+    let secret = k["key"].as_str().unwrap().to_string();
+    let mut client = verifier(&app).await;
+    let first = verify(&mut client, req(&secret)).await;
+    assert!(first.valid);
+    assert_eq!(first.key.unwrap().name, "before");
+    let lookups = app.services.api_keys.db_lookups();
+    assert_eq!(lookups, 1);
+
+    crate::token_cache::without_triggers(
+        &app.db,
+        "update api_keys set name = 'after' where id = $1::uuid",
+        k["id"].as_str().unwrap(),
+    )
+    .await;
+    let start = Instant::now();
+    let mut renamed_at = None;
+    while start.elapsed() < Duration::from_secs(12) {
+        let r = verify(&mut client, req(&secret)).await;
+        assert!(r.valid);
+        if renamed_at.is_none() && r.key.unwrap().name == "after" {
+            renamed_at = Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let renamed_at = renamed_at.expect("the refresh never brought the new name");
+    assert!(
+        renamed_at < Duration::from_secs(8),
+        "the new name arrived after {renamed_at:?}, past the fresh time"
+    );
+    assert_eq!(
+        app.services.api_keys.db_lookups(),
+        lookups,
+        "a request read the key from PostgreSQL: the refresh did not run ahead"
+    );
+}
