@@ -210,6 +210,8 @@ impl ApiKeyService {
                 self.drop_if_invalidated_since(epoch, at);
             }
         }
+        metrics::counter!("cache_refreshed_total", "cache" => "api_keys")
+            .increment(reloaded as u64);
         Ok(reloaded)
     }
 

@@ -121,7 +121,9 @@ impl ApiKeyService {
         &self.usage
     }
 
-    /// How many times verification went to PostgreSQL (cache misses that loaded).
+    /// How many times verification went to PostgreSQL on a request's path (cache
+    /// misses and revalidations that loaded; the refresh ahead of staleness, off
+    /// that path, is `cache_refreshed_total`).
     pub fn db_lookups(&self) -> u64 {
         self.db_lookups.load(Ordering::Relaxed)
     }
