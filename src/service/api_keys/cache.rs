@@ -167,51 +167,69 @@ impl ApiKeyService {
     /// revalidation, and PostgreSQL answers one query per batch instead of one
     /// per key and fresh time (100,000 keys in use would be ~1,700 queries a
     /// second per replica). Keys unused lately are left to expire. A batch that
-    /// overlaps an invalidation is dropped (its keys are queued again by their
-    /// next hit); on an error (PostgreSQL down) the keys stay queued and go
-    /// through the on-request revalidation, with its stale bound, once stale.
+    /// overlaps an invalidation of keys is dropped, and so are a failed batch and
+    /// those after it (PostgreSQL down): their keys are queued again by their
+    /// next hit, and once stale go through the on-request revalidation with its
+    /// stale bound.
     /// Answers how many entries were reloaded.
     pub async fn refresh_ahead(&self) -> ServiceResult<usize> {
-        let queued =
+        let mut queued =
             std::mem::take(&mut *self.refresh_queue.lock().unwrap_or_else(|p| p.into_inner()));
+        // A key reloaded and hit again before this pass is queued twice; the
+        // second copy would find no row left and drop the fresh entry.
+        queued.sort_unstable();
+        queued.dedup();
         let mut reloaded = 0;
-        for batch in queued.chunks(REFRESH_BATCH) {
-            let epoch = self.epoch.load(Ordering::SeqCst);
-            let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
-            let rows = Box::pin(store::find_by_ids(&self.db, &ids)).await?;
-            let mut fresh = Vec::with_capacity(rows.len());
-            for row in rows {
-                let Ok(hash) = <[u8; 32]>::try_from(row.key.key_hash.as_slice()) else {
-                    continue;
-                };
-                fresh.push((slot(&hash), Box::pin(self.entry_from(row)).await?));
-            }
-            if self.epoch.load(Ordering::SeqCst) != epoch {
-                self.requeue_on_next_hit(batch);
-                continue;
-            }
-            for (id, at) in batch {
-                let entry = fresh
-                    .iter()
-                    .position(|(s, e)| {
-                        s == at && matches!(e, CacheEntry::Key(k) if k.key.id == *id)
-                    })
-                    .map(|i| fresh.swap_remove(i).1);
-                match entry {
-                    Some(e) => {
-                        self.verified.insert(*at, e);
-                        reloaded += 1;
-                    }
-                    // Deleted, or its hash changed: read again on demand.
-                    None => {
-                        self.verified.remove(at);
-                    }
+        for (n, batch) in queued.chunks(REFRESH_BATCH).enumerate() {
+            match self.refresh_batch(batch).await {
+                Ok(count) => reloaded += count,
+                Err(e) => {
+                    // This batch and the ones after it: queued again by a hit.
+                    self.requeue_on_next_hit(&queued[n * REFRESH_BATCH..]);
+                    return Err(e);
                 }
-                self.drop_if_invalidated_since(epoch, at);
             }
         }
         metrics::counter!("cache_refreshed_total", "cache" => "api_keys")
             .increment(reloaded as u64);
+        Ok(reloaded)
+    }
+
+    async fn refresh_batch(&self, batch: &[(Uuid, [u8; 16])]) -> ServiceResult<usize> {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
+        let rows = Box::pin(store::find_by_ids(&self.db, &ids)).await?;
+        let mut fresh = Vec::with_capacity(rows.len());
+        for row in rows {
+            let Ok(hash) = <[u8; 32]>::try_from(row.key.key_hash.as_slice()) else {
+                continue;
+            };
+            fresh.push((slot(&hash), Box::pin(self.entry_from(row)).await?));
+        }
+        let mut reloaded = 0;
+        for (i, (id, at)) in batch.iter().enumerate() {
+            // Read before an invalidation that has run since: not cached, not
+            // even for the moment until `drop_if_invalidated_since`.
+            if self.epoch.load(Ordering::SeqCst) != epoch {
+                self.requeue_on_next_hit(&batch[i..]);
+                break;
+            }
+            let entry = fresh
+                .iter()
+                .position(|(s, e)| s == at && matches!(e, CacheEntry::Key(k) if k.key.id == *id))
+                .map(|i| fresh.swap_remove(i).1);
+            match entry {
+                Some(e) => {
+                    self.verified.insert(*at, e);
+                    reloaded += 1;
+                }
+                // Deleted, or its hash changed: read again on demand.
+                None => {
+                    self.verified.remove(at);
+                }
+            }
+            self.drop_if_invalidated_since(epoch, at);
+        }
         Ok(reloaded)
     }
 
