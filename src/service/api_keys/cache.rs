@@ -2,7 +2,8 @@
 //! their fresh time for PostgreSQL outages (stale-while-revalidate), misses
 //! briefly; loads that overlap an invalidation are answered but not cached.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -199,12 +200,13 @@ impl ApiKeyService {
         let epoch = self.epoch.load(Ordering::SeqCst);
         let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
         let rows = Box::pin(store::find_by_ids(&self.db, &ids)).await?;
-        let mut fresh = Vec::with_capacity(rows.len());
+        let mut fresh = HashMap::with_capacity(rows.len());
         for row in rows {
             let Ok(hash) = <[u8; 32]>::try_from(row.key.key_hash.as_slice()) else {
                 continue;
             };
-            fresh.push((slot(&hash), Box::pin(self.entry_from(row)).await?));
+            let id = row.key.id;
+            fresh.insert(id, (slot(&hash), Box::pin(self.entry_from(row)).await?));
         }
         let mut reloaded = 0;
         for (i, (id, at)) in batch.iter().enumerate() {
@@ -214,17 +216,13 @@ impl ApiKeyService {
                 self.requeue_on_next_hit(&batch[i..]);
                 break;
             }
-            let entry = fresh
-                .iter()
-                .position(|(s, e)| s == at && matches!(e, CacheEntry::Key(k) if k.key.id == *id))
-                .map(|i| fresh.swap_remove(i).1);
-            match entry {
-                Some(e) => {
-                    self.verified.insert(*at, e);
+            match fresh.remove(id) {
+                Some((s, entry)) if s == *at => {
+                    self.verified.insert(*at, entry);
                     reloaded += 1;
                 }
                 // Deleted, or its hash changed: read again on demand.
-                None => {
+                _ => {
                     self.verified.remove(at);
                 }
             }
@@ -339,20 +337,25 @@ impl ApiKeyService {
 /// A pass over every entry for a key, user or account change: these are rare
 /// next to verifications (a revoked key, a role change), and an invalidation
 /// must never leave a matching entry behind.
-pub(super) fn drop_matching(cache: &KeyCache, change: Change) {
+/// Drops the entries `change` touches, moving `epoch` first so that a load or
+/// refresh in flight is not cached. Sessions and profiles touch nothing a key
+/// holds, and one comes with every token refresh: they move neither.
+pub(super) fn drop_matching(cache: &KeyCache, epoch: &AtomicU64, change: Change) {
+    let drop_keys = |gone: &dyn Fn(&VerifiedKey) -> bool| {
+        epoch.fetch_add(1, Ordering::SeqCst);
+        cache.retain(|_, e| !matches!(e, CacheEntry::Key(k) if gone(k)));
+    };
     match change {
-        Change::Everything => cache.clear(),
+        Change::Everything => {
+            epoch.fetch_add(1, Ordering::SeqCst);
+            cache.clear();
+        }
         // Nothing a key grants: its cached owner name may lag by the cache TTL.
         Change::Session(_) | Change::Profile(_) => {}
-        Change::ApiKey(id) => {
-            cache.retain(|_, e| !matches!(e, CacheEntry::Key(k) if k.key.id == id))
-        }
-        Change::User(id) => {
-            cache.retain(|_, e| !matches!(e, CacheEntry::Key(k) if k.user.id == id))
-        }
-        Change::Account(id) => cache.retain(|_, e| {
-            !matches!(e, CacheEntry::Key(k)
-                if k.key.trading_account_ids.contains(&id) || k.accounts.iter().any(|a| a.account.id == id))
+        Change::ApiKey(id) => drop_keys(&|k| k.key.id == id),
+        Change::User(id) => drop_keys(&|k| k.user.id == id),
+        Change::Account(id) => drop_keys(&|k| {
+            k.key.trading_account_ids.contains(&id) || k.accounts.iter().any(|a| a.account.id == id)
         }),
     }
 }

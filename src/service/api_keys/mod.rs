@@ -24,7 +24,7 @@ pub use verify::{KeyInfo, VerifiedKey, VerifyFailure, VerifyRequest};
 
 use super::accounts::AccountsService;
 use super::api_key_usage::UsageBuffer;
-use super::invalidation::{Change, Invalidation};
+use super::invalidation::Invalidation;
 use super::policy::PolicyEngine;
 use super::user_copies::UserCopies;
 use crate::config::{Environment, Settings};
@@ -84,16 +84,7 @@ impl ApiKeyService {
         let epoch = Arc::new(AtomicU64::new(0));
         {
             let (verified, epoch) = (verified.clone(), epoch.clone());
-            invalidation.on_change(move |change| {
-                // Sessions and profiles change nothing a cached key holds: such
-                // a message (one per token refresh) must not void the loads and
-                // refreshes in flight.
-                if matches!(change, Change::Session(_) | Change::Profile(_)) {
-                    return;
-                }
-                epoch.fetch_add(1, Ordering::SeqCst);
-                drop_matching(&verified, change);
-            });
+            invalidation.on_change(move |change| drop_matching(&verified, &epoch, change));
         }
         Self {
             db,
